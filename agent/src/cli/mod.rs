@@ -1,0 +1,104 @@
+//! The `nattrail` command line: the daemon and the forensic commands.
+
+mod capture;
+mod flows;
+mod output;
+mod sql;
+mod who;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_DB_PATH};
+
+/// Where the packaged config lives; read when present and no --config is given.
+const SYSTEM_CONFIG: &str = "/etc/nattrail/nattrail.toml";
+
+/// nattrail: who owned that public IP:port behind the NAT, and when.
+#[derive(Debug, Parser)]
+#[command(name = "nattrail", version, about)]
+pub struct Cli {
+    /// DuckDB file (overrides the config's db_path).
+    #[arg(long, global = true, env = "NATTRAIL_DB")]
+    pub db: Option<PathBuf>,
+    /// TOML config file (default: /etc/nattrail/nattrail.toml when present).
+    #[arg(long, global = true, env = "NATTRAIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: read conntrack events and store the trail.
+    Run,
+    /// Which internal client owned public IP:PORT at time T.
+    Who(who::WhoArgs),
+    /// List flows by address, port, protocol and time window.
+    Flows(flows::FlowsArgs),
+    /// Run a read-only SQL query on the trail.
+    Sql(sql::SqlArgs),
+    /// Record raw conntrack netlink datagrams to a file (test fixtures, bug reports).
+    Capture(capture::CaptureArgs),
+}
+
+impl Cli {
+    /// Loads the config named on the command line (or the system one), with --db applied.
+    pub fn load_config(&self) -> Result<Config> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::load(path)?,
+            None if std::path::Path::new(SYSTEM_CONFIG).exists() => {
+                Config::load(std::path::Path::new(SYSTEM_CONFIG))?
+            }
+            None => Config::default(),
+        };
+        if let Some(db) = &self.db {
+            cfg.db_path = db.clone();
+        }
+        Ok(cfg)
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let cfg = cli.load_config().context("loading configuration")?;
+    init_tracing(matches!(cli.command, Command::Run | Command::Capture(_)));
+    match &cli.command {
+        Command::Run => crate::daemon::run(cfg),
+        Command::Who(a) => who::run(&cfg, a),
+        Command::Flows(a) => flows::run(&cfg, a),
+        Command::Sql(a) => sql::run(&cfg, a),
+        Command::Capture(a) => capture::run(&cfg, a),
+    }
+}
+
+fn init_tracing(daemon: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if daemon { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("NATTRAIL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Opens the trail for a query command, explaining the lock held by a running agent.
+fn open_for_query(cfg: &Config) -> Result<duckdb::Connection> {
+    match crate::store::schema::open_ro(&cfg.db_path) {
+        Ok(c) => Ok(c),
+        Err(e @ crate::store::schema::StoreError::Locked { .. }) => Err(anyhow::anyhow!(
+            "{e}\nThe running agent holds the database; stop it to query the file directly \
+             (queries through the agent arrive with the HTTP API)."
+        )),
+        Err(e) => {
+            if cfg.db_path == std::path::Path::new(DEFAULT_DB_PATH) {
+                Err(anyhow::Error::new(e).context("use --db or NATTRAIL_DB to name another file"))
+            } else {
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! `nattrail who`.
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use super::output::{endpoint, opt, print_json, print_table};
+use crate::config::Config;
+use crate::query::endpoint::parse_endpoint;
+use crate::query::instant::{Zone, parse_duration, parse_instant};
+use crate::query::proto::Proto;
+use crate::query::who::{WhoAnswer, WhoQuery, WhoStatus, who};
+
+/// Arguments of `who`.
+#[derive(Debug, Args)]
+pub struct WhoArgs {
+    /// Public (translated) IP address from the report.
+    #[arg(long)]
+    ip: String,
+    /// Public port from the report (ICMP id for ICMP).
+    #[arg(long)]
+    port: u16,
+    /// Instant from the report: RFC 3339 with offset, epoch seconds, or 'YYYY-MM-DD HH:MM:SS' (see --tz).
+    #[arg(long)]
+    at: String,
+    /// How far the report's clock may be off.
+    #[arg(long, default_value = "10s")]
+    tolerance: String,
+    /// Zone of a local --at without offset: IANA name or offset like +01:00 (default UTC).
+    #[arg(long)]
+    tz: Option<String>,
+    /// tcp, udp or icmp.
+    #[arg(long)]
+    proto: Option<Proto>,
+    /// Destination IP[:PORT] the client talked to.
+    #[arg(long)]
+    dst: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Builds the query from the arguments (all validation errors name the bad input).
+fn query(a: &WhoArgs) -> Result<WhoQuery> {
+    let (ip, port_in_ip) = parse_endpoint(&a.ip).map_err(anyhow::Error::msg)?;
+    if port_in_ip.is_some() {
+        bail!("--ip takes an address only; give the port with --port");
+    }
+    let zone = a.tz.as_deref().map(Zone::parse).transpose()?;
+    let at = parse_instant(&a.at, zone.as_ref())?;
+    let tolerance = parse_duration(&a.tolerance)?;
+    let (dst_ip, dst_port) = match &a.dst {
+        Some(d) => {
+            let (ip, port) = parse_endpoint(d).map_err(anyhow::Error::msg)?;
+            (Some(ip), port)
+        }
+        None => (None, None),
+    };
+    Ok(WhoQuery {
+        ip,
+        port: a.port,
+        at,
+        tolerance,
+        proto: a.proto,
+        dst_ip,
+        dst_port,
+    })
+}
+
+/// Runs `who`.
+pub fn run(cfg: &Config, a: &WhoArgs) -> Result<()> {
+    let q = query(a)?;
+    let conn = super::open_for_query(cfg)?;
+    let ans = who(&conn, &q)?;
+    if a.json {
+        print_json(&ans)
+    } else {
+        print_human(&q, &ans);
+        Ok(())
+    }
+}
+
+fn print_human(q: &WhoQuery, ans: &WhoAnswer) {
+    let public = endpoint(&q.ip.to_string(), Some(q.port));
+    match ans.status {
+        WhoStatus::None => {
+            println!(
+                "NONE: no flow used {public} within ±{}s of {}",
+                ans.tolerance_s, ans.at
+            );
+            return;
+        }
+        WhoStatus::Found => {
+            let m = &ans.matches[0];
+            println!(
+                "FOUND: {public} was {} ({}) at {}",
+                endpoint(&m.flow.internal_ip, Some(m.flow.internal_port)),
+                m.flow.proto,
+                ans.at
+            );
+        }
+        WhoStatus::Ambiguous => println!(
+            "AMBIGUOUS: {} flows used {public} within ±{}s of {}; best match first",
+            ans.matches.len(),
+            ans.tolerance_s,
+            ans.at
+        ),
+    }
+    let rows: Vec<Vec<String>> = ans
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let f = &m.flow;
+            let end = match (&f.end, f.end_inexact) {
+                (None, _) => "still open".to_string(),
+                (Some(e), true) => format!("{e} (inexact, after {})", opt(&f.end_not_before)),
+                (Some(e), false) => e.clone(),
+            };
+            vec![
+                (i + 1).to_string(),
+                endpoint(&f.internal_ip, Some(f.internal_port)),
+                f.proto.clone(),
+                endpoint(&f.dst_ip, f.dst_port),
+                opt(&f.start),
+                end,
+                if m.covers { "yes".into() } else { format!("{:.3}s off", m.distance_s) },
+                format!("{}/{}", opt(&f.bytes_out), opt(&f.bytes_in)),
+                format!("{}/{}", opt(&f.packets_out), opt(&f.packets_in)),
+                f.conntrack_id.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "#", "internal", "proto", "destination", "start", "end", "covers T", "bytes out/in",
+            "pkts out/in", "ct id",
+        ],
+        &rows,
+    );
+}

@@ -1,0 +1,219 @@
+//! The agent's TOML configuration: every key has a default, unknown keys are refused.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default database location.
+pub const DEFAULT_DB_PATH: &str = "/var/lib/nattrail/nattrail.duckdb";
+
+/// Errors of loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid, has an unknown key or a bad value (the message names it).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The path given.
+        path: String,
+        /// toml's message, which names the key and the line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config key {key}: {message}")]
+    Invalid {
+        /// Dotted key name.
+        key: &'static str,
+        /// Why it is refused.
+        message: String,
+    },
+}
+
+/// Which flows the conntrack reader keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureFilter {
+    /// Only flows with IPS_SRC_NAT (the gateway's translations).
+    #[default]
+    Snat,
+    /// Every flow.
+    All,
+}
+
+/// Top-level configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// DuckDB file.
+    pub db_path: PathBuf,
+    /// The conntrack source.
+    pub conntrack: ConntrackConfig,
+    /// The event writer.
+    pub store: StoreConfig,
+}
+
+/// `[conntrack]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackConfig {
+    /// Whether to read conntrack at all.
+    pub enabled: bool,
+    /// Receive buffer requested with SO_RCVBUFFORCE.
+    pub rcvbuf_bytes: usize,
+    /// "snat" (default) or "all".
+    pub filter: CaptureFilter,
+    /// Set `net.netfilter.nf_conntrack_events=1` at start.
+    pub set_events: bool,
+    /// Set `net.netfilter.nf_conntrack_acct=1` at start.
+    pub set_acct: bool,
+    /// Set `net.netfilter.nf_conntrack_timestamp=1` at start.
+    pub set_timestamp: bool,
+    /// Put the sysctls back as found when the agent stops.
+    pub restore_sysctls: bool,
+    /// Dump the conntrack table at start so open flows enter the trail.
+    pub dump_at_start: bool,
+    /// Capacity of the channel from the reader to the writer, in events.
+    pub channel_capacity: usize,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Commit after this many rows.
+    pub batch_rows: usize,
+    /// Commit at least this often, in milliseconds.
+    pub commit_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            db_path: PathBuf::from(DEFAULT_DB_PATH),
+            conntrack: ConntrackConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        ConntrackConfig {
+            enabled: true,
+            rcvbuf_bytes: 64 << 20,
+            filter: CaptureFilter::Snat,
+            set_events: true,
+            set_acct: true,
+            set_timestamp: true,
+            restore_sysctls: false,
+            dump_at_start: true,
+            channel_capacity: 65_536,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            batch_rows: 50_000,
+            commit_interval_ms: 1_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.conntrack.rcvbuf_bytes < 4096 {
+            return Err(ConfigError::Invalid {
+                key: "conntrack.rcvbuf_bytes",
+                message: format!("{} is below the 4096-byte minimum", self.conntrack.rcvbuf_bytes),
+            });
+        }
+        if self.conntrack.channel_capacity == 0 {
+            return Err(ConfigError::Invalid {
+                key: "conntrack.channel_capacity",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.store.batch_rows == 0 {
+            return Err(ConfigError::Invalid {
+                key: "store.batch_rows",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.store.commit_interval_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "store.commit_interval_ms",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", "test").unwrap();
+        assert_eq!(c.db_path, PathBuf::from(DEFAULT_DB_PATH));
+        assert_eq!(c.conntrack.rcvbuf_bytes, 64 << 20);
+        assert_eq!(c.conntrack.filter, CaptureFilter::Snat);
+    }
+
+    #[test]
+    fn contract_keys_parse() {
+        let c = Config::parse(
+            "db_path = \"/tmp/x.duckdb\"\n[conntrack]\nrcvbuf_bytes = 8192\nfilter = \"all\"\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(c.db_path, PathBuf::from("/tmp/x.duckdb"));
+        assert_eq!(c.conntrack.rcvbuf_bytes, 8192);
+        assert_eq!(c.conntrack.filter, CaptureFilter::All);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[conntrack]\nrcvbuf = 1\n", "test").unwrap_err();
+        assert!(e.to_string().contains("rcvbuf"), "{e}");
+        let e = Config::parse("colour = \"blue\"\n", "test").unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let e = Config::parse("[conntrack]\nfilter = \"dnat\"\n", "test").unwrap_err();
+        assert!(e.to_string().contains("dnat"), "{e}");
+        let e = Config::parse("[conntrack]\nrcvbuf_bytes = 10\n", "test").unwrap_err();
+        assert!(e.to_string().contains("conntrack.rcvbuf_bytes"), "{e}");
+    }
+}

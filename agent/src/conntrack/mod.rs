@@ -1,0 +1,7 @@
+//! The conntrack source: netlink sockets, decoding, kernel settings and the reader thread.
+
+pub mod decode;
+pub mod event;
+pub mod reader;
+pub mod socket;
+pub mod sysctl;

@@ -1,0 +1,9 @@
+//! nattrail: a searchable trail of NAT translations for Linux gateways and Docker hosts.
+
+pub mod cli;
+pub mod config;
+pub mod conntrack;
+pub mod daemon;
+pub mod pipeline;
+pub mod query;
+pub mod store;

@@ -1,0 +1,3 @@
+//! What joins the stages of the data flow: bounded channels, throttling and loss accounting.
+
+pub mod ratelimit;

@@ -1,0 +1,53 @@
+//! Protocol names as operators type them.
+
+use std::str::FromStr;
+
+/// A protocol filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP (6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+    /// ICMP and ICMPv6 (1, 58).
+    Icmp,
+}
+
+impl Proto {
+    /// The protocol numbers this filter matches, as a SQL list.
+    pub fn numbers_sql(self) -> &'static str {
+        match self {
+            Proto::Tcp => "6",
+            Proto::Udp => "17",
+            Proto::Icmp => "1, 58",
+        }
+    }
+
+    /// Name of a protocol number.
+    pub fn name_of(num: u8) -> String {
+        match num {
+            6 => "tcp".into(),
+            17 => "udp".into(),
+            1 => "icmp".into(),
+            58 => "icmpv6".into(),
+            132 => "sctp".into(),
+            136 => "udplite".into(),
+            33 => "dccp".into(),
+            47 => "gre".into(),
+            n => n.to_string(),
+        }
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" | "6" => Ok(Proto::Tcp),
+            "udp" | "17" => Ok(Proto::Udp),
+            "icmp" | "icmpv6" | "1" | "58" => Ok(Proto::Icmp),
+            other => Err(format!("unknown protocol {other:?}: use tcp, udp or icmp")),
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! "Which internal client owned public IP:port at time T?"
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use duckdb::{Connection, ToSql};
+use serde::Serialize;
+
+use super::QueryError;
+use super::flows::FlowRow;
+use super::proto::Proto;
+use crate::conntrack::event::Addr;
+
+/// A forensic lookup.
+#[derive(Debug, Clone)]
+pub struct WhoQuery {
+    /// Public (translated) address from the report.
+    pub ip: IpAddr,
+    /// Public port (or ICMP id) from the report.
+    pub port: u16,
+    /// Instant from the report.
+    pub at: DateTime<Utc>,
+    /// How far the report's clock may be off.
+    pub tolerance: std::time::Duration,
+    /// Restrict to one protocol.
+    pub proto: Option<Proto>,
+    /// Restrict to one destination address.
+    pub dst_ip: Option<IpAddr>,
+    /// Restrict to one destination port.
+    pub dst_port: Option<u16>,
+}
+
+/// How sure the answer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhoStatus {
+    /// Exactly one flow fits the window.
+    Found,
+    /// Several flows fit; all are listed, best first.
+    Ambiguous,
+    /// No flow fits.
+    None,
+}
+
+/// One candidate flow and how well it fits.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct WhoMatch {
+    /// The flow.
+    #[serde(flatten)]
+    pub flow: FlowRow,
+    /// The flow's interval contains the instant asked.
+    pub covers: bool,
+    /// Seconds between the instant asked and the interval (0 when it covers it).
+    pub distance_s: f64,
+}
+
+/// The whole answer, as printed by `who --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WhoAnswer {
+    /// found, ambiguous or none.
+    pub status: WhoStatus,
+    /// The instant asked, RFC 3339 UTC.
+    pub at: String,
+    /// The tolerance in seconds.
+    pub tolerance_s: f64,
+    /// Candidates, best first.
+    pub matches: Vec<WhoMatch>,
+}
+
+/// Renders microseconds since the epoch as RFC 3339 UTC.
+pub fn rfc3339_us(us: i64) -> String {
+    DateTime::from_timestamp_micros(us)
+        .map(|d| d.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+        .unwrap_or_else(|| us.to_string())
+}
+
+const SQL: &str = "
+WITH s AS (SELECT * FROM conntrack_events WHERE kind IN (1, 3) AND reply_dst = ? AND reply_dport = ? {filters}),
+     d AS (SELECT * FROM conntrack_events WHERE kind = 2 AND reply_dst = ? AND reply_dport = ? {filters}),
+     f AS (
+        SELECT epoch_us(coalesce(d.start_ts, s.start_ts, s.ts)) AS start_us, epoch_us(d.ts) AS end_us,
+               epoch_us(d.end_lo) AS end_lo_us, coalesce(d.inexact, false) AS inexact, s.kind = 3 AS by_dump,
+               s.proto, s.orig_src, s.orig_sport, s.reply_dst, s.reply_dport, s.orig_dst, s.orig_dport,
+               s.ct_id, s.zone, d.orig_bytes, d.orig_packets, d.reply_bytes, d.reply_packets
+        FROM s ASOF LEFT JOIN d
+          ON s.ct_id = d.ct_id AND s.zone = d.zone AND s.proto = d.proto
+         AND s.orig_src = d.orig_src AND s.orig_sport = d.orig_sport
+         AND s.orig_dst = d.orig_dst AND s.orig_dport = d.orig_dport AND d.seq > s.seq
+        UNION ALL
+        SELECT epoch_us(d.start_ts), epoch_us(d.ts), epoch_us(d.end_lo), d.inexact, false,
+               d.proto, d.orig_src, d.orig_sport, d.reply_dst, d.reply_dport, d.orig_dst, d.orig_dport,
+               d.ct_id, d.zone, d.orig_bytes, d.orig_packets, d.reply_bytes, d.reply_packets
+        FROM d WHERE NOT EXISTS (
+            SELECT 1 FROM s WHERE s.ct_id = d.ct_id AND s.zone = d.zone AND s.proto = d.proto
+              AND s.orig_src = d.orig_src AND s.orig_sport = d.orig_sport
+              AND s.orig_dst = d.orig_dst AND s.orig_dport = d.orig_dport AND s.seq < d.seq))
+SELECT * FROM f
+WHERE (start_us <= ? OR (start_us IS NULL AND end_us <= ?)) AND (end_us IS NULL OR end_us >= ?)";
+
+/// Runs the lookup.
+pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
+    let at_us = q.at.timestamp_micros();
+    let tol_us = q.tolerance.as_micros() as i64;
+    let (lo, hi) = (at_us - tol_us, at_us + tol_us);
+
+    let mut filters = String::new();
+    let mut extra: Vec<Box<dyn ToSql>> = Vec::new();
+    if let Some(p) = q.proto {
+        filters.push_str(&format!(" AND proto IN ({})", p.numbers_sql()));
+    }
+    if let Some(ip) = q.dst_ip {
+        filters.push_str(" AND orig_dst = ?");
+        extra.push(Box::new(Addr::from(ip).0));
+    }
+    if let Some(port) = q.dst_port {
+        filters.push_str(" AND orig_dport = ?");
+        extra.push(Box::new(port));
+    }
+    let sql = SQL.replace("{filters}", &filters);
+    let public = Addr::from(q.ip).0;
+    let mut params: Vec<&dyn ToSql> = vec![&public, &q.port];
+    params.extend(extra.iter().map(|b| b.as_ref()));
+    params.push(&public);
+    params.push(&q.port);
+    params.extend(extra.iter().map(|b| b.as_ref()));
+    params.push(&hi);
+    params.push(&hi);
+    params.push(&lo);
+
+    let mut stmt = conn.prepare(&sql).map_err(QueryError::db("preparing who"))?;
+    let rows = stmt
+        .query_map(params.as_slice(), |r| {
+            let flow = FlowRow::from_row(r)?;
+            let covers = flow.start_us.is_none_or(|s| s <= at_us) && flow.end_us.is_none_or(|e| e >= at_us);
+            let before = flow.start_us.map(|s| s - at_us).filter(|d| *d > 0).unwrap_or(0);
+            let after = flow.end_us.map(|e| at_us - e).filter(|d| *d > 0).unwrap_or(0);
+            Ok(WhoMatch {
+                flow,
+                covers,
+                distance_s: before.max(after) as f64 / 1e6,
+            })
+        })
+        .map_err(QueryError::db("running who"))?;
+    let mut matches = Vec::new();
+    for row in rows {
+        matches.push(row.map_err(QueryError::db("reading who rows"))?);
+    }
+    // Best first: intervals that contain T, then the nearest; among equals, the later start.
+    matches.sort_by(|a, b| {
+        b.covers
+            .cmp(&a.covers)
+            .then(a.distance_s.total_cmp(&b.distance_s))
+            .then(b.flow.start_us.cmp(&a.flow.start_us))
+    });
+    let status = match matches.len() {
+        0 => WhoStatus::None,
+        1 => WhoStatus::Found,
+        _ => WhoStatus::Ambiguous,
+    };
+    Ok(WhoAnswer {
+        status,
+        at: q.at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        tolerance_s: q.tolerance.as_secs_f64(),
+        matches,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::conntrack::event::{Counters, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
+    use crate::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
+
+    const T0: u64 = 1_700_000_000_000_000_000;
+    const SEC: u64 = 1_000_000_000;
+
+    fn ip(s: &str) -> Addr {
+        Addr::from(s.parse::<IpAddr>().unwrap())
+    }
+
+    fn ev(kind: EventKind, id: u32, client: &str, cport: u16, pport: u16, start: u64, stop: Option<u64>) -> FlowEvent {
+        FlowEvent {
+            kind,
+            family: 4,
+            proto: 6,
+            orig: Tuple { src: ip(client), dst: ip("198.51.100.2"), sport: cport, dport: 443 },
+            reply: Tuple { src: ip("198.51.100.2"), dst: ip("198.51.100.1"), sport: 443, dport: pport },
+            ct_id: id,
+            zone: 0,
+            mark: 0,
+            status: IPS_SRC_NAT,
+            tcp_state: None,
+            icmp: None,
+            counters_orig: stop.map(|_| Counters { packets: 5, bytes: 500 }),
+            counters_reply: stop.map(|_| Counters { packets: 4, bytes: 900 }),
+            start_ns: Some(start),
+            stop_ns: stop,
+            event_ns: if kind == EventKind::New { Some(start) } else { stop },
+        }
+    }
+
+    struct Db {
+        dir: std::path::PathBuf,
+        path: std::path::PathBuf,
+    }
+
+    impl Db {
+        fn new(name: &str, msgs: Vec<WriterMsg>) -> Db {
+            let dir = std::env::temp_dir().join(format!("nattrail-who-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let path = dir.join("t.duckdb");
+            let cfg = WriterConfig { db_path: path.clone(), batch_rows: 1000, commit_interval: Duration::from_secs(1) };
+            let mut w = Writer::open(&cfg, Arc::new(WriterStats::default())).unwrap();
+            w.write_batch(msgs).unwrap();
+            Db { dir, path }
+        }
+
+        fn who(&self, port: u16, at_ns: u64, tol_s: u64) -> WhoAnswer {
+            let conn = crate::store::schema::open_ro(&self.path).unwrap();
+            who(
+                &conn,
+                &WhoQuery {
+                    ip: "198.51.100.1".parse().unwrap(),
+                    port,
+                    at: DateTime::from_timestamp_nanos(at_ns as i64),
+                    tolerance: Duration::from_secs(tol_s),
+                    proto: None,
+                    dst_ip: None,
+                    dst_port: None,
+                },
+            )
+            .unwrap()
+        }
+    }
+
+    impl Drop for Db {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn flow(e: FlowEvent) -> WriterMsg {
+        WriterMsg::Flow { ev: e, received_ns: 0 }
+    }
+
+    /// Port 40001 used by .10 for [0,10 s], then by .11 for [12 s, 20 s]; .12 still open on 40002.
+    fn reuse_db(name: &str) -> Db {
+        Db::new(
+            name,
+            vec![
+                flow(ev(EventKind::New, 1, "10.77.0.10", 5000, 40001, T0, None)),
+                flow(ev(EventKind::New, 3, "10.77.0.12", 5002, 40002, T0 + SEC, None)),
+                flow(ev(EventKind::Destroy, 1, "10.77.0.10", 5000, 40001, T0, Some(T0 + 10 * SEC))),
+                flow(ev(EventKind::New, 2, "10.77.0.11", 5001, 40001, T0 + 12 * SEC, None)),
+                flow(ev(EventKind::Destroy, 2, "10.77.0.11", 5001, 40001, T0 + 12 * SEC, Some(T0 + 20 * SEC))),
+            ],
+        )
+    }
+
+    #[test]
+    fn inside_one_flow_is_found_with_counters() {
+        let db = reuse_db("found");
+        let a = db.who(40001, T0 + 5 * SEC, 1);
+        assert_eq!(a.status, WhoStatus::Found, "{a:?}");
+        let f = &a.matches[0].flow;
+        assert_eq!((f.internal_ip.as_str(), f.internal_port), ("10.77.0.10", 5000));
+        assert_eq!((f.bytes_out, f.packets_in), (Some(500), Some(4)));
+        assert!(a.matches[0].covers && f.end.is_some());
+    }
+
+    #[test]
+    fn between_two_uses_within_tolerance_is_ambiguous_and_ranked() {
+        let db = reuse_db("ambiguous");
+        // 10.5 s: 0.5 s after the first use ended, 1.5 s before the second began.
+        let a = db.who(40001, T0 + 10 * SEC + SEC / 2, 2);
+        assert_eq!(a.status, WhoStatus::Ambiguous, "{a:?}");
+        assert_eq!(a.matches.len(), 2);
+        assert_eq!(a.matches[0].flow.internal_ip, "10.77.0.10", "nearest first");
+        assert!((a.matches[0].distance_s - 0.5).abs() < 1e-6);
+        assert!((a.matches[1].distance_s - 1.5).abs() < 1e-6);
+        // Outside both tolerances: nothing.
+        assert_eq!(db.who(40001, T0 + 30 * SEC, 2).status, WhoStatus::None);
+        // Tolerance 0 inside the second use: only it.
+        let b = db.who(40001, T0 + 15 * SEC, 0);
+        assert_eq!(b.status, WhoStatus::Found);
+        assert_eq!(b.matches[0].flow.internal_ip, "10.77.0.11");
+    }
+
+    #[test]
+    fn open_flows_have_no_end() {
+        let db = reuse_db("open");
+        let a = db.who(40002, T0 + 100 * SEC, 0);
+        assert_eq!(a.status, WhoStatus::Found);
+        assert!(a.matches[0].flow.end.is_none());
+        assert_eq!(db.who(40002, T0, 0).status, WhoStatus::None, "before it started");
+    }
+
+    #[test]
+    fn destroy_without_start_still_answers_from_kernel_times() {
+        let db = Db::new(
+            "orphan",
+            vec![flow(ev(EventKind::Destroy, 9, "10.77.0.30", 6000, 40005, T0, Some(T0 + 4 * SEC)))],
+        );
+        let a = db.who(40005, T0 + 2 * SEC, 0);
+        assert_eq!(a.status, WhoStatus::Found, "{a:?}");
+        assert_eq!(a.matches[0].flow.internal_ip, "10.77.0.30");
+    }
+
+    #[test]
+    fn dump_does_not_duplicate_and_closes_vanished_flows() {
+        let db = Db::new(
+            "dump",
+            vec![
+                flow(ev(EventKind::New, 1, "10.77.0.10", 5000, 40001, T0, None)),
+                flow(ev(EventKind::New, 2, "10.77.0.11", 5001, 40002, T0, None)),
+                WriterMsg::DumpBegin,
+                flow(ev(EventKind::Dump, 1, "10.77.0.10", 5000, 40001, T0, None)),
+                flow(ev(EventKind::Dump, 3, "10.77.0.12", 5002, 40003, T0 + SEC, None)),
+                WriterMsg::DumpEnd { at_ns: T0 + 60 * SEC, alive_until_ns: Some(T0 + 30 * SEC) },
+            ],
+        );
+        let a = db.who(40001, T0 + 100 * SEC, 0);
+        assert_eq!((a.status, a.matches[0].flow.end.is_none()), (WhoStatus::Found, true), "{a:?}");
+        let b = db.who(40002, T0 + 45 * SEC, 0);
+        assert_eq!(b.status, WhoStatus::Found, "{b:?}");
+        let f = &b.matches[0].flow;
+        assert!(f.end_inexact && f.end_not_before.is_some(), "{f:?}");
+        assert_eq!(db.who(40002, T0 + 61 * SEC, 0).status, WhoStatus::None);
+        let c = db.who(40003, T0 + 100 * SEC, 0);
+        assert!(c.matches[0].flow.found_by_dump);
+    }
+}

@@ -1,0 +1,184 @@
+//! Opening the DuckDB file and bringing its schema up to date with forward migrations.
+
+use std::path::{Path, PathBuf};
+
+use duckdb::{AccessMode, Config, Connection};
+
+/// The migrations, in order. Each runs once, in its own transaction; never edit a released one.
+const MIGRATIONS: &[(u32, &str, &str)] = &[(
+    1,
+    "conntrack trail",
+    include_str!("../../../schemas/duckdb/0001_conntrack.sql"),
+)];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Errors of opening or migrating the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process (normally the running agent) holds the file.
+    #[error(
+        "database {path} is locked by another process (is `nattrail run` holding it?): {detail}"
+    )]
+    Locked {
+        /// Database file.
+        path: PathBuf,
+        /// DuckDB's message.
+        detail: String,
+    },
+    /// The file does not exist (read-only open).
+    #[error("database {0} does not exist (has the agent run with this --db?)")]
+    Missing(PathBuf),
+    /// The directory could not be created.
+    #[error("creating directory {path}: {source}")]
+    Dir {
+        /// Directory.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The file was written by a newer nattrail.
+    #[error("database {path} has schema version {found}, newer than this build's {SCHEMA_VERSION}")]
+    TooNew {
+        /// Database file.
+        path: PathBuf,
+        /// Version found.
+        found: u32,
+    },
+    /// Any other DuckDB error, with what we were doing.
+    #[error("{context}: {source}")]
+    Db {
+        /// What failed.
+        context: String,
+        /// DuckDB's error.
+        source: duckdb::Error,
+    },
+}
+
+/// Wraps a DuckDB error with context.
+pub fn db_err(context: impl Into<String>) -> impl FnOnce(duckdb::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Db { context, source }
+}
+
+fn open_error(path: &Path, e: duckdb::Error) -> StoreError {
+    let msg = e.to_string();
+    if msg.contains("lock") {
+        StoreError::Locked {
+            path: path.to_path_buf(),
+            detail: msg,
+        }
+    } else {
+        StoreError::Db {
+            context: format!("opening database {}", path.display()),
+            source: e,
+        }
+    }
+}
+
+/// Opens the database read-write (creating it and its directory) and migrates it.
+pub fn open_rw(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let conn = Connection::open(path).map_err(|e| open_error(path, e))?;
+    migrate(&conn, path)?;
+    Ok(conn)
+}
+
+/// Opens an existing database read-only (the CLI when no agent runs).
+pub fn open_ro(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Missing(path.to_path_buf()));
+    }
+    let config = Config::default()
+        .access_mode(AccessMode::ReadOnly)
+        .map_err(db_err("configuring read-only access"))?;
+    let conn = Connection::open_with_flags(path, config).map_err(|e| open_error(path, e))?;
+    let v = current_version(&conn)?;
+    if v > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: v,
+        });
+    }
+    Ok(conn)
+}
+
+fn current_version(conn: &Connection) -> Result<u32, StoreError> {
+    let exists: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM information_schema.tables WHERE table_name = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_err("reading schema version"))?;
+    if !exists {
+        return Ok(0);
+    }
+    conn.query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0))
+        .map_err(db_err("reading schema version"))
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+            version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL, description VARCHAR NOT NULL)",
+    )
+    .map_err(db_err("creating schema_version"))?;
+    let have = current_version(conn)?;
+    if have > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: have,
+        });
+    }
+    for &(version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > have) {
+        let batch = format!(
+            "BEGIN TRANSACTION;\n{sql}\nINSERT INTO schema_version VALUES ({version}, now()::TIMESTAMP, '{description}');\nCOMMIT;"
+        );
+        if let Err(e) = conn.execute_batch(&batch) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(StoreError::Db {
+                context: format!("applying migration {version} ({description})"),
+                source: e,
+            });
+        }
+        tracing::info!(version, description, "applied schema migration");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_reopens() {
+        let dir = std::env::temp_dir().join(format!("nattrail-schema-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/t.duckdb");
+        {
+            let c = open_rw(&path).unwrap();
+            assert_eq!(current_version(&c).unwrap(), SCHEMA_VERSION);
+            let ip: String = c
+                .query_row("SELECT nt_ip(281470854561797::UHUGEINT)", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(ip, "10.77.0.5");
+        }
+        {
+            let c = open_rw(&path).unwrap();
+            let n: i64 = c
+                .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+        let ro = open_ro(&path).unwrap();
+        assert!(ro.execute_batch("CREATE TABLE x (a INT)").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,494 @@
+//! The one writer thread: owns the read-write connection, appends rows in order of receipt
+//! and commits on a row-count or time bound.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use duckdb::types::{TimeUnit, Value};
+use duckdb::{Appender, Connection, params};
+use tracing::{debug, info, warn};
+
+use super::schema::{StoreError, db_err, open_rw};
+use crate::conntrack::event::{Addr, EventKind, FlowEvent, TimeSource, Tuple};
+
+/// What the writer receives.
+#[derive(Debug)]
+pub enum WriterMsg {
+    /// A conntrack event and the receive clock's reading (ns since the epoch).
+    Flow {
+        /// The decoded event.
+        ev: FlowEvent,
+        /// When the datagram was read.
+        received_ns: u64,
+    },
+    /// A table dump starts: flows open in the trail before this point and absent from the
+    /// dump ended while nobody was watching.
+    DumpBegin,
+    /// The dump is complete. Flows it did not contain are closed with an inexact end in
+    /// `[alive_until_ns, at_ns]`.
+    DumpEnd {
+        /// When the dump finished.
+        at_ns: u64,
+        /// The last instant those flows were known alive, when known (else their start).
+        alive_until_ns: Option<u64>,
+    },
+    /// Commit now and answer on the channel (tests and orderly shutdown of callers).
+    Sync(crossbeam_channel::Sender<()>),
+}
+
+/// Counters of the writer, readable from other threads.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Rows appended to `conntrack_events`.
+    pub rows: AtomicU64,
+    /// Commits (appender flushes).
+    pub commits: AtomicU64,
+    /// NEW or dump entries skipped because the flow was already open in the trail.
+    pub duplicates: AtomicU64,
+    /// Flows closed by reconciliation with an inexact end.
+    pub reconciled: AtomicU64,
+    /// Flows open in the trail right now.
+    pub open_flows: AtomicU64,
+}
+
+/// Writer settings.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Database file.
+    pub db_path: PathBuf,
+    /// Commit after this many rows.
+    pub batch_rows: usize,
+    /// Commit at least this often.
+    pub commit_interval: Duration,
+}
+
+/// Identity of a live conntrack entry: its zone, original tuple and kernel id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlowKey {
+    ct_id: u32,
+    zone: u16,
+    proto: u8,
+    orig: Tuple,
+}
+
+impl FlowKey {
+    fn of(ev: &FlowEvent) -> Self {
+        FlowKey {
+            ct_id: ev.ct_id,
+            zone: ev.zone,
+            proto: ev.proto,
+            orig: ev.orig,
+        }
+    }
+}
+
+/// What the writer remembers of an open flow, enough to write an inexact DESTROY row.
+#[derive(Clone, Copy, Debug)]
+struct OpenFlow {
+    reply: Tuple,
+    family: u8,
+    mark: u32,
+    status: u32,
+    start_ns: Option<u64>,
+    /// Dump generation at insertion: flows added after a dump began are not judged by it.
+    generation: u64,
+}
+
+fn ts_value(ns: u64) -> Value {
+    Value::Timestamp(TimeUnit::Microsecond, (ns / 1_000) as i64)
+}
+
+fn opt_ts(ns: Option<u64>) -> Value {
+    ns.map(ts_value).unwrap_or(Value::Null)
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The writer's state, separated from the thread so tests and benchmarks can drive it.
+pub struct Writer {
+    conn: Connection,
+    next_seq: u64,
+    open: HashMap<FlowKey, OpenFlow>,
+    generation: u64,
+    dump: Option<(u64, HashSet<FlowKey>)>,
+    pending: usize,
+    session_id: u64,
+    stats: Arc<WriterStats>,
+}
+
+impl Writer {
+    /// Opens (and migrates) the database, loads the open flows and starts a capture session.
+    pub fn open(cfg: &WriterConfig, stats: Arc<WriterStats>) -> Result<Self, StoreError> {
+        let conn = open_rw(&cfg.db_path)?;
+        let next_seq: u64 = conn
+            .query_row(
+                "SELECT coalesce(max(seq) + 1, 0)::UBIGINT FROM conntrack_events",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err("reading the last sequence number"))?;
+        let session_id: u64 = conn
+            .query_row(
+                "SELECT coalesce(max(id) + 1, 1)::UBIGINT FROM capture_sessions",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err("reading capture sessions"))?;
+        let now = ts_value(now_ns());
+        conn.execute(
+            "INSERT INTO capture_sessions VALUES (?, ?, NULL, ?, ?, ?)",
+            params![
+                session_id,
+                now.clone(),
+                now,
+                hostname(),
+                env!("CARGO_PKG_VERSION")
+            ],
+        )
+        .map_err(db_err("recording the capture session"))?;
+        let mut w = Writer {
+            conn,
+            next_seq,
+            open: HashMap::new(),
+            generation: 1,
+            dump: None,
+            pending: 0,
+            session_id,
+            stats,
+        };
+        w.load_open_flows()?;
+        Ok(w)
+    }
+
+    /// The capture session this writer records.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// When the previous capture session was last known to be running (its clean stop, or
+    /// the last commit before a crash): the lower bound for flows that ended meanwhile.
+    pub fn previous_session_end_ns(&self) -> Option<u64> {
+        self.conn
+            .query_row(
+                "SELECT epoch_us(coalesce(stopped, last_seen)) FROM capture_sessions
+                 WHERE id < ? ORDER BY id DESC LIMIT 1",
+                params![self.session_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .ok()
+            .map(|us| us.max(0) as u64 * 1_000)
+    }
+
+    fn load_open_flows(&mut self) -> Result<(), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT s.ct_id, s.zone, s.proto, s.orig_src, s.orig_dst, s.orig_sport, s.orig_dport,
+                        s.reply_src, s.reply_dst, s.reply_sport, s.reply_dport, s.family, s.mark,
+                        s.status, epoch_us(coalesce(s.start_ts, s.ts))
+                 FROM conntrack_events s
+                 WHERE s.kind IN (1, 3) AND NOT EXISTS (
+                    SELECT 1 FROM conntrack_events d
+                    WHERE d.kind = 2 AND d.ct_id = s.ct_id AND d.zone = s.zone AND d.proto = s.proto
+                      AND d.orig_src = s.orig_src AND d.orig_sport = s.orig_sport
+                      AND d.orig_dst = s.orig_dst AND d.orig_dport = s.orig_dport
+                      AND d.seq > s.seq)",
+            )
+            .map_err(db_err("preparing the open-flow query"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let key = FlowKey {
+                    ct_id: r.get(0)?,
+                    zone: r.get(1)?,
+                    proto: r.get(2)?,
+                    orig: Tuple {
+                        src: Addr(r.get(3)?),
+                        dst: Addr(r.get(4)?),
+                        sport: r.get(5)?,
+                        dport: r.get(6)?,
+                    },
+                };
+                let start_us: i64 = r.get(14)?;
+                let open = OpenFlow {
+                    reply: Tuple {
+                        src: Addr(r.get(7)?),
+                        dst: Addr(r.get(8)?),
+                        sport: r.get(9)?,
+                        dport: r.get(10)?,
+                    },
+                    family: r.get(11)?,
+                    mark: r.get(12)?,
+                    status: r.get(13)?,
+                    start_ns: Some(start_us.max(0) as u64 * 1_000),
+                    generation: 0,
+                };
+                Ok((key, open))
+            })
+            .map_err(db_err("loading open flows"))?;
+        for row in rows {
+            let (k, v) = row.map_err(db_err("loading open flows"))?;
+            self.open.insert(k, v);
+        }
+        self.stats
+            .open_flows
+            .store(self.open.len() as u64, Ordering::Relaxed);
+        if !self.open.is_empty() {
+            info!(open = self.open.len(), "flows open in the trail at start");
+        }
+        Ok(())
+    }
+
+    /// Handles one message, appending rows through `app`. Returns the rows appended.
+    fn handle(&mut self, app: &mut Appender<'_>, msg: WriterMsg) -> Result<usize, StoreError> {
+        match msg {
+            WriterMsg::Flow { ev, received_ns } => self.flow(app, ev, received_ns),
+            WriterMsg::DumpBegin => {
+                self.dump = Some((self.generation, HashSet::new()));
+                self.generation += 1;
+                Ok(0)
+            }
+            WriterMsg::DumpEnd {
+                at_ns,
+                alive_until_ns,
+            } => self.dump_end(app, at_ns, alive_until_ns),
+            WriterMsg::Sync(_) => Ok(0),
+        }
+    }
+
+    fn flow(
+        &mut self,
+        app: &mut Appender<'_>,
+        ev: FlowEvent,
+        received_ns: u64,
+    ) -> Result<usize, StoreError> {
+        let key = FlowKey::of(&ev);
+        match ev.kind {
+            EventKind::Update => return Ok(0),
+            EventKind::New | EventKind::Dump => {
+                if let Some((_, seen)) = self.dump.as_mut().filter(|_| ev.kind == EventKind::Dump) {
+                    seen.insert(key);
+                }
+                if self.open.contains_key(&key) {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    return Ok(0);
+                }
+                self.open.insert(
+                    key,
+                    OpenFlow {
+                        reply: ev.reply,
+                        family: ev.family,
+                        mark: ev.mark,
+                        status: ev.status,
+                        start_ns: ev.start_ns.or(ev.event_ns).or(Some(received_ns)),
+                        generation: self.generation,
+                    },
+                );
+            }
+            EventKind::Destroy => {
+                self.open.remove(&key);
+            }
+        }
+        let (ts, source) = ev.event_time(received_ns);
+        self.append(app, &ev, ts, source, None, false)?;
+        Ok(1)
+    }
+
+    fn dump_end(
+        &mut self,
+        app: &mut Appender<'_>,
+        at_ns: u64,
+        alive_until_ns: Option<u64>,
+    ) -> Result<usize, StoreError> {
+        let Some((dump_gen, seen)) = self.dump.take() else {
+            return Ok(0);
+        };
+        let gone: Vec<(FlowKey, OpenFlow)> = self
+            .open
+            .iter()
+            .filter(|(k, v)| v.generation <= dump_gen && !seen.contains(k))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (key, flow) in &gone {
+            self.open.remove(key);
+            let ev = FlowEvent {
+                kind: EventKind::Destroy,
+                family: flow.family,
+                proto: key.proto,
+                orig: key.orig,
+                reply: flow.reply,
+                ct_id: key.ct_id,
+                zone: key.zone,
+                mark: flow.mark,
+                status: flow.status,
+                tcp_state: None,
+                icmp: None,
+                counters_orig: None,
+                counters_reply: None,
+                start_ns: flow.start_ns,
+                stop_ns: None,
+                event_ns: None,
+            };
+            let lo = alive_until_ns
+                .max(flow.start_ns)
+                .map(|lo| lo.min(at_ns));
+            self.append(app, &ev, at_ns, TimeSource::Receive, lo, true)?;
+        }
+        if !gone.is_empty() {
+            info!(
+                closed = gone.len(),
+                "flows in the trail were gone from the conntrack table; closed with inexact end"
+            );
+            self.stats
+                .reconciled
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
+        }
+        Ok(gone.len())
+    }
+
+    fn append(
+        &mut self,
+        app: &mut Appender<'_>,
+        ev: &FlowEvent,
+        ts_ns: u64,
+        source: TimeSource,
+        end_lo_ns: Option<u64>,
+        inexact: bool,
+    ) -> Result<(), StoreError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let (orig_pk, orig_b) = ev
+            .counters_orig
+            .map(|c| (Some(c.packets), Some(c.bytes)))
+            .unwrap_or((None, None));
+        let (reply_pk, reply_b) = ev
+            .counters_reply
+            .map(|c| (Some(c.packets), Some(c.bytes)))
+            .unwrap_or((None, None));
+        app.append_row(params![
+            seq,
+            ts_value(ts_ns),
+            source as u8,
+            ev.kind as u8,
+            ev.family,
+            ev.proto,
+            ev.zone,
+            ev.ct_id,
+            ev.mark,
+            ev.status,
+            ev.orig.src.0,
+            ev.orig.dst.0,
+            ev.orig.sport,
+            ev.orig.dport,
+            ev.reply.src.0,
+            ev.reply.dst.0,
+            ev.reply.sport,
+            ev.reply.dport,
+            opt_ts(ev.start_ns),
+            opt_ts(ev.stop_ns),
+            opt_ts(end_lo_ns),
+            inexact,
+            orig_pk,
+            orig_b,
+            reply_pk,
+            reply_b,
+            ev.tcp_state,
+            ev.icmp.map(|i| i.0),
+            ev.icmp.map(|i| i.1),
+        ])
+        .map_err(db_err("appending a conntrack event"))?;
+        self.pending += 1;
+        Ok(())
+    }
+
+    fn commit(&mut self, app: &mut Appender<'_>) -> Result<(), StoreError> {
+        app.flush().map_err(db_err("committing conntrack events"))?;
+        self.conn
+            .execute(
+                "UPDATE capture_sessions SET last_seen = ? WHERE id = ?",
+                params![ts_value(now_ns()), self.session_id],
+            )
+            .map_err(db_err("updating the capture session"))?;
+        self.stats
+            .rows
+            .fetch_add(self.pending as u64, Ordering::Relaxed);
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .open_flows
+            .store(self.open.len() as u64, Ordering::Relaxed);
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// Runs until every sender is gone, then commits and marks the session stopped.
+    pub fn run(mut self, rx: Receiver<WriterMsg>, cfg: &WriterConfig) -> Result<(), StoreError> {
+        // The appender borrows the connection; take it out so `self` stays usable.
+        let conn = self.conn.try_clone().map_err(db_err("cloning the connection"))?;
+        let mut app = conn
+            .appender("conntrack_events")
+            .map_err(db_err("opening the appender"))?;
+        let mut deadline = Instant::now() + cfg.commit_interval;
+        loop {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(timeout) {
+                Ok(WriterMsg::Sync(ack)) => {
+                    self.commit(&mut app)?;
+                    let _ = ack.send(());
+                }
+                Ok(msg) => {
+                    self.handle(&mut app, msg)?;
+                    if self.pending >= cfg.batch_rows {
+                        self.commit(&mut app)?;
+                        deadline = Instant::now() + cfg.commit_interval;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= deadline {
+                self.commit(&mut app)?;
+                deadline = Instant::now() + cfg.commit_interval;
+            }
+        }
+        self.commit(&mut app)?;
+        drop(app);
+        self.conn
+            .execute(
+                "UPDATE capture_sessions SET stopped = ?, last_seen = ? WHERE id = ?",
+                params![ts_value(now_ns()), ts_value(now_ns()), self.session_id],
+            )
+            .map_err(db_err("closing the capture session"))?;
+        debug!("writer stopped");
+        Ok(())
+    }
+
+    /// Appends a batch of messages and commits once: for benchmarks and tests.
+    pub fn write_batch(&mut self, msgs: impl IntoIterator<Item = WriterMsg>) -> Result<(), StoreError> {
+        let conn = self.conn.try_clone().map_err(db_err("cloning the connection"))?;
+        let mut app = conn
+            .appender("conntrack_events")
+            .map_err(db_err("opening the appender"))?;
+        for m in msgs {
+            self.handle(&mut app, m)?;
+        }
+        self.commit(&mut app)
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| {
+            warn!("could not read the hostname");
+            String::new()
+        })
+}

@@ -1,0 +1,103 @@
+//! The real `nattrail run` process inside the lab's gateway namespace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// A running agent.
+pub struct AgentProcess {
+    child: Option<Child>,
+    /// Its log (stderr).
+    pub log: PathBuf,
+}
+
+/// Where cargo put the `nattrail` binary, for callers outside the agent package (xtask).
+pub fn built_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/nattrail-target"));
+    target.join("release").join("nattrail")
+}
+
+impl AgentProcess {
+    /// Starts `binary run --config config --db db` in namespace `ns`, logging to `log`, and
+    /// waits until it reports that it is running (subscribed and dumped).
+    pub fn start(binary: &Path, ns: &str, config: &Path, db: &Path, log: &Path) -> Result<Self> {
+        let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(binary)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--db")
+            .arg(db)
+            .env("NATTRAIL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut agent = AgentProcess {
+            child: Some(child),
+            log: log.to_path_buf(),
+        };
+        agent.wait_for_log("nattrail running", Duration::from_secs(60))?;
+        Ok(agent)
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(needle) {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(st) = child.try_wait()?
+            {
+                bail!("agent exited ({st}) before logging {needle:?}; log:\n{text}");
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not log {needle:?} within {timeout:?}; log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().expect("agent running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("agent did not stop within 60 s of SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! `cargo xtask`: the demo, the full test run, benchmarks and the lab by hand.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use nattrail_lab::agent::{AgentProcess, built_binary};
+use nattrail_lab::traffic::{FlowSpec, Server, Transport, make_flows, open_tcp};
+use nattrail_lab::{GW_PUBLIC_V4, LabOptions, NatLab, SERVER_V4, packages};
+
+/// Default build directory, shared by every clone: DuckDB's C++ build takes 25+ minutes.
+const DEFAULT_TARGET_DIR: &str = "/var/tmp/nattrail-target";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Xtask {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build, make a NAT lab, run the agent, make connections and answer one `who`.
+    Demo,
+    /// Install what the tests need and run every test.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks: `ingest`.
+    Bench {
+        /// Which benchmark.
+        name: String,
+    },
+    /// Capture a fresh conntrack fixture from the lab into tests/fixtures/.
+    CaptureFixture,
+}
+
+fn main() -> Result<()> {
+    let x = Xtask::parse();
+    let root = workspace_root();
+    // SAFETY: single-threaded at this point; set before spawning anything.
+    if std::env::var_os("CARGO_TARGET_DIR").is_none() {
+        unsafe { std::env::set_var("CARGO_TARGET_DIR", DEFAULT_TARGET_DIR) };
+    }
+    match x.cmd {
+        Cmd::Demo => demo(&root),
+        Cmd::Test { args } => test(&root, &args),
+        Cmd::Bench { name } => bench(&root, &name),
+        Cmd::CaptureFixture => capture_fixture(&root),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    eprintln!("+ cargo {}", args.join(" "));
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("running cargo")?;
+    if !st.success() {
+        bail!("cargo {} failed ({st})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("run as root: the lab creates network namespaces and NAT rules");
+    }
+    Ok(())
+}
+
+/// Mounts what the kernel-facing tests need, when absent.
+fn prepare_host() -> Result<()> {
+    for (fs, target) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
+        let mounted = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(target));
+        if !mounted && Path::new(target).exists() {
+            let _ = Command::new("mount").args(["-t", fs, fs, target]).status();
+        }
+    }
+    Ok(())
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    require_root()?;
+    packages::ensure(packages::NEEDED)?;
+    prepare_host()?;
+    let mut args = vec!["test", "--release", "--workspace"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    cargo(root, &args)
+}
+
+fn bench(root: &Path, name: &str) -> Result<()> {
+    match name {
+        "ingest" => cargo(root, &["bench", "-p", "nattrail", "--bench", "ingest"]),
+        other => bail!("unknown benchmark {other:?}; available: ingest"),
+    }
+}
+
+fn demo(root: &Path) -> Result<()> {
+    require_root()?;
+    packages::ensure(packages::NEEDED)?;
+    cargo(root, &["build", "--release", "-p", "nattrail"])?;
+    let bin = built_binary();
+
+    println!("== building the NAT lab: 6 clients (10.77.0.10-15) -> gateway 198.51.100.1 (MASQUERADE) -> server 198.51.100.2");
+    let lab = NatLab::create(LabOptions {
+        clients: 6,
+        nat_ports: Some((40000, 40009)),
+        ipv6: false,
+        short_timeouts: true,
+    })?;
+    let server = Server::start(&lab.server_ns, IpAddr::V4(SERVER_V4), &[80, 443], 512)?;
+    let dir = std::env::temp_dir().join(format!("nattrail-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (db, cfg, log) = (dir.join("demo.duckdb"), dir.join("demo.toml"), dir.join("agent.log"));
+    std::fs::write(&cfg, "[store]\ncommit_interval_ms = 200\n")?;
+
+    println!("== starting the agent in the gateway namespace ({})", lab.gw_ns);
+    let agent = AgentProcess::start(&bin, &lab.gw_ns, &cfg, &db, &log)?;
+
+    println!("== 36 short connections (TCP and UDP) and one that stays open");
+    let specs: Vec<FlowSpec> = (0..36)
+        .map(|i| FlowSpec {
+            token: format!("demo-{i}"),
+            transport: if i % 3 == 0 { Transport::Udp } else { Transport::Tcp },
+            client: IpAddr::V4(lab.clients_v4[i % lab.clients_v4.len()]),
+            server: SocketAddr::new(IpAddr::V4(SERVER_V4), if i % 2 == 0 { 80 } else { 443 }),
+            send_bytes: 200 + 37 * i,
+            hold: Duration::from_millis(40),
+        })
+        .collect();
+    let done = make_flows(&lab.client_ns, specs, 4)?;
+    let (_open, open_local) = open_tcp(
+        &lab.client_ns,
+        IpAddr::V4(lab.clients_v4[1]),
+        SocketAddr::new(IpAddr::V4(SERVER_V4), 443),
+        "demo-open",
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    // Let the short flows expire in the gateway so their DESTROY events arrive.
+    lab.wait_conntrack_at_most(1, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let status = agent.stop()?;
+    if !status.success() {
+        bail!("agent exited with {status}");
+    }
+
+    let pick = &done[7];
+    let seen = server
+        .seen(&pick.spec.token)
+        .context("the server did not see the demo flow")?;
+    let at = chrono::DateTime::<chrono::Utc>::from(pick.inside())
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    println!(
+        "\n== the report: \"{}:{} at {at} did something bad\" (the client really was {})",
+        seen.peer.ip(),
+        seen.peer.port(),
+        pick.local
+    );
+    let port = seen.peer.port().to_string();
+    let cmd = [
+        "who", "--ip", &GW_PUBLIC_V4.to_string(), "--port", &port, "--at", &at, "--tolerance", "2s",
+    ];
+    println!("$ nattrail --db {} {}", db.display(), cmd.join(" "));
+    let st = Command::new(&bin).arg("--db").arg(&db).args(cmd).status()?;
+    if !st.success() {
+        bail!("nattrail who failed ({st})");
+    }
+    if let Some(seen_open) = server.seen("demo-open") {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let port = seen_open.peer.port().to_string();
+        println!("\n== and the connection still open (client {open_local}):");
+        let cmd = ["who", "--ip", &GW_PUBLIC_V4.to_string(), "--port", &port, "--at", &now, "--proto", "tcp"];
+        println!("$ nattrail --db {} {}", db.display(), cmd.join(" "));
+        Command::new(&bin).arg("--db").arg(&db).args(cmd).status()?;
+    }
+    server.stop()?;
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("\n== lab torn down");
+    Ok(())
+}
+
+fn capture_fixture(root: &Path) -> Result<()> {
+    require_root()?;
+    cargo(root, &["build", "--release", "-p", "nattrail"])?;
+    let bin = built_binary();
+    let lab = NatLab::create(LabOptions {
+        clients: 8,
+        nat_ports: Some((40000, 40019)),
+        ipv6: true,
+        short_timeouts: true,
+    })?;
+    let server = Server::start(&lab.server_ns, IpAddr::V4(SERVER_V4), &[80, 443], 300)?;
+    let server6 = Server::start(&lab.server_ns, IpAddr::V6(nattrail_lab::SERVER_V6), &[80], 300)?;
+    for k in ["events", "acct", "timestamp"] {
+        lab.gw_sh(&["sysctl", "-qw", &format!("net.netfilter.nf_conntrack_{k}=1")])?;
+    }
+    let out = root.join("tests/fixtures/conntrack-lab.bin");
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    let mut cap = Command::new("ip")
+        .args(["netns", "exec", &lab.gw_ns])
+        .arg(&bin)
+        .args(["capture", "--duration", "20s", "--out"])
+        .arg(&out)
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut specs = Vec::new();
+    for i in 0..120usize {
+        let v6 = i % 4 == 3;
+        specs.push(FlowSpec {
+            token: format!("fx-{i}"),
+            transport: if i % 2 == 0 { Transport::Tcp } else { Transport::Udp },
+            client: if v6 {
+                IpAddr::V6(lab.clients_v6[i % lab.clients_v6.len()])
+            } else {
+                IpAddr::V4(lab.clients_v4[i % lab.clients_v4.len()])
+            },
+            server: if v6 {
+                SocketAddr::new(IpAddr::V6(nattrail_lab::SERVER_V6), 80)
+            } else {
+                SocketAddr::new(IpAddr::V4(SERVER_V4), if i % 3 == 0 { 80 } else { 443 })
+            },
+            send_bytes: 100 + i * 13,
+            hold: Duration::from_millis(10),
+        });
+    }
+    make_flows(&lab.client_ns, specs, 4)?;
+    // ICMP echo through the NAT, so the fixture has ICMP ids.
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &lab.client_ns, "busybox", "ping", "-c", "2", "-i", "0.2", &SERVER_V4.to_string()])
+        .output();
+    lab.wait_conntrack_at_most(0, Duration::from_secs(30))?;
+    let st = cap.wait()?;
+    if !st.success() {
+        bail!("capture failed ({st})");
+    }
+    server.stop()?;
+    server6.stop()?;
+    println!("fixture written to {}", out.display());
+    Ok(())
+}
