@@ -53,7 +53,7 @@ fn ask(db: &Path, ip: IpAddr, port: u16, at: SystemTime, tol: Duration, proto: T
     )?)
 }
 
-fn specs(lab: &NatLab, clients: &[IpAddr], servers: &[SocketAddr], n_each: usize, tag: &str) -> Vec<FlowSpec> {
+fn specs(clients: &[IpAddr], servers: &[SocketAddr], n_each: usize, tag: &str) -> Vec<FlowSpec> {
     let mut v = Vec::new();
     for i in 0..n_each * 2 {
         let transport = if i % 2 == 0 { Transport::Tcp } else { Transport::Udp };
@@ -66,7 +66,6 @@ fn specs(lab: &NatLab, clients: &[IpAddr], servers: &[SocketAddr], n_each: usize
             hold: Duration::from_millis(25),
         });
     }
-    let _ = lab;
     v
 }
 
@@ -154,7 +153,7 @@ fn ipv4_trail_with_port_reuse() -> Result<()> {
     let agent = AgentProcess::start(&bin(), &lab.gw_ns, &write_config(&dir)?, &db, &log)?;
 
     let clients: Vec<IpAddr> = lab.clients_v4.iter().map(|a| IpAddr::V4(*a)).collect();
-    let done = make_flows(&lab.client_ns, specs(&lab, &clients, &server.addrs, 210, "v4"), 6)?;
+    let done = make_flows(&lab.client_ns, specs(&clients, &server.addrs, 210, "v4"), 6)?;
     let mut open = Vec::new();
     for i in 0..3 {
         open.push(open_tcp(&lab.client_ns, clients[i], server.addrs[0], &format!("v4-open-{i}"))?);
@@ -321,7 +320,7 @@ fn ipv6_masquerade_flows() -> Result<()> {
     let (db, log) = (dir.join("trail.duckdb"), dir.join("agent.log"));
     let agent = AgentProcess::start(&bin(), &lab.gw_ns, &write_config(&dir)?, &db, &log)?;
     let clients: Vec<IpAddr> = lab.clients_v6.iter().map(|a| IpAddr::V6(*a)).collect();
-    let done = make_flows(&lab.client_ns, specs(&lab, &clients, &server.addrs, 40, "v6"), 4)?;
+    let done = make_flows(&lab.client_ns, specs(&clients, &server.addrs, 40, "v6"), 4)?;
     lab.wait_conntrack_at_most(0, Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_millis(400));
     ensure!(agent.stop()?.success());

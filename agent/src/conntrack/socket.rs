@@ -139,7 +139,7 @@ impl NfSocket {
         header.sequence_number = seq;
         let mut msg = NetlinkMessage::new(
             header,
-            NetlinkPayload::from(NetfilterMessage::new(
+            NetlinkPayload::InnerMessage(NetfilterMessage::new(
                 NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0),
                 ConntrackMessage::Get(vec![]),
             )),

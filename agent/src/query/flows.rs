@@ -129,42 +129,43 @@ pub fn flows(conn: &Connection, q: &FlowsQuery) -> Result<Vec<FlowRow>, QueryErr
          FROM flows WHERE true",
     );
     let mut params: Vec<Box<dyn ToSql>> = Vec::new();
-    let mut add = |cond: &str, v: Box<dyn ToSql>| {
+    let mut add = |sql: &mut String, cond: &str, vals: Vec<Box<dyn ToSql>>| {
         sql.push_str(cond);
-        params.push(v);
+        params.extend(vals);
     };
     if let Some(ip) = q.internal_ip {
-        add(" AND orig_src = ?", Box::new(Addr::from(ip).0));
+        add(&mut sql, " AND orig_src = ?", vec![Box::new(Addr::from(ip).0)]);
     }
     if let Some(ip) = q.public_ip {
-        add(" AND reply_dst = ?", Box::new(Addr::from(ip).0));
+        add(&mut sql, " AND reply_dst = ?", vec![Box::new(Addr::from(ip).0)]);
     }
     if let Some(ip) = q.dst_ip {
-        add(" AND orig_dst = ?", Box::new(Addr::from(ip).0));
+        add(&mut sql, " AND orig_dst = ?", vec![Box::new(Addr::from(ip).0)]);
     }
     if let Some(p) = q.public_port {
-        add(" AND public_port = ?", Box::new(p));
+        add(&mut sql, " AND public_port = ?", vec![Box::new(p)]);
     }
     if let Some(p) = q.dst_port {
-        add(" AND dst_port = ?", Box::new(p));
+        add(&mut sql, " AND dst_port = ?", vec![Box::new(p)]);
     }
     if let Some(p) = q.port {
-        sql.push_str(" AND (internal_port = ? OR public_port = ? OR dst_port = ?)");
-        params.push(Box::new(p));
-        params.push(Box::new(p));
-        params.push(Box::new(p));
+        add(
+            &mut sql,
+            " AND (internal_port = ? OR public_port = ? OR dst_port = ?)",
+            vec![Box::new(p), Box::new(p), Box::new(p)],
+        );
     }
     if let Some(since) = q.since {
-        add(" AND (\"end\" IS NULL OR epoch_us(\"end\") >= ?)", Box::new(since.timestamp_micros()));
+        add(&mut sql, " AND (\"end\" IS NULL OR epoch_us(\"end\") >= ?)", vec![Box::new(since.timestamp_micros())]);
     }
     if let Some(until) = q.until {
-        add(" AND (start IS NULL OR epoch_us(start) <= ?)", Box::new(until.timestamp_micros()));
+        add(&mut sql, " AND (start IS NULL OR epoch_us(start) <= ?)", vec![Box::new(until.timestamp_micros())]);
     }
     if let Some(p) = q.proto {
         sql.push_str(&format!(" AND proto_num IN ({})", p.numbers_sql()));
     }
     sql.push_str(" ORDER BY start NULLS FIRST, start_seq LIMIT ?");
-    params.push(Box::new(q.limit as u64));
+    add(&mut sql, "", vec![Box::new(q.limit as u64)]);
     let refs: Vec<&dyn ToSql> = params.iter().map(|b| b.as_ref()).collect();
     let mut stmt = conn.prepare(&sql).map_err(QueryError::db("preparing flows"))?;
     let rows = stmt

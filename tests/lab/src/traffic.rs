@@ -90,6 +90,7 @@ impl Server {
                                 seen_c.lock().unwrap().insert(t, Seen { peer, bytes: buf.len() });
                                 let _ = s.write_all(&vec![b'r'; reply_bytes]);
                             });
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(2))
                         }
