@@ -193,6 +193,8 @@ pub struct FlowDone {
     pub closing: SystemTime,
     /// Reply bytes received.
     pub received: usize,
+    /// Datagrams sent (UDP resends when no reply comes within a second; 1 for TCP).
+    pub attempts: u32,
 }
 
 impl FlowDone {
@@ -233,18 +235,28 @@ pub fn make_flow(spec: &FlowSpec) -> Result<FlowDone> {
                 opened,
                 closing,
                 received: reply.len(),
+                attempts: 1,
             })
         }
         Transport::Udp => {
             let u = UdpSocket::bind(SocketAddr::new(spec.client, 0))?;
             u.connect(spec.server)?;
-            u.set_read_timeout(Some(Duration::from_secs(5)))?;
-            u.send(&data)?;
-            let opened = SystemTime::now();
+            u.set_read_timeout(Some(Duration::from_secs(1)))?;
             let mut buf = vec![0u8; 65536];
-            let n = u
-                .recv(&mut buf)
-                .with_context(|| format!("udp reply for {}", spec.token))?;
+            let mut attempts = 0;
+            let mut opened;
+            let n = loop {
+                u.send(&data)?;
+                // A datagram the NAT dropped (all ports busy) created no flow: the flow
+                // starts with the send that was answered.
+                opened = SystemTime::now();
+                attempts += 1;
+                match u.recv(&mut buf) {
+                    Ok(n) => break n,
+                    Err(_) if attempts < 5 => continue,
+                    Err(e) => return Err(e).with_context(|| format!("udp reply for {} after {attempts} tries", spec.token)),
+                }
+            };
             std::thread::sleep(spec.hold);
             let closing = SystemTime::now();
             Ok(FlowDone {
@@ -253,6 +265,7 @@ pub fn make_flow(spec: &FlowSpec) -> Result<FlowDone> {
                 opened,
                 closing,
                 received: n,
+                attempts,
             })
         }
     }
