@@ -34,7 +34,15 @@ fn utc(t: SystemTime) -> DateTime<Utc> {
     DateTime::<Utc>::from(t)
 }
 
-fn ask(db: &Path, ip: IpAddr, port: u16, at: SystemTime, tol: Duration, proto: Transport, dst: Option<SocketAddr>) -> Result<WhoAnswer> {
+fn ask(
+    db: &Path,
+    ip: IpAddr,
+    port: u16,
+    at: SystemTime,
+    tol: Duration,
+    proto: Transport,
+    dst: Option<SocketAddr>,
+) -> Result<WhoAnswer> {
     let conn = open_ro(db)?;
     Ok(who(
         &conn,
@@ -56,7 +64,11 @@ fn ask(db: &Path, ip: IpAddr, port: u16, at: SystemTime, tol: Duration, proto: T
 fn specs(clients: &[IpAddr], servers: &[SocketAddr], n_each: usize, tag: &str) -> Vec<FlowSpec> {
     let mut v = Vec::new();
     for i in 0..n_each * 2 {
-        let transport = if i % 2 == 0 { Transport::Tcp } else { Transport::Udp };
+        let transport = if i % 2 == 0 {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        };
         v.push(FlowSpec {
             token: format!("{tag}-{i}"),
             transport,
@@ -71,13 +83,32 @@ fn specs(clients: &[IpAddr], servers: &[SocketAddr], n_each: usize, tag: &str) -
 
 /// For each flow: who with its public endpoint, an instant inside it, tolerance 0 and its
 /// destination names exactly its client; the DESTROY counters match what was sent.
-fn check_flows(db: &Path, server: &Server, done: &[FlowDone], public: IpAddr, ip_overhead: u64) -> Result<()> {
+fn check_flows(
+    db: &Path,
+    server: &Server,
+    done: &[FlowDone],
+    public: IpAddr,
+    ip_overhead: u64,
+) -> Result<()> {
     for d in done {
         let seen = server
             .seen(&d.spec.token)
             .with_context(|| format!("server never saw {}", d.spec.token))?;
-        ensure!(seen.peer.ip() == public, "{}: server saw {} not the gateway", d.spec.token, seen.peer);
-        let ans = ask(db, public, seen.peer.port(), d.inside(), Duration::ZERO, d.spec.transport, Some(d.spec.server))?;
+        ensure!(
+            seen.peer.ip() == public,
+            "{}: server saw {} not the gateway",
+            d.spec.token,
+            seen.peer
+        );
+        let ans = ask(
+            db,
+            public,
+            seen.peer.port(),
+            d.inside(),
+            Duration::ZERO,
+            d.spec.transport,
+            Some(d.spec.server),
+        )?;
         ensure!(
             ans.status == WhoStatus::Found && ans.matches.len() == 1,
             "{} ({} via {}): expected one match, got {:?}",
@@ -95,7 +126,11 @@ fn check_flows(db: &Path, server: &Server, done: &[FlowDone], public: IpAddr, ip
             f.internal_port,
             d.local
         );
-        ensure!(f.end.is_some() && !f.end_inexact, "{}: closed flow without exact end: {f:?}", d.spec.token);
+        ensure!(
+            f.end.is_some() && !f.end_inexact,
+            "{}: closed flow without exact end: {f:?}",
+            d.spec.token
+        );
         let (po, bo, pi, bi) = (
             f.packets_out.context("no packets_out")?,
             f.bytes_out.context("no bytes_out")?,
@@ -106,15 +141,43 @@ fn check_flows(db: &Path, server: &Server, done: &[FlowDone], public: IpAddr, ip
         match d.spec.transport {
             Transport::Udp => {
                 // One datagram each way, unless the lab had to resend.
-                ensure!(po >= 1 && po <= u64::from(d.attempts) && pi >= 1 && pi <= po, "{}: udp packets {po}/{pi}", d.spec.token);
-                ensure!(bo == po * (sent + ip_overhead + 8), "{}: udp bytes out {bo}, sent {sent}", d.spec.token);
-                ensure!(bi == pi * (REPLY_BYTES as u64 + ip_overhead + 8), "{}: udp bytes in {bi}", d.spec.token);
+                ensure!(
+                    po >= 1 && po <= u64::from(d.attempts) && pi >= 1 && pi <= po,
+                    "{}: udp packets {po}/{pi}",
+                    d.spec.token
+                );
+                ensure!(
+                    bo == po * (sent + ip_overhead + 8),
+                    "{}: udp bytes out {bo}, sent {sent}",
+                    d.spec.token
+                );
+                ensure!(
+                    bi == pi * (REPLY_BYTES as u64 + ip_overhead + 8),
+                    "{}: udp bytes in {bi}",
+                    d.spec.token
+                );
             }
             Transport::Tcp => {
-                ensure!(po >= 3 && pi >= 2, "{}: tcp packets {po}/{pi}", d.spec.token);
-                ensure!(bo >= sent + (ip_overhead + 20) * po, "{}: tcp bytes out {bo} < {sent} + headers", d.spec.token);
-                ensure!(bi >= REPLY_BYTES as u64 + (ip_overhead + 20) * pi, "{}: tcp bytes in {bi}", d.spec.token);
-                ensure!(bo <= sent + (ip_overhead + 60) * po, "{}: tcp bytes out {bo} too many", d.spec.token);
+                ensure!(
+                    po >= 3 && pi >= 2,
+                    "{}: tcp packets {po}/{pi}",
+                    d.spec.token
+                );
+                ensure!(
+                    bo >= sent + (ip_overhead + 20) * po,
+                    "{}: tcp bytes out {bo} < {sent} + headers",
+                    d.spec.token
+                );
+                ensure!(
+                    bi >= REPLY_BYTES as u64 + (ip_overhead + 20) * pi,
+                    "{}: tcp bytes in {bi}",
+                    d.spec.token
+                );
+                ensure!(
+                    bo <= sent + (ip_overhead + 60) * po,
+                    "{}: tcp bytes out {bo} too many",
+                    d.spec.token
+                );
             }
         }
     }
@@ -148,7 +211,12 @@ fn ipv4_trail_with_port_reuse() -> Result<()> {
         ipv6: false,
         short_timeouts: true,
     })?;
-    let server = Server::start(&lab.server_ns, IpAddr::V4(SERVER_V4), &[8080, 8081, 8082], REPLY_BYTES)?;
+    let server = Server::start(
+        &lab.server_ns,
+        IpAddr::V4(SERVER_V4),
+        &[8080, 8081, 8082],
+        REPLY_BYTES,
+    )?;
     let dir = Scratch::new("v4")?;
     let (db, log) = (dir.join("trail.duckdb"), dir.join("agent.log"));
     let agent = AgentProcess::start(&bin(), &lab.gw_ns, &write_config(&dir)?, &db, &log)?;
@@ -157,7 +225,12 @@ fn ipv4_trail_with_port_reuse() -> Result<()> {
     let done = make_flows(&lab.client_ns, specs(&clients, &server.addrs, 210, "v4"), 6)?;
     let mut open = Vec::new();
     for i in 0..3 {
-        open.push(open_tcp(&lab.client_ns, clients[i], server.addrs[0], &format!("v4-open-{i}"))?);
+        open.push(open_tcp(
+            &lab.client_ns,
+            clients[i],
+            server.addrs[0],
+            &format!("v4-open-{i}"),
+        )?);
     }
     std::thread::sleep(Duration::from_millis(300));
     lab.wait_conntrack_at_most(3, Duration::from_secs(60))?;
@@ -172,9 +245,15 @@ fn ipv4_trail_with_port_reuse() -> Result<()> {
     let mut by_port: HashMap<(Transport, u16), HashSet<SocketAddr>> = HashMap::new();
     for d in &done {
         let seen = server.seen(&d.spec.token).unwrap();
-        by_port.entry((d.spec.transport, seen.peer.port())).or_default().insert(d.local);
+        by_port
+            .entry((d.spec.transport, seen.peer.port()))
+            .or_default()
+            .insert(d.local);
     }
-    ensure!(by_port.values().any(|c| c.len() >= 5), "public ports were not reused: {by_port:?}");
+    ensure!(
+        by_port.values().any(|c| c.len() >= 5),
+        "public ports were not reused: {by_port:?}"
+    );
 
     // Between two uses of one public port, within tolerance of both: ambiguous, both listed.
     let rows = all_flows(&db)?;
@@ -190,7 +269,11 @@ fn ipv4_trail_with_port_reuse() -> Result<()> {
         g.sort_by_key(|r| us(&r.start));
         for w in g.windows(2) {
             let gap = us(&w[1].start) - us(&w[0].end);
-            if gap > 0 && gap < 3_000_000 && (&w[0].internal_ip, w[0].internal_port) != (&w[1].internal_ip, w[1].internal_port) {
+            if gap > 0
+                && gap < 3_000_000
+                && (&w[0].internal_ip, w[0].internal_port)
+                    != (&w[1].internal_ip, w[1].internal_port)
+            {
                 pair = Some(((*w[0]).clone(), (*w[1]).clone(), gap));
                 break;
             }
@@ -203,28 +286,60 @@ fn ipv4_trail_with_port_reuse() -> Result<()> {
     let mid = us(&a.end) + gap / 2;
     let at = SystemTime::UNIX_EPOCH + Duration::from_micros(mid as u64);
     let tol = Duration::from_micros((gap / 2 + 200_000) as u64);
-    let transport = if a.proto == "tcp" { Transport::Tcp } else { Transport::Udp };
+    let transport = if a.proto == "tcp" {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    };
     let dst = SocketAddr::new(a.dst_ip.parse()?, a.dst_port.unwrap());
-    let ans = ask(&db, IpAddr::V4(GW_PUBLIC_V4), a.public_port, at, tol, transport, Some(dst))?;
-    ensure!(ans.status == WhoStatus::Ambiguous, "between two uses: {ans:?}");
+    let ans = ask(
+        &db,
+        IpAddr::V4(GW_PUBLIC_V4),
+        a.public_port,
+        at,
+        tol,
+        transport,
+        Some(dst),
+    )?;
+    ensure!(
+        ans.status == WhoStatus::Ambiguous,
+        "between two uses: {ans:?}"
+    );
     let named: HashSet<(String, u16)> = ans
         .matches
         .iter()
         .map(|m| (m.flow.internal_ip.clone(), m.flow.internal_port))
         .collect();
     ensure!(
-        named.contains(&(a.internal_ip.clone(), a.internal_port)) && named.contains(&(b.internal_ip.clone(), b.internal_port)),
+        named.contains(&(a.internal_ip.clone(), a.internal_port))
+            && named.contains(&(b.internal_ip.clone(), b.internal_port)),
         "both uses must be listed: {ans:?}"
     );
-    ensure!(ans.matches.iter().all(|m| !m.covers), "neither use covers the gap: {ans:?}");
+    ensure!(
+        ans.matches.iter().all(|m| !m.covers),
+        "neither use covers the gap: {ans:?}"
+    );
 
     // Flows still open show no end.
     for (i, (_stream, local)) in open.iter().enumerate() {
-        let seen = server.seen(&format!("v4-open-{i}")).context("open flow not seen")?;
-        let ans = ask(&db, IpAddr::V4(GW_PUBLIC_V4), seen.peer.port(), now, Duration::ZERO, Transport::Tcp, Some(server.addrs[0]))?;
+        let seen = server
+            .seen(&format!("v4-open-{i}"))
+            .context("open flow not seen")?;
+        let ans = ask(
+            &db,
+            IpAddr::V4(GW_PUBLIC_V4),
+            seen.peer.port(),
+            now,
+            Duration::ZERO,
+            Transport::Tcp,
+            Some(server.addrs[0]),
+        )?;
         ensure!(ans.status == WhoStatus::Found, "open flow {local}: {ans:?}");
         let f = &ans.matches[0].flow;
-        ensure!(f.end.is_none() && f.internal_port == local.port(), "open flow {local}: {f:?}");
+        ensure!(
+            f.end.is_none() && f.internal_port == local.port(),
+            "open flow {local}: {f:?}"
+        );
     }
 
     // The CLI gives the same answer, in the contract's JSON shape.
@@ -234,18 +349,49 @@ fn ipv4_trail_with_port_reuse() -> Result<()> {
     let out = Command::new(bin())
         .args(["--db"])
         .arg(&db)
-        .args(["who", "--ip", "198.51.100.1", "--port", &seen.peer.port().to_string(), "--at", &at, "--tolerance", "0s", "--json"])
+        .args([
+            "who",
+            "--ip",
+            "198.51.100.1",
+            "--port",
+            &seen.peer.port().to_string(),
+            "--at",
+            &at,
+            "--tolerance",
+            "0s",
+            "--json",
+        ])
         .args(["--dst", &d.spec.server.to_string()])
         .output()?;
-    ensure!(out.status.success(), "cli who: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "cli who: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     ensure!(v["status"] == "found", "cli: {v}");
     let m = &v["matches"][0];
-    for key in ["internal_ip", "internal_port", "public_ip", "public_port", "dst_ip", "dst_port", "proto", "start", "end"] {
+    for key in [
+        "internal_ip",
+        "internal_port",
+        "public_ip",
+        "public_port",
+        "dst_ip",
+        "dst_port",
+        "proto",
+        "start",
+        "end",
+    ] {
         ensure!(m.get(key).is_some(), "cli who JSON lacks {key}: {v}");
     }
-    ensure!(m["internal_ip"] == d.local.ip().to_string() && m["internal_port"] == d.local.port(), "cli: {v}");
-    ensure!(m["public_ip"] == "198.51.100.1" && m["start"].as_str().unwrap().ends_with('Z'), "cli: {v}");
+    ensure!(
+        m["internal_ip"] == d.local.ip().to_string() && m["internal_port"] == d.local.port(),
+        "cli: {v}"
+    );
+    ensure!(
+        m["public_ip"] == "198.51.100.1" && m["start"].as_str().unwrap().ends_with('Z'),
+        "cli: {v}"
+    );
 
     drop(open);
     server.stop()?;
@@ -286,21 +432,61 @@ fn restart_recovers_flows_from_the_dump() -> Result<()> {
     let public = IpAddr::V4(GW_PUBLIC_V4);
     let port_of = |t: &str| server.seen(t).map(|s| s.peer.port()).context("not seen");
 
-    let ans = ask(&db, public, port_of("born-while-down")?, now, Duration::ZERO, Transport::Tcp, None)?;
+    let ans = ask(
+        &db,
+        public,
+        port_of("born-while-down")?,
+        now,
+        Duration::ZERO,
+        Transport::Tcp,
+        None,
+    )?;
     ensure!(ans.status == WhoStatus::Found, "born while down: {ans:?}");
     let f = &ans.matches[0].flow;
-    ensure!(f.found_by_dump && f.end.is_none() && f.internal_port == born_while_down.1.port(), "{f:?}");
-    ensure!(us(&f.start) <= utc(now).timestamp_micros() && us(&f.start) >= utc(stopped_at).timestamp_micros() - 1_000_000, "kernel start time expected: {f:?}");
+    ensure!(
+        f.found_by_dump && f.end.is_none() && f.internal_port == born_while_down.1.port(),
+        "{f:?}"
+    );
+    ensure!(
+        us(&f.start) <= utc(now).timestamp_micros()
+            && us(&f.start) >= utc(stopped_at).timestamp_micros() - 1_000_000,
+        "kernel start time expected: {f:?}"
+    );
 
-    let ans = ask(&db, public, port_of("kept")?, now, Duration::ZERO, Transport::Tcp, None)?;
-    ensure!(ans.status == WhoStatus::Found && ans.matches.len() == 1, "kept flow must not be duplicated: {ans:?}");
+    let ans = ask(
+        &db,
+        public,
+        port_of("kept")?,
+        now,
+        Duration::ZERO,
+        Transport::Tcp,
+        None,
+    )?;
+    ensure!(
+        ans.status == WhoStatus::Found && ans.matches.len() == 1,
+        "kept flow must not be duplicated: {ans:?}"
+    );
     ensure!(!ans.matches[0].flow.found_by_dump && ans.matches[0].flow.end.is_none());
 
-    let ans = ask(&db, public, port_of("ends-while-down")?, stopped_at, Duration::ZERO, Transport::Tcp, None)?;
+    let ans = ask(
+        &db,
+        public,
+        port_of("ends-while-down")?,
+        stopped_at,
+        Duration::ZERO,
+        Transport::Tcp,
+        None,
+    )?;
     ensure!(ans.status == WhoStatus::Found, "ended while down: {ans:?}");
     let f = &ans.matches[0].flow;
-    ensure!(f.end_inexact && f.end.is_some() && f.end_not_before.is_some(), "inexact end expected: {f:?}");
-    ensure!(us(&f.end_not_before) <= utc(stopped_at).timestamp_micros() + 1_000_000, "{f:?}");
+    ensure!(
+        f.end_inexact && f.end.is_some() && f.end_not_before.is_some(),
+        "inexact end expected: {f:?}"
+    );
+    ensure!(
+        us(&f.end_not_before) <= utc(stopped_at).timestamp_micros() + 1_000_000,
+        "{f:?}"
+    );
 
     drop((kept, born_while_down));
     server.stop()?;
@@ -316,7 +502,12 @@ fn ipv6_masquerade_flows() -> Result<()> {
         ipv6: true,
         short_timeouts: true,
     })?;
-    let server = Server::start(&lab.server_ns, IpAddr::V6(SERVER_V6), &[8443, 8444], REPLY_BYTES)?;
+    let server = Server::start(
+        &lab.server_ns,
+        IpAddr::V6(SERVER_V6),
+        &[8443, 8444],
+        REPLY_BYTES,
+    )?;
     let dir = Scratch::new("v6")?;
     let (db, log) = (dir.join("trail.duckdb"), dir.join("agent.log"));
     let agent = AgentProcess::start(&bin(), &lab.gw_ns, &write_config(&dir)?, &db, &log)?;

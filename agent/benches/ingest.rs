@@ -36,7 +36,11 @@ fn main() {
     let grams = datagrams();
     let per_round: usize = grams
         .iter()
-        .map(|g| messages(g, false).filter(|m| matches!(m, Ok(Message::Flow(_)))).count())
+        .map(|g| {
+            messages(g, false)
+                .filter(|m| matches!(m, Ok(Message::Flow(_))))
+                .count()
+        })
         .sum();
     println!(
         "fixture: {} datagrams, {} flow events ({} bytes)",
@@ -54,7 +58,8 @@ fn main() {
         for g in &grams {
             for m in messages(g, false) {
                 if let Ok(Message::Flow(ev)) = m {
-                    checksum = checksum.wrapping_add(u64::from(ev.ct_id) ^ u64::from(ev.reply.dport));
+                    checksum =
+                        checksum.wrapping_add(u64::from(ev.ct_id) ^ u64::from(ev.reply.dport));
                 }
             }
         }
@@ -110,7 +115,9 @@ fn main() {
         store_rate,
         el.as_secs_f64()
     );
-    let size = std::fs::metadata(&cfg.db_path).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&cfg.db_path)
+        .map(|m| m.len())
+        .unwrap_or(0);
     println!(
         "database: {:.1} MiB, {:.1} B/row; peak RSS {} MiB",
         size as f64 / 1048576.0,

@@ -152,7 +152,10 @@ impl Config {
         if self.conntrack.rcvbuf_bytes < 4096 {
             return Err(ConfigError::Invalid {
                 key: "conntrack.rcvbuf_bytes",
-                message: format!("{} is below the 4096-byte minimum", self.conntrack.rcvbuf_bytes),
+                message: format!(
+                    "{} is below the 4096-byte minimum",
+                    self.conntrack.rcvbuf_bytes
+                ),
             });
         }
         if self.conntrack.channel_capacity == 0 {

@@ -121,7 +121,9 @@ fn demo(root: &Path) -> Result<()> {
     cargo(root, &["build", "--release", "-p", "nattrail"])?;
     let bin = built_binary();
 
-    println!("== building the NAT lab: 6 clients (10.77.0.10-15) -> gateway 198.51.100.1 (MASQUERADE) -> server 198.51.100.2");
+    println!(
+        "== building the NAT lab: 6 clients (10.77.0.10-15) -> gateway 198.51.100.1 (MASQUERADE) -> server 198.51.100.2"
+    );
     let lab = NatLab::create(LabOptions {
         clients: 6,
         nat_ports: Some((40000, 40009)),
@@ -131,17 +133,28 @@ fn demo(root: &Path) -> Result<()> {
     let server = Server::start(&lab.server_ns, IpAddr::V4(SERVER_V4), &[80, 443], 512)?;
     let dir = std::env::temp_dir().join(format!("nattrail-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (db, cfg, log) = (dir.join("demo.duckdb"), dir.join("demo.toml"), dir.join("agent.log"));
+    let (db, cfg, log) = (
+        dir.join("demo.duckdb"),
+        dir.join("demo.toml"),
+        dir.join("agent.log"),
+    );
     std::fs::write(&cfg, "[store]\ncommit_interval_ms = 200\n")?;
 
-    println!("== starting the agent in the gateway namespace ({})", lab.gw_ns);
+    println!(
+        "== starting the agent in the gateway namespace ({})",
+        lab.gw_ns
+    );
     let agent = AgentProcess::start(&bin, &lab.gw_ns, &cfg, &db, &log)?;
 
     println!("== 36 short connections (TCP and UDP) and one that stays open");
     let specs: Vec<FlowSpec> = (0..36)
         .map(|i| FlowSpec {
             token: format!("demo-{i}"),
-            transport: if i % 3 == 0 { Transport::Udp } else { Transport::Tcp },
+            transport: if i % 3 == 0 {
+                Transport::Udp
+            } else {
+                Transport::Tcp
+            },
             client: IpAddr::V4(lab.clients_v4[i % lab.clients_v4.len()]),
             server: SocketAddr::new(IpAddr::V4(SERVER_V4), if i % 2 == 0 { 80 } else { 443 }),
             send_bytes: 200 + 37 * i,
@@ -178,7 +191,15 @@ fn demo(root: &Path) -> Result<()> {
     );
     let port = seen.peer.port().to_string();
     let cmd = [
-        "who", "--ip", &GW_PUBLIC_V4.to_string(), "--port", &port, "--at", &at, "--tolerance", "2s",
+        "who",
+        "--ip",
+        &GW_PUBLIC_V4.to_string(),
+        "--port",
+        &port,
+        "--at",
+        &at,
+        "--tolerance",
+        "2s",
     ];
     println!("$ nattrail --db {} {}", db.display(), cmd.join(" "));
     let st = Command::new(&bin).arg("--db").arg(&db).args(cmd).status()?;
@@ -189,7 +210,17 @@ fn demo(root: &Path) -> Result<()> {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let port = seen_open.peer.port().to_string();
         println!("\n== and the connection still open (client {open_local}):");
-        let cmd = ["who", "--ip", &GW_PUBLIC_V4.to_string(), "--port", &port, "--at", &now, "--proto", "tcp"];
+        let cmd = [
+            "who",
+            "--ip",
+            &GW_PUBLIC_V4.to_string(),
+            "--port",
+            &port,
+            "--at",
+            &now,
+            "--proto",
+            "tcp",
+        ];
         println!("$ nattrail --db {} {}", db.display(), cmd.join(" "));
         Command::new(&bin).arg("--db").arg(&db).args(cmd).status()?;
     }
@@ -211,9 +242,18 @@ fn capture_fixture(root: &Path) -> Result<()> {
         short_timeouts: true,
     })?;
     let server = Server::start(&lab.server_ns, IpAddr::V4(SERVER_V4), &[80, 443], 300)?;
-    let server6 = Server::start(&lab.server_ns, IpAddr::V6(nattrail_lab::SERVER_V6), &[80], 300)?;
+    let server6 = Server::start(
+        &lab.server_ns,
+        IpAddr::V6(nattrail_lab::SERVER_V6),
+        &[80],
+        300,
+    )?;
     for k in ["events", "acct", "timestamp"] {
-        lab.gw_sh(&["sysctl", "-qw", &format!("net.netfilter.nf_conntrack_{k}=1")])?;
+        lab.gw_sh(&[
+            "sysctl",
+            "-qw",
+            &format!("net.netfilter.nf_conntrack_{k}=1"),
+        ])?;
     }
     let out = root.join("tests/fixtures/conntrack-lab.bin");
     std::fs::create_dir_all(out.parent().unwrap())?;
@@ -229,7 +269,11 @@ fn capture_fixture(root: &Path) -> Result<()> {
         let v6 = i % 4 == 3;
         specs.push(FlowSpec {
             token: format!("fx-{i}"),
-            transport: if i % 2 == 0 { Transport::Tcp } else { Transport::Udp },
+            transport: if i % 2 == 0 {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
             client: if v6 {
                 IpAddr::V6(lab.clients_v6[i % lab.clients_v6.len()])
             } else {
@@ -247,7 +291,18 @@ fn capture_fixture(root: &Path) -> Result<()> {
     make_flows(&lab.client_ns, specs, 4)?;
     // ICMP echo through the NAT, so the fixture has ICMP ids.
     let _ = Command::new("ip")
-        .args(["netns", "exec", &lab.client_ns, "busybox", "ping", "-c", "2", "-i", "0.2", &SERVER_V4.to_string()])
+        .args([
+            "netns",
+            "exec",
+            &lab.client_ns,
+            "busybox",
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            &SERVER_V4.to_string(),
+        ])
         .output();
     // Unanswered SYNs linger (120 s); the capture ends on its own clock anyway.
     let _ = lab.wait_conntrack_at_most(0, Duration::from_secs(30));

@@ -48,6 +48,9 @@ pub fn run(cfg: &Config, a: &CaptureArgs) -> Result<()> {
         }
     }
     out.flush()?;
-    eprintln!("captured {n} datagrams to {} ({overflows} overflows)", a.out.display());
+    eprintln!(
+        "captured {n} datagrams to {} ({overflows} overflows)",
+        a.out.display()
+    );
     Ok(())
 }

@@ -79,8 +79,16 @@ pub fn run(cfg: &Config, a: &FlowsArgs) -> Result<()> {
         dst_ip,
         dst_port,
         proto: a.proto,
-        since: a.since.as_deref().map(|s| parse_instant(s, zone.as_ref())).transpose()?,
-        until: a.until.as_deref().map(|s| parse_instant(s, zone.as_ref())).transpose()?,
+        since: a
+            .since
+            .as_deref()
+            .map(|s| parse_instant(s, zone.as_ref()))
+            .transpose()?,
+        until: a
+            .until
+            .as_deref()
+            .map(|s| parse_instant(s, zone.as_ref()))
+            .transpose()?,
         limit: a.limit,
     };
     let conn = super::open_for_query(cfg)?;
@@ -90,7 +98,16 @@ pub fn run(cfg: &Config, a: &FlowsArgs) -> Result<()> {
         Format::Csv => print_csv(&CSV_HEADER, &rows.iter().map(csv_row).collect::<Vec<_>>()),
         Format::Table => {
             print_table(
-                &["start", "end", "proto", "internal", "public", "destination", "bytes out/in", "ct id"],
+                &[
+                    "start",
+                    "end",
+                    "proto",
+                    "internal",
+                    "public",
+                    "destination",
+                    "bytes out/in",
+                    "ct id",
+                ],
                 &rows.iter().map(table_row).collect::<Vec<_>>(),
             );
             println!("{} flow(s)", rows.len());
@@ -100,9 +117,23 @@ pub fn run(cfg: &Config, a: &FlowsArgs) -> Result<()> {
 }
 
 const CSV_HEADER: [&str; 17] = [
-    "start", "end", "end_inexact", "proto", "internal_ip", "internal_port", "public_ip",
-    "public_port", "dst_ip", "dst_port", "bytes_out", "packets_out", "bytes_in", "packets_in",
-    "conntrack_id", "zone", "found_by_dump",
+    "start",
+    "end",
+    "end_inexact",
+    "proto",
+    "internal_ip",
+    "internal_port",
+    "public_ip",
+    "public_port",
+    "dst_ip",
+    "dst_port",
+    "bytes_out",
+    "packets_out",
+    "bytes_in",
+    "packets_in",
+    "conntrack_id",
+    "zone",
+    "found_by_dump",
 ];
 
 fn csv_row(f: &FlowRow) -> Vec<String> {

@@ -20,7 +20,11 @@ pub enum Format {
 
 /// Picks the format from `--format` and the `--json` shorthand.
 pub fn pick(format: Option<Format>, json: bool) -> Format {
-    if json { Format::Json } else { format.unwrap_or_default() }
+    if json {
+        Format::Json
+    } else {
+        format.unwrap_or_default()
+    }
 }
 
 /// Prints a table.
@@ -58,7 +62,9 @@ pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 /// Renders an optional value, `-` when absent.
 pub fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+    v.as_ref()
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| "-".into())
 }
 
 /// `ip:port`, with brackets for IPv6.

@@ -36,13 +36,21 @@ pub fn run(cfg: &Config, a: &SqlArgs) -> Result<()> {
     let conn = super::open_for_query(cfg)?;
     let res = run_sql(&conn, &a.query, a.max_rows)?;
     let header: Vec<&str> = res.columns.iter().map(String::as_str).collect();
-    let rows: Vec<Vec<String>> = res.rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+    let rows: Vec<Vec<String>> = res
+        .rows
+        .iter()
+        .map(|r| r.iter().map(cell).collect())
+        .collect();
     match pick(a.format, a.json) {
         Format::Json => print_json(&res)?,
         Format::Csv => print_csv(&header, &rows)?,
         Format::Table => {
             print_table(&header, &rows);
-            println!("{} row(s){}", rows.len(), if res.truncated { " (truncated)" } else { "" });
+            println!(
+                "{} row(s){}",
+                rows.len(),
+                if res.truncated { " (truncated)" } else { "" }
+            );
         }
     }
     Ok(())

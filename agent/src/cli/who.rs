@@ -123,7 +123,11 @@ fn print_human(q: &WhoQuery, ans: &WhoAnswer) {
                 endpoint(&f.dst_ip, f.dst_port),
                 opt(&f.start),
                 end,
-                if m.covers { "yes".into() } else { format!("{:.3}s off", m.distance_s) },
+                if m.covers {
+                    "yes".into()
+                } else {
+                    format!("{:.3}s off", m.distance_s)
+                },
                 format!("{}/{}", opt(&f.bytes_out), opt(&f.bytes_in)),
                 format!("{}/{}", opt(&f.packets_out), opt(&f.packets_in)),
                 f.conntrack_id.to_string(),
@@ -132,8 +136,16 @@ fn print_human(q: &WhoQuery, ans: &WhoAnswer) {
         .collect();
     print_table(
         &[
-            "#", "internal", "proto", "destination", "start", "end", "covers T", "bytes out/in",
-            "pkts out/in", "ct id",
+            "#",
+            "internal",
+            "proto",
+            "destination",
+            "start",
+            "end",
+            "covers T",
+            "bytes out/in",
+            "pkts out/in",
+            "ct id",
         ],
         &rows,
     );

@@ -311,7 +311,10 @@ fn decode_tuple(buf: &[u8], attr: &'static str) -> Result<DecodedTuple, DecodeEr
         }
     }
     if !have_src || !have_dst {
-        return Err(attr_err(attr, "tuple without source or destination address"));
+        return Err(attr_err(
+            attr,
+            "tuple without source or destination address",
+        ));
     }
     if let Some(t) = icmp_type {
         out.icmp = Some((t, icmp_code.unwrap_or(0)));
@@ -468,16 +471,25 @@ mod tests {
         let all: Vec<FlowEvent> = datagrams().into_iter().flat_map(flows).collect();
         assert!(all.len() >= 150, "fixture too small: {}", all.len());
         let news = all.iter().filter(|e| e.kind == EventKind::New).count();
-        let destroys: Vec<&FlowEvent> = all.iter().filter(|e| e.kind == EventKind::Destroy).collect();
+        let destroys: Vec<&FlowEvent> = all
+            .iter()
+            .filter(|e| e.kind == EventKind::Destroy)
+            .collect();
         assert!(news > 50 && destroys.len() > 50);
         assert!(all.iter().any(|e| e.family == 4) && all.iter().any(|e| e.family == 6));
         for proto in [6u8, 17, 1] {
-            assert!(all.iter().any(|e| e.proto == proto), "no proto {proto} in fixture");
+            assert!(
+                all.iter().any(|e| e.proto == proto),
+                "no proto {proto} in fixture"
+            );
         }
         for e in &all {
             assert_ne!(e.ct_id, 0, "every event carries CTA_ID");
             assert!(e.is_src_nat(), "lab flows are masqueraded: {e:?}");
-            assert_ne!(e.orig.src, e.reply.dst, "SNAT changes the reply destination");
+            assert_ne!(
+                e.orig.src, e.reply.dst,
+                "SNAT changes the reply destination"
+            );
         }
         for d in &destroys {
             let (o, r) = (d.counters_orig.unwrap(), d.counters_reply.unwrap());
@@ -516,8 +528,12 @@ mod tests {
                 };
                 for a in attrs {
                     match a {
-                        ConntrackAttribute::CtaTupleOrig(t) => check_tuple(&t, &o.orig, o.proto, o.icmp.is_some()),
-                        ConntrackAttribute::CtaTupleReply(t) => check_tuple(&t, &o.reply, o.proto, o.icmp.is_some()),
+                        ConntrackAttribute::CtaTupleOrig(t) => {
+                            check_tuple(&t, &o.orig, o.proto, o.icmp.is_some())
+                        }
+                        ConntrackAttribute::CtaTupleReply(t) => {
+                            check_tuple(&t, &o.reply, o.proto, o.icmp.is_some())
+                        }
                         ConntrackAttribute::CtaStatus(s) => assert_eq!(s.bits(), o.status),
                         ConntrackAttribute::CtaMark(m) => assert_eq!(m, o.mark),
                         _ => {}
@@ -608,17 +624,30 @@ mod tests {
             nla(CTA_PROTO_DST_PORT, &dport.to_be_bytes()),
         ]
         .concat();
-        [nla(CTA_TUPLE_IP | 0x8000, &ip), nla(CTA_TUPLE_PROTO | 0x8000, &proto)].concat()
+        [
+            nla(CTA_TUPLE_IP | 0x8000, &ip),
+            nla(CTA_TUPLE_PROTO | 0x8000, &proto),
+        ]
+        .concat()
     }
 
     fn udp_new_attrs() -> Vec<u8> {
         [
-            nla(CTA_TUPLE_ORIG | 0x8000, &tuple([10, 77, 0, 10], [198, 51, 100, 2], 5000, 53)),
-            nla(CTA_TUPLE_REPLY | 0x8000, &tuple([198, 51, 100, 2], [198, 51, 100, 1], 53, 40001)),
+            nla(
+                CTA_TUPLE_ORIG | 0x8000,
+                &tuple([10, 77, 0, 10], [198, 51, 100, 2], 5000, 53),
+            ),
+            nla(
+                CTA_TUPLE_REPLY | 0x8000,
+                &tuple([198, 51, 100, 2], [198, 51, 100, 1], 53, 40001),
+            ),
             nla(CTA_STATUS, &0x1d8u32.to_be_bytes()),
             nla(CTA_ID, &77u32.to_be_bytes()),
             nla(CTA_ZONE, &3u16.to_be_bytes()),
-            nla(CTA_TIMESTAMP_EVENT, &1_700_000_000_000_000_123u64.to_be_bytes()),
+            nla(
+                CTA_TIMESTAMP_EVENT,
+                &1_700_000_000_000_000_123u64.to_be_bytes(),
+            ),
         ]
         .concat()
     }
@@ -627,7 +656,9 @@ mod tests {
     fn crafted_message_decodes_and_new_needs_create_flag() {
         let m = message(0x100, NLM_F_CREATE, 2, &udp_new_attrs());
         let got: Vec<_> = messages(&m, false).collect();
-        let Ok(Message::Flow(ev)) = &got[0] else { panic!("{got:?}") };
+        let Ok(Message::Flow(ev)) = &got[0] else {
+            panic!("{got:?}")
+        };
         assert_eq!(ev.kind, EventKind::New);
         assert_eq!((ev.ct_id, ev.zone, ev.proto), (77, 3, 17));
         assert_eq!(ev.reply.dst.to_string(), "198.51.100.1");
@@ -635,9 +666,21 @@ mod tests {
         assert_eq!(ev.event_ns, Some(1_700_000_000_000_000_123));
         assert!(ev.is_src_nat());
         let upd = message(0x100, 0, 2, &udp_new_attrs());
-        assert!(matches!(messages(&upd, false).next(), Some(Ok(Message::Flow(FlowEvent { kind: EventKind::Update, .. })))));
+        assert!(matches!(
+            messages(&upd, false).next(),
+            Some(Ok(Message::Flow(FlowEvent {
+                kind: EventKind::Update,
+                ..
+            })))
+        ));
         let dump = message(0x100, 0, 2, &udp_new_attrs());
-        assert!(matches!(messages(&dump, true).next(), Some(Ok(Message::Flow(FlowEvent { kind: EventKind::Dump, .. })))));
+        assert!(matches!(
+            messages(&dump, true).next(),
+            Some(Ok(Message::Flow(FlowEvent {
+                kind: EventKind::Dump,
+                ..
+            })))
+        ));
     }
 
     #[test]
@@ -646,28 +689,49 @@ mod tests {
         let mut m = message(0x100, NLM_F_CREATE, 2, &udp_new_attrs());
         m[0] = 0xff;
         m[1] = 0x7f;
-        assert!(matches!(messages(&m, false).next(), Some(Err(DecodeError::Header { .. }))));
+        assert!(matches!(
+            messages(&m, false).next(),
+            Some(Err(DecodeError::Header { .. }))
+        ));
         // Short nfgenmsg.
         let mut m = message(0x100, NLM_F_CREATE, 2, &[]);
         m.truncate(18);
         m[0] = 18;
-        assert!(matches!(messages(&m, false).next(), Some(Err(DecodeError::ShortPayload { .. }))));
+        assert!(matches!(
+            messages(&m, false).next(),
+            Some(Err(DecodeError::ShortPayload { .. }))
+        ));
         // Unknown family.
         let m = message(0x100, NLM_F_CREATE, 7, &udp_new_attrs());
-        assert_eq!(messages(&m, false).next(), Some(Err(DecodeError::Family(7))));
+        assert_eq!(
+            messages(&m, false).next(),
+            Some(Err(DecodeError::Family(7)))
+        );
         // Missing reply tuple.
-        let attrs = nla(CTA_TUPLE_ORIG | 0x8000, &tuple([10, 0, 0, 1], [10, 0, 0, 2], 1, 2));
+        let attrs = nla(
+            CTA_TUPLE_ORIG | 0x8000,
+            &tuple([10, 0, 0, 1], [10, 0, 0, 2], 1, 2),
+        );
         let m = message(0x102, 0, 2, &attrs);
-        assert_eq!(messages(&m, false).next(), Some(Err(DecodeError::Missing("CTA_TUPLE_REPLY"))));
+        assert_eq!(
+            messages(&m, false).next(),
+            Some(Err(DecodeError::Missing("CTA_TUPLE_REPLY")))
+        );
         // A 2-byte CTA_ID.
         let attrs = [udp_new_attrs(), nla(CTA_ID, &[0, 1])].concat();
         let m = message(0x102, 0, 2, &attrs);
-        assert!(matches!(messages(&m, false).next(), Some(Err(DecodeError::Attribute { attr: "CTA_ID", .. }))));
+        assert!(matches!(
+            messages(&m, false).next(),
+            Some(Err(DecodeError::Attribute { attr: "CTA_ID", .. }))
+        ));
         // An attribute claiming more bytes than remain.
         let mut attrs = udp_new_attrs();
         attrs.extend_from_slice(&[200, 0, 12, 0]);
         let m = message(0x102, 0, 2, &attrs);
-        assert!(matches!(messages(&m, false).next(), Some(Err(DecodeError::Attribute { .. }))));
+        assert!(matches!(
+            messages(&m, false).next(),
+            Some(Err(DecodeError::Attribute { .. }))
+        ));
         // A good message after a bad one in the same datagram still decodes.
         let bad = message(0x100, NLM_F_CREATE, 7, &udp_new_attrs());
         let good = message(0x102, 0, 2, &udp_new_attrs());

@@ -4,7 +4,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_netfilter::conntrack::ConntrackMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
@@ -64,7 +66,9 @@ impl NfSocket {
     /// Opens a socket subscribed to the NEW and DESTROY groups.
     pub fn events(rcvbuf_bytes: usize, timeout: Duration) -> Result<Self, SocketError> {
         let this = Self::open(rcvbuf_bytes, timeout)?;
-        this.sock.add_membership(GROUP_NEW).map_err(setup("join NEW group"))?;
+        this.sock
+            .add_membership(GROUP_NEW)
+            .map_err(setup("join NEW group"))?;
         this.sock
             .add_membership(GROUP_DESTROY)
             .map_err(setup("join DESTROY group"))?;

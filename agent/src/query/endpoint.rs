@@ -22,7 +22,10 @@ mod tests {
 
     #[test]
     fn forms() {
-        assert_eq!(parse_endpoint("10.0.0.1").unwrap(), ("10.0.0.1".parse().unwrap(), None));
+        assert_eq!(
+            parse_endpoint("10.0.0.1").unwrap(),
+            ("10.0.0.1".parse().unwrap(), None)
+        );
         assert_eq!(parse_endpoint("10.0.0.1:80").unwrap().1, Some(80));
         assert_eq!(parse_endpoint("[2001:db8::1]:443").unwrap().1, Some(443));
         assert_eq!(parse_endpoint("2001:db8::1").unwrap().1, None);

@@ -134,13 +134,25 @@ pub fn flows(conn: &Connection, q: &FlowsQuery) -> Result<Vec<FlowRow>, QueryErr
         params.extend(vals);
     };
     if let Some(ip) = q.internal_ip {
-        add(&mut sql, " AND orig_src = ?", vec![Box::new(Addr::from(ip).0)]);
+        add(
+            &mut sql,
+            " AND orig_src = ?",
+            vec![Box::new(Addr::from(ip).0)],
+        );
     }
     if let Some(ip) = q.public_ip {
-        add(&mut sql, " AND reply_dst = ?", vec![Box::new(Addr::from(ip).0)]);
+        add(
+            &mut sql,
+            " AND reply_dst = ?",
+            vec![Box::new(Addr::from(ip).0)],
+        );
     }
     if let Some(ip) = q.dst_ip {
-        add(&mut sql, " AND orig_dst = ?", vec![Box::new(Addr::from(ip).0)]);
+        add(
+            &mut sql,
+            " AND orig_dst = ?",
+            vec![Box::new(Addr::from(ip).0)],
+        );
     }
     if let Some(p) = q.public_port {
         add(&mut sql, " AND public_port = ?", vec![Box::new(p)]);
@@ -156,10 +168,18 @@ pub fn flows(conn: &Connection, q: &FlowsQuery) -> Result<Vec<FlowRow>, QueryErr
         );
     }
     if let Some(since) = q.since {
-        add(&mut sql, " AND (\"end\" IS NULL OR epoch_us(\"end\") >= ?)", vec![Box::new(since.timestamp_micros())]);
+        add(
+            &mut sql,
+            " AND (\"end\" IS NULL OR epoch_us(\"end\") >= ?)",
+            vec![Box::new(since.timestamp_micros())],
+        );
     }
     if let Some(until) = q.until {
-        add(&mut sql, " AND (start IS NULL OR epoch_us(start) <= ?)", vec![Box::new(until.timestamp_micros())]);
+        add(
+            &mut sql,
+            " AND (start IS NULL OR epoch_us(start) <= ?)",
+            vec![Box::new(until.timestamp_micros())],
+        );
     }
     if let Some(p) = q.proto {
         sql.push_str(&format!(" AND proto_num IN ({})", p.numbers_sql()));
@@ -167,7 +187,9 @@ pub fn flows(conn: &Connection, q: &FlowsQuery) -> Result<Vec<FlowRow>, QueryErr
     sql.push_str(" ORDER BY start NULLS FIRST, start_seq LIMIT ?");
     add(&mut sql, "", vec![Box::new(q.limit as u64)]);
     let refs: Vec<&dyn ToSql> = params.iter().map(|b| b.as_ref()).collect();
-    let mut stmt = conn.prepare(&sql).map_err(QueryError::db("preparing flows"))?;
+    let mut stmt = conn
+        .prepare(&sql)
+        .map_err(QueryError::db("preparing flows"))?;
     let rows = stmt
         .query_map(refs.as_slice(), FlowRow::from_row)
         .map_err(QueryError::db("running flows"))?;

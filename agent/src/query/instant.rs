@@ -11,7 +11,9 @@ pub enum TimeError {
     )]
     Format(String),
     /// Unknown zone name or offset.
-    #[error("unknown time zone {0:?}: use an IANA name (Europe/Berlin), UTC, or an offset (+01:00)")]
+    #[error(
+        "unknown time zone {0:?}: use an IANA name (Europe/Berlin), UTC, or an offset (+01:00)"
+    )]
     Zone(String),
     /// A local time that does not exist or exists twice in that zone.
     #[error("local time {time} is {what} in {zone}; give an explicit offset instead")]
@@ -48,7 +50,9 @@ impl Zone {
         if let Ok(dt) = DateTime::parse_from_rfc3339(&probe) {
             return Ok(Zone::Fixed(*dt.offset()));
         }
-        if let Ok(dt) = DateTime::parse_from_str(&format!("2000-01-01 00:00:00 {t}"), "%Y-%m-%d %H:%M:%S %z") {
+        if let Ok(dt) =
+            DateTime::parse_from_str(&format!("2000-01-01 00:00:00 {t}"), "%Y-%m-%d %H:%M:%S %z")
+        {
             return Ok(Zone::Fixed(*dt.offset()));
         }
         Err(TimeError::Zone(s.to_string()))
@@ -57,11 +61,13 @@ impl Zone {
     fn localize(&self, naive: NaiveDateTime, original: &str) -> Result<DateTime<Utc>, TimeError> {
         let (res, name) = match self {
             Zone::Named(tz) => (
-                tz.from_local_datetime(&naive).map(|d| d.with_timezone(&Utc)),
+                tz.from_local_datetime(&naive)
+                    .map(|d| d.with_timezone(&Utc)),
                 tz.name().to_string(),
             ),
             Zone::Fixed(off) => (
-                off.from_local_datetime(&naive).map(|d| d.with_timezone(&Utc)),
+                off.from_local_datetime(&naive)
+                    .map(|d| d.with_timezone(&Utc)),
                 off.to_string(),
             ),
         };
@@ -126,13 +132,22 @@ mod tests {
     #[test]
     fn accepted_forms() {
         let want = utc("2014-09-05T09:06:49Z");
-        assert_eq!(parse_instant("2014-09-05T10:06:49+01:00", None).unwrap(), want);
+        assert_eq!(
+            parse_instant("2014-09-05T10:06:49+01:00", None).unwrap(),
+            want
+        );
         assert_eq!(parse_instant("1409908009", None).unwrap(), want);
         assert_eq!(parse_instant("2014-09-05 09:06:49", None).unwrap(), want);
         let berlin = Zone::parse("Europe/Berlin").unwrap();
-        assert_eq!(parse_instant("2014-09-05 11:06:49", Some(&berlin)).unwrap(), want);
+        assert_eq!(
+            parse_instant("2014-09-05 11:06:49", Some(&berlin)).unwrap(),
+            want
+        );
         let plus1 = Zone::parse("+01:00").unwrap();
-        assert_eq!(parse_instant("2014-09-05 10:06:49", Some(&plus1)).unwrap(), want);
+        assert_eq!(
+            parse_instant("2014-09-05 10:06:49", Some(&plus1)).unwrap(),
+            want
+        );
         assert_eq!(
             parse_instant("1409908009.25", None).unwrap(),
             want + chrono::Duration::milliseconds(250)
@@ -141,8 +156,14 @@ mod tests {
 
     #[test]
     fn refusals_are_explained() {
-        assert!(matches!(parse_instant("yesterday", None), Err(TimeError::Format(_))));
-        assert!(matches!(Zone::parse("Mars/Olympus"), Err(TimeError::Zone(_))));
+        assert!(matches!(
+            parse_instant("yesterday", None),
+            Err(TimeError::Format(_))
+        ));
+        assert!(matches!(
+            Zone::parse("Mars/Olympus"),
+            Err(TimeError::Zone(_))
+        ));
         let berlin = Zone::parse("Europe/Berlin").unwrap();
         let e = parse_instant("2021-10-31 02:30:00", Some(&berlin)).unwrap_err();
         assert!(e.to_string().contains("ambiguous"), "{e}");

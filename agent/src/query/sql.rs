@@ -50,7 +50,9 @@ pub fn to_json(v: Value) -> serde_json::Value {
         Value::Date32(days) => chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163)
             .map(|d| J::String(d.to_string()))
             .unwrap_or(J::from(days)),
-        Value::List(items) | Value::Array(items) => J::Array(items.into_iter().map(to_json).collect()),
+        Value::List(items) | Value::Array(items) => {
+            J::Array(items.into_iter().map(to_json).collect())
+        }
         Value::Enum(s) => J::String(s),
         other => J::String(format!("{other:?}")),
     }

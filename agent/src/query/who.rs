@@ -127,13 +127,24 @@ pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
     params.push(&hi);
     params.push(&lo);
 
-    let mut stmt = conn.prepare(&sql).map_err(QueryError::db("preparing who"))?;
+    let mut stmt = conn
+        .prepare(&sql)
+        .map_err(QueryError::db("preparing who"))?;
     let rows = stmt
         .query_map(params.as_slice(), |r| {
             let flow = FlowRow::from_row(r)?;
-            let covers = flow.start_us.is_none_or(|s| s <= at_us) && flow.end_us.is_none_or(|e| e >= at_us);
-            let before = flow.start_us.map(|s| s - at_us).filter(|d| *d > 0).unwrap_or(0);
-            let after = flow.end_us.map(|e| at_us - e).filter(|d| *d > 0).unwrap_or(0);
+            let covers =
+                flow.start_us.is_none_or(|s| s <= at_us) && flow.end_us.is_none_or(|e| e >= at_us);
+            let before = flow
+                .start_us
+                .map(|s| s - at_us)
+                .filter(|d| *d > 0)
+                .unwrap_or(0);
+            let after = flow
+                .end_us
+                .map(|e| at_us - e)
+                .filter(|d| *d > 0)
+                .unwrap_or(0);
             Ok(WhoMatch {
                 flow,
                 covers,
@@ -181,24 +192,52 @@ mod tests {
         Addr::from(s.parse::<IpAddr>().unwrap())
     }
 
-    fn ev(kind: EventKind, id: u32, client: &str, cport: u16, pport: u16, start: u64, stop: Option<u64>) -> FlowEvent {
+    fn ev(
+        kind: EventKind,
+        id: u32,
+        client: &str,
+        cport: u16,
+        pport: u16,
+        start: u64,
+        stop: Option<u64>,
+    ) -> FlowEvent {
         FlowEvent {
             kind,
             family: 4,
             proto: 6,
-            orig: Tuple { src: ip(client), dst: ip("198.51.100.2"), sport: cport, dport: 443 },
-            reply: Tuple { src: ip("198.51.100.2"), dst: ip("198.51.100.1"), sport: 443, dport: pport },
+            orig: Tuple {
+                src: ip(client),
+                dst: ip("198.51.100.2"),
+                sport: cport,
+                dport: 443,
+            },
+            reply: Tuple {
+                src: ip("198.51.100.2"),
+                dst: ip("198.51.100.1"),
+                sport: 443,
+                dport: pport,
+            },
             ct_id: id,
             zone: 0,
             mark: 0,
             status: IPS_SRC_NAT,
             tcp_state: None,
             icmp: None,
-            counters_orig: stop.map(|_| Counters { packets: 5, bytes: 500 }),
-            counters_reply: stop.map(|_| Counters { packets: 4, bytes: 900 }),
+            counters_orig: stop.map(|_| Counters {
+                packets: 5,
+                bytes: 500,
+            }),
+            counters_reply: stop.map(|_| Counters {
+                packets: 4,
+                bytes: 900,
+            }),
             start_ns: Some(start),
             stop_ns: stop,
-            event_ns: if kind == EventKind::New { Some(start) } else { stop },
+            event_ns: if kind == EventKind::New {
+                Some(start)
+            } else {
+                stop
+            },
         }
     }
 
@@ -209,10 +248,15 @@ mod tests {
 
     impl Db {
         fn new(name: &str, msgs: Vec<WriterMsg>) -> Db {
-            let dir = std::env::temp_dir().join(format!("nattrail-who-{name}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("nattrail-who-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let path = dir.join("t.duckdb");
-            let cfg = WriterConfig { db_path: path.clone(), batch_rows: 1000, commit_interval: Duration::from_secs(1) };
+            let cfg = WriterConfig {
+                db_path: path.clone(),
+                batch_rows: 1000,
+                commit_interval: Duration::from_secs(1),
+            };
             let mut w = Writer::open(&cfg, Arc::new(WriterStats::default())).unwrap();
             w.write_batch(msgs).unwrap();
             Db { dir, path }
@@ -243,7 +287,10 @@ mod tests {
     }
 
     fn flow(e: FlowEvent) -> WriterMsg {
-        WriterMsg::Flow { ev: e, received_ns: 0 }
+        WriterMsg::Flow {
+            ev: e,
+            received_ns: 0,
+        }
     }
 
     /// Port 40001 used by .10 for [0,10 s], then by .11 for [12 s, 20 s]; .12 still open on 40002.
@@ -252,10 +299,42 @@ mod tests {
             name,
             vec![
                 flow(ev(EventKind::New, 1, "10.77.0.10", 5000, 40001, T0, None)),
-                flow(ev(EventKind::New, 3, "10.77.0.12", 5002, 40002, T0 + SEC, None)),
-                flow(ev(EventKind::Destroy, 1, "10.77.0.10", 5000, 40001, T0, Some(T0 + 10 * SEC))),
-                flow(ev(EventKind::New, 2, "10.77.0.11", 5001, 40001, T0 + 12 * SEC, None)),
-                flow(ev(EventKind::Destroy, 2, "10.77.0.11", 5001, 40001, T0 + 12 * SEC, Some(T0 + 20 * SEC))),
+                flow(ev(
+                    EventKind::New,
+                    3,
+                    "10.77.0.12",
+                    5002,
+                    40002,
+                    T0 + SEC,
+                    None,
+                )),
+                flow(ev(
+                    EventKind::Destroy,
+                    1,
+                    "10.77.0.10",
+                    5000,
+                    40001,
+                    T0,
+                    Some(T0 + 10 * SEC),
+                )),
+                flow(ev(
+                    EventKind::New,
+                    2,
+                    "10.77.0.11",
+                    5001,
+                    40001,
+                    T0 + 12 * SEC,
+                    None,
+                )),
+                flow(ev(
+                    EventKind::Destroy,
+                    2,
+                    "10.77.0.11",
+                    5001,
+                    40001,
+                    T0 + 12 * SEC,
+                    Some(T0 + 20 * SEC),
+                )),
             ],
         )
     }
@@ -266,7 +345,10 @@ mod tests {
         let a = db.who(40001, T0 + 5 * SEC, 1);
         assert_eq!(a.status, WhoStatus::Found, "{a:?}");
         let f = &a.matches[0].flow;
-        assert_eq!((f.internal_ip.as_str(), f.internal_port), ("10.77.0.10", 5000));
+        assert_eq!(
+            (f.internal_ip.as_str(), f.internal_port),
+            ("10.77.0.10", 5000)
+        );
         assert_eq!((f.bytes_out, f.packets_in), (Some(500), Some(4)));
         assert!(a.matches[0].covers && f.end.is_some());
     }
@@ -295,14 +377,26 @@ mod tests {
         let a = db.who(40002, T0 + 100 * SEC, 0);
         assert_eq!(a.status, WhoStatus::Found);
         assert!(a.matches[0].flow.end.is_none());
-        assert_eq!(db.who(40002, T0, 0).status, WhoStatus::None, "before it started");
+        assert_eq!(
+            db.who(40002, T0, 0).status,
+            WhoStatus::None,
+            "before it started"
+        );
     }
 
     #[test]
     fn destroy_without_start_still_answers_from_kernel_times() {
         let db = Db::new(
             "orphan",
-            vec![flow(ev(EventKind::Destroy, 9, "10.77.0.30", 6000, 40005, T0, Some(T0 + 4 * SEC)))],
+            vec![flow(ev(
+                EventKind::Destroy,
+                9,
+                "10.77.0.30",
+                6000,
+                40005,
+                T0,
+                Some(T0 + 4 * SEC),
+            ))],
         );
         let a = db.who(40005, T0 + 2 * SEC, 0);
         assert_eq!(a.status, WhoStatus::Found, "{a:?}");
@@ -318,12 +412,27 @@ mod tests {
                 flow(ev(EventKind::New, 2, "10.77.0.11", 5001, 40002, T0, None)),
                 WriterMsg::DumpBegin,
                 flow(ev(EventKind::Dump, 1, "10.77.0.10", 5000, 40001, T0, None)),
-                flow(ev(EventKind::Dump, 3, "10.77.0.12", 5002, 40003, T0 + SEC, None)),
-                WriterMsg::DumpEnd { at_ns: T0 + 60 * SEC, alive_until_ns: Some(T0 + 30 * SEC) },
+                flow(ev(
+                    EventKind::Dump,
+                    3,
+                    "10.77.0.12",
+                    5002,
+                    40003,
+                    T0 + SEC,
+                    None,
+                )),
+                WriterMsg::DumpEnd {
+                    at_ns: T0 + 60 * SEC,
+                    alive_until_ns: Some(T0 + 30 * SEC),
+                },
             ],
         );
         let a = db.who(40001, T0 + 100 * SEC, 0);
-        assert_eq!((a.status, a.matches[0].flow.end.is_none()), (WhoStatus::Found, true), "{a:?}");
+        assert_eq!(
+            (a.status, a.matches[0].flow.end.is_none()),
+            (WhoStatus::Found, true),
+            "{a:?}"
+        );
         let b = db.who(40002, T0 + 45 * SEC, 0);
         assert_eq!(b.status, WhoStatus::Found, "{b:?}");
         let f = &b.matches[0].flow;

@@ -120,8 +120,12 @@ fn current_version(conn: &Connection) -> Result<u32, StoreError> {
     if !exists {
         return Ok(0);
     }
-    conn.query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0))
-        .map_err(db_err("reading schema version"))
+    conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db_err("reading schema version"))
 }
 
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {

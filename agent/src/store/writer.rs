@@ -337,9 +337,7 @@ impl Writer {
                 stop_ns: None,
                 event_ns: None,
             };
-            let lo = alive_until_ns
-                .max(flow.start_ns)
-                .map(|lo| lo.min(at_ns));
+            let lo = alive_until_ns.max(flow.start_ns).map(|lo| lo.min(at_ns));
             self.append(app, &ev, at_ns, TimeSource::Receive, lo, true)?;
         }
         if !gone.is_empty() {
@@ -431,7 +429,10 @@ impl Writer {
     /// Runs until every sender is gone, then commits and marks the session stopped.
     pub fn run(mut self, rx: Receiver<WriterMsg>, cfg: &WriterConfig) -> Result<(), StoreError> {
         // The appender borrows the connection; take it out so `self` stays usable.
-        let conn = self.conn.try_clone().map_err(db_err("cloning the connection"))?;
+        let conn = self
+            .conn
+            .try_clone()
+            .map_err(db_err("cloning the connection"))?;
         let mut app = conn
             .appender("conntrack_events")
             .map_err(db_err("opening the appender"))?;
@@ -471,8 +472,14 @@ impl Writer {
     }
 
     /// Appends a batch of messages and commits once: for benchmarks and tests.
-    pub fn write_batch(&mut self, msgs: impl IntoIterator<Item = WriterMsg>) -> Result<(), StoreError> {
-        let conn = self.conn.try_clone().map_err(db_err("cloning the connection"))?;
+    pub fn write_batch(
+        &mut self,
+        msgs: impl IntoIterator<Item = WriterMsg>,
+    ) -> Result<(), StoreError> {
+        let conn = self
+            .conn
+            .try_clone()
+            .map_err(db_err("cloning the connection"))?;
         let mut app = conn
             .appender("conntrack_events")
             .map_err(db_err("opening the appender"))?;

@@ -27,7 +27,8 @@ impl AgentProcess {
     /// Starts `binary run --config config --db db` in namespace `ns`, logging to `log`, and
     /// waits until it reports that it is running (subscribed and dumped).
     pub fn start(binary: &Path, ns: &str, config: &Path, db: &Path, log: &Path) -> Result<Self> {
-        let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let logf =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(binary)
@@ -86,7 +87,10 @@ impl AgentProcess {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("agent did not stop within 60 s of SIGTERM; log:\n{}", self.log_text());
+                bail!(
+                    "agent did not stop within 60 s of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -10,9 +10,9 @@
 //! leaves the machine. Dropping the lab deletes the namespaces (and with them the veths).
 
 pub mod agent;
-pub mod scratch;
 pub mod netns;
 pub mod packages;
+pub mod scratch;
 pub mod traffic;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -146,24 +146,76 @@ impl NatLab {
             format!("{p}g1"),
             format!("{p}s0"),
         );
-        sh(&["ip", "link", "add", &cv, "netns", c, "type", "veth", "peer", "name", &gi, "netns", g])?;
-        sh(&["ip", "link", "add", &go, "netns", g, "type", "veth", "peer", "name", &sv, "netns", s])?;
+        sh(&[
+            "ip", "link", "add", &cv, "netns", c, "type", "veth", "peer", "name", &gi, "netns", g,
+        ])?;
+        sh(&[
+            "ip", "link", "add", &go, "netns", g, "type", "veth", "peer", "name", &sv, "netns", s,
+        ])?;
         for (ns, dev) in [(c, &cv), (g, &gi), (g, &go), (s, &sv)] {
             ns_sh(ns, &["ip", "link", "set", dev, "up"])?;
         }
         for a in &self.clients_v4 {
             ns_sh(c, &["ip", "addr", "add", &format!("{a}/24"), "dev", &cv])?;
         }
-        ns_sh(c, &["ip", "route", "add", "default", "via", &GW_INSIDE_V4.to_string()])?;
-        ns_sh(g, &["ip", "addr", "add", &format!("{GW_INSIDE_V4}/24"), "dev", &gi])?;
-        ns_sh(g, &["ip", "addr", "add", &format!("{GW_PUBLIC_V4}/24"), "dev", &go])?;
-        ns_sh(s, &["ip", "addr", "add", &format!("{SERVER_V4}/24"), "dev", &sv])?;
+        ns_sh(
+            c,
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &GW_INSIDE_V4.to_string(),
+            ],
+        )?;
+        ns_sh(
+            g,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{GW_INSIDE_V4}/24"),
+                "dev",
+                &gi,
+            ],
+        )?;
+        ns_sh(
+            g,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{GW_PUBLIC_V4}/24"),
+                "dev",
+                &go,
+            ],
+        )?;
+        ns_sh(
+            s,
+            &["ip", "addr", "add", &format!("{SERVER_V4}/24"), "dev", &sv],
+        )?;
         ns_sh(g, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
 
         let masq = |ipt: &str, proto: &str| -> Result<()> {
-            let mut args = vec![ipt, "-t", "nat", "-A", "POSTROUTING", "-o", &go, "-p", proto, "-j", "MASQUERADE"];
+            let mut args = vec![
+                ipt,
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                &go,
+                "-p",
+                proto,
+                "-j",
+                "MASQUERADE",
+            ];
             let range;
-            if let (Some((lo, hi)), true) = (self.options.nat_ports, proto != "icmp" && proto != "ipv6-icmp") {
+            if let (Some((lo, hi)), true) = (
+                self.options.nat_ports,
+                proto != "icmp" && proto != "ipv6-icmp",
+            ) {
                 range = format!("{lo}-{hi}");
                 args.extend_from_slice(&["--to-ports", &range]);
             }
@@ -174,15 +226,64 @@ impl NatLab {
         }
         if self.options.ipv6 {
             for (ns, dev) in [(c, &cv), (g, &gi), (g, &go), (s, &sv)] {
-                ns_sh(ns, &["sysctl", "-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")])?;
+                ns_sh(
+                    ns,
+                    &[
+                        "sysctl",
+                        "-qw",
+                        &format!("net.ipv6.conf.{dev}.accept_dad=0"),
+                    ],
+                )?;
             }
             for a in &self.clients_v6 {
-                ns_sh(c, &["ip", "-6", "addr", "add", &format!("{a}/64"), "dev", &cv, "nodad"])?;
+                ns_sh(
+                    c,
+                    &[
+                        "ip",
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{a}/64"),
+                        "dev",
+                        &cv,
+                        "nodad",
+                    ],
+                )?;
             }
-            ns_sh(c, &["ip", "-6", "route", "add", "default", "via", "fd77::1"])?;
-            ns_sh(g, &["ip", "-6", "addr", "add", "fd77::1/64", "dev", &gi, "nodad"])?;
-            ns_sh(g, &["ip", "-6", "addr", "add", &format!("{GW_PUBLIC_V6}/64"), "dev", &go, "nodad"])?;
-            ns_sh(s, &["ip", "-6", "addr", "add", &format!("{SERVER_V6}/64"), "dev", &sv, "nodad"])?;
+            ns_sh(
+                c,
+                &["ip", "-6", "route", "add", "default", "via", "fd77::1"],
+            )?;
+            ns_sh(
+                g,
+                &["ip", "-6", "addr", "add", "fd77::1/64", "dev", &gi, "nodad"],
+            )?;
+            ns_sh(
+                g,
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{GW_PUBLIC_V6}/64"),
+                    "dev",
+                    &go,
+                    "nodad",
+                ],
+            )?;
+            ns_sh(
+                s,
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{SERVER_V6}/64"),
+                    "dev",
+                    &sv,
+                    "nodad",
+                ],
+            )?;
             ns_sh(g, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
             for proto in ["tcp", "udp", "ipv6-icmp"] {
                 masq("ip6tables", proto)?;

@@ -82,12 +82,24 @@ impl Server {
                                     // Recorded at the first line so still-open flows are known.
                                     if token.is_none() && buf.contains(&b'\n') {
                                         let t = token_of(&buf);
-                                        seen_c.lock().unwrap().insert(t.clone(), Seen { peer, bytes: buf.len() });
+                                        seen_c.lock().unwrap().insert(
+                                            t.clone(),
+                                            Seen {
+                                                peer,
+                                                bytes: buf.len(),
+                                            },
+                                        );
                                         token = Some(t);
                                     }
                                 }
                                 let t = token.unwrap_or_else(|| token_of(&buf));
-                                seen_c.lock().unwrap().insert(t, Seen { peer, bytes: buf.len() });
+                                seen_c.lock().unwrap().insert(
+                                    t,
+                                    Seen {
+                                        peer,
+                                        bytes: buf.len(),
+                                    },
+                                );
                                 let _ = s.write_all(&vec![b'r'; reply_bytes]);
                             });
                         }
@@ -116,10 +128,10 @@ impl Server {
                 while !stop_u.load(Ordering::Relaxed) {
                     match u.recv_from(&mut buf) {
                         Ok((n, peer)) => {
-                            seen_u.lock().unwrap().insert(
-                                token_of(&buf[..n]),
-                                Seen { peer, bytes: n },
-                            );
+                            seen_u
+                                .lock()
+                                .unwrap()
+                                .insert(token_of(&buf[..n]), Seen { peer, bytes: n });
                             u.send_to(&vec![b'r'; reply_bytes], peer)?;
                         }
                         Err(e)
@@ -254,7 +266,11 @@ pub fn make_flow(spec: &FlowSpec) -> Result<FlowDone> {
                 match u.recv(&mut buf) {
                     Ok(n) => break n,
                     Err(_) if attempts < 5 => continue,
-                    Err(e) => return Err(e).with_context(|| format!("udp reply for {} after {attempts} tries", spec.token)),
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("udp reply for {} after {attempts} tries", spec.token)
+                        });
+                    }
                 }
             };
             std::thread::sleep(spec.hold);
@@ -273,7 +289,9 @@ pub fn make_flow(spec: &FlowSpec) -> Result<FlowDone> {
 
 /// A TCP connection from a chosen source address.
 fn socket2_tcp(client: IpAddr, server: SocketAddr) -> Result<TcpStream> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
+    };
     use std::os::fd::{FromRawFd, IntoRawFd};
     let fam = if client.is_ipv4() {
         AddressFamily::Inet
@@ -297,7 +315,9 @@ fn socket2_tcp(client: IpAddr, server: SocketAddr) -> Result<TcpStream> {
 
 /// Makes all flows from the client namespace, `parallel` at a time, in order of the list.
 pub fn make_flows(ns: &str, specs: Vec<FlowSpec>, parallel: usize) -> Result<Vec<FlowDone>> {
-    let queue = Arc::new(Mutex::new(specs.into_iter().enumerate().collect::<Vec<_>>()));
+    let queue = Arc::new(Mutex::new(
+        specs.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
     queue.lock().unwrap().reverse();
     let results = Arc::new(Mutex::new(Vec::new()));
     let mut workers = Vec::new();
@@ -322,7 +342,12 @@ pub fn make_flows(ns: &str, specs: Vec<FlowSpec>, parallel: usize) -> Result<Vec
 }
 
 /// Opens a TCP connection in the client namespace and keeps it open until the handle drops.
-pub fn open_tcp(ns: &str, client: IpAddr, server: SocketAddr, token: &str) -> Result<(TcpStream, SocketAddr)> {
+pub fn open_tcp(
+    ns: &str,
+    client: IpAddr,
+    server: SocketAddr,
+    token: &str,
+) -> Result<(TcpStream, SocketAddr)> {
     let token = token.to_string();
     run_in(ns, move || {
         let mut s = socket2_tcp(client, server)?;
