@@ -224,10 +224,10 @@ fn ipv4_trail_with_port_reuse() -> Result<()> {
     let clients: Vec<IpAddr> = lab.clients_v4.iter().map(|a| IpAddr::V4(*a)).collect();
     let done = make_flows(&lab.client_ns, specs(&clients, &server.addrs, 210, "v4"), 6)?;
     let mut open = Vec::new();
-    for i in 0..3 {
+    for (i, client) in clients.iter().take(3).enumerate() {
         open.push(open_tcp(
             &lab.client_ns,
-            clients[i],
+            *client,
             server.addrs[0],
             &format!("v4-open-{i}"),
         )?);

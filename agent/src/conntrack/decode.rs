@@ -99,6 +99,8 @@ pub enum DecodeError {
 
 /// One message of a datagram.
 #[derive(Debug, PartialEq, Eq)]
+// Flows are the common case and move by value: boxing them would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
 pub enum Message {
     /// A conntrack event or dump entry.
     Flow(FlowEvent),

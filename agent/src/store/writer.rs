@@ -17,6 +17,8 @@ use crate::conntrack::event::{Addr, EventKind, FlowEvent, TimeSource, Tuple};
 
 /// What the writer receives.
 #[derive(Debug)]
+// Flows are the common case and move by value: boxing them would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
 pub enum WriterMsg {
     /// A conntrack event and the receive clock's reading (ns since the epoch).
     Flow {

@@ -76,17 +76,17 @@ impl AgentProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM, then wait for a clean exit.
+    /// SIGTERM, then wait for a clean exit. On any failure `Drop` kills and reaps it.
     pub fn stop(mut self) -> Result<ExitStatus> {
-        let mut child = self.child.take().expect("agent running");
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        let pid = self.child.as_ref().expect("agent running").id();
+        kill(Pid::from_raw(pid as i32), Signal::SIGTERM)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(st) = child.try_wait()? {
+            if let Some(st) = self.child.as_mut().expect("agent running").try_wait()? {
+                self.child = None;
                 return Ok(st);
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
                 bail!(
                     "agent did not stop within 60 s of SIGTERM; log:\n{}",
                     self.log_text()
