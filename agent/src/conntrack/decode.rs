@@ -7,7 +7,7 @@
 //! (millions of events per second per core). A differential test checks our tuples, status
 //! and mark against the crate's parser on captured messages.
 
-use netlink_packet_core::{NLM_F_CREATE, NetlinkBuffer, NlaBuffer, NlasIterator};
+use netlink_packet_core::{NLM_F_CREATE, NetlinkBuffer};
 use netlink_packet_netfilter::NetfilterSubsystem;
 use netlink_packet_netfilter::conntrack::ConntrackMessageType;
 
@@ -212,11 +212,65 @@ fn attr_err(attr: &'static str, detail: impl ToString) -> DecodeError {
     }
 }
 
-fn nlas<'a>(
+/// A zero-copy walk over netlink attributes (`struct nlattr` + value, 4-byte aligned).
+/// Hand-written because it is the innermost loop of the hot path; stops after an error.
+struct Nlas<'a> {
     buf: &'a [u8],
     attr: &'static str,
-) -> impl Iterator<Item = Result<NlaBuffer<&'a [u8]>, DecodeError>> {
-    NlasIterator::new(buf).map(move |r| r.map_err(|e| attr_err(attr, e)))
+}
+
+/// Netlink attribute flags carried in the type field (NLA_F_NESTED, NLA_F_NET_BYTEORDER).
+const NLA_TYPE_MASK: u16 = netlink_packet_core::NLA_TYPE_MASK;
+
+/// One attribute: its type (flags masked off) and value.
+#[derive(Clone, Copy)]
+struct Attr<'a> {
+    kind: u16,
+    value: &'a [u8],
+}
+
+impl<'a> Attr<'a> {
+    fn kind(&self) -> u16 {
+        self.kind
+    }
+
+    fn value(&self) -> &'a [u8] {
+        self.value
+    }
+}
+
+impl<'a> Iterator for Nlas<'a> {
+    type Item = Result<Attr<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let buf = std::mem::take(&mut self.buf);
+        if buf.len() < 4 {
+            return Some(Err(attr_err(
+                self.attr,
+                format!("{} trailing bytes", buf.len()),
+            )));
+        }
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return Some(Err(attr_err(
+                self.attr,
+                format!("attribute length {len} with {} bytes left", buf.len()),
+            )));
+        }
+        self.buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some(Ok(Attr {
+            kind,
+            value: &buf[4..len],
+        }))
+    }
+}
+
+fn nlas<'a>(buf: &'a [u8], attr: &'static str) -> Nlas<'a> {
+    Nlas { buf, attr }
 }
 
 fn be_u16(v: &[u8], attr: &'static str) -> Result<u16, DecodeError> {
