@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nattrail::conntrack::capture_file::read_datagrams;
 use nattrail::conntrack::decode::{Message, messages};
 use nattrail::conntrack::event::EventKind;
 use nattrail::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
@@ -11,14 +12,7 @@ use nattrail::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
 const FIXTURE: &[u8] = include_bytes!("../../tests/fixtures/conntrack-lab.bin");
 
 fn datagrams() -> Vec<&'static [u8]> {
-    let mut out = Vec::new();
-    let mut rest = FIXTURE;
-    while rest.len() >= 4 {
-        let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-        out.push(&rest[4..4 + n]);
-        rest = &rest[4 + n..];
-    }
-    out
+    read_datagrams(FIXTURE).expect("fixture is a capture file")
 }
 
 fn peak_rss_kib() -> u64 {

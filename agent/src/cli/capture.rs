@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::config::Config;
+use crate::conntrack::capture_file::write_datagram;
 use crate::conntrack::socket::{NfSocket, Recv};
 
 /// Arguments of `capture`.
@@ -39,8 +40,7 @@ pub fn run(cfg: &Config, a: &CaptureArgs) -> Result<()> {
     while n < a.count && start.elapsed() < limit {
         match sock.recv(&mut buf)? {
             Recv::Data(len) => {
-                out.write_all(&(len as u32).to_le_bytes())?;
-                out.write_all(&buf[..len])?;
+                write_datagram(&mut out, &buf[..len])?;
                 n += 1;
             }
             Recv::Timeout => {}

@@ -501,15 +501,7 @@ mod tests {
     const FIXTURE: &[u8] = include_bytes!("../../../tests/fixtures/conntrack-lab.bin");
 
     fn datagrams() -> Vec<&'static [u8]> {
-        let mut out = Vec::new();
-        let mut rest = FIXTURE;
-        while rest.len() >= 4 {
-            let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-            out.push(&rest[4..4 + n]);
-            rest = &rest[4 + n..];
-        }
-        assert!(rest.is_empty(), "fixture has trailing bytes");
-        out
+        crate::conntrack::capture_file::read_datagrams(FIXTURE).expect("fixture is a capture file")
     }
 
     fn flows(buf: &[u8]) -> Vec<FlowEvent> {

@@ -1,5 +1,6 @@
 //! The conntrack source: netlink sockets, decoding, kernel settings and the reader thread.
 
+pub mod capture_file;
 pub mod decode;
 pub mod event;
 pub mod reader;

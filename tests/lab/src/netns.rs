@@ -12,16 +12,7 @@ where
     F: FnOnce() -> Result<R> + Send + 'static,
     R: Send + 'static,
 {
-    let path = format!("/run/netns/{ns}");
-    let handle = std::thread::Builder::new()
-        .name(format!("in-{ns}"))
-        .spawn(move || -> Result<R> {
-            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-            setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))?;
-            f()
-        })
-        .context("spawning a namespace thread")?;
-    handle
+    spawn_in(ns, f)?
         .join()
         .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
 }
