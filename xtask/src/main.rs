@@ -201,11 +201,7 @@ fn demo(root: &Path) -> Result<()> {
         "--tolerance",
         "2s",
     ];
-    println!("$ nattrail --db {} {}", db.display(), cmd.join(" "));
-    let st = Command::new(&bin).arg("--db").arg(&db).args(cmd).status()?;
-    if !st.success() {
-        bail!("nattrail who failed ({st})");
-    }
+    show_who(&bin, &db, &cmd)?;
     if let Some(seen_open) = server.seen("demo-open") {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let port = seen_open.peer.port().to_string();
@@ -221,13 +217,22 @@ fn demo(root: &Path) -> Result<()> {
             "--proto",
             "tcp",
         ];
-        println!("$ nattrail --db {} {}", db.display(), cmd.join(" "));
-        Command::new(&bin).arg("--db").arg(&db).args(cmd).status()?;
+        show_who(&bin, &db, &cmd)?;
     }
     server.stop()?;
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
     println!("\n== lab torn down");
+    Ok(())
+}
+
+/// Prints a `nattrail` command line, then runs it so its answer follows.
+fn show_who(bin: &Path, db: &Path, args: &[&str]) -> Result<()> {
+    println!("$ nattrail --db {} {}", db.display(), args.join(" "));
+    let st = Command::new(bin).arg("--db").arg(db).args(args).status()?;
+    if !st.success() {
+        bail!("nattrail {} failed ({st})", args.join(" "));
+    }
     Ok(())
 }
 

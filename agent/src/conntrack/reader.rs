@@ -8,7 +8,7 @@ use crossbeam_channel::Sender;
 use tracing::{debug, info, warn};
 
 use super::decode::{self, Message};
-use super::event::{EventKind, FlowEvent};
+use super::event::{EventKind, FlowEvent, now_ns};
 use super::socket::{NfSocket, Recv, SocketError};
 use crate::config::CaptureFilter;
 use crate::pipeline::ratelimit::RateLimitedLog;
@@ -62,14 +62,6 @@ pub enum ReaderError {
 
 const RECV_TIMEOUT: Duration = Duration::from_millis(200);
 const RECV_BUF: usize = 1 << 20;
-
-/// Reads the current clock in ns since the Unix epoch.
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
 
 /// The conntrack source.
 pub struct Reader {
@@ -170,8 +162,10 @@ impl Reader {
             match sock.recv(&mut buf).map_err(ReaderError::Recv)? {
                 Recv::Data(n) => {
                     let received = now_ns();
-                    let data = buf[..n].to_vec();
-                    match self.handle_datagram(&data, true, received) {
+                    let data = std::mem::take(&mut buf);
+                    let end = self.handle_datagram(&data[..n], true, received);
+                    buf = data;
+                    match end {
                         DatagramEnd::Done => break,
                         DatagramEnd::Error(errno) => {
                             return Err(ReaderError::DumpRefused(

@@ -1,7 +1,6 @@
 //! The `NETLINK_NETFILTER` sockets: one subscribed to conntrack events, one for table dumps.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use netlink_packet_core::{
@@ -10,6 +9,8 @@ use netlink_packet_core::{
 use netlink_packet_netfilter::conntrack::ConntrackMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::TimeVal;
 
 /// Multicast group of NEW events (NFNLGRP_CONNTRACK_NEW), not the legacy bitmask.
 pub const GROUP_NEW: u32 = 1;
@@ -78,35 +79,22 @@ impl NfSocket {
     /// SO_RCVBUFFORCE (needs CAP_NET_ADMIN, bypasses net.core.rmem_max); falls back to
     /// SO_RCVBUF when forcing is not permitted.
     fn set_rcvbuf(&self, bytes: usize) -> Result<(), SocketError> {
-        let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        if setsockopt_int(self.sock.as_raw_fd(), libc::SO_RCVBUFFORCE, val).is_err() {
+        if setsockopt(&self.sock, sockopt::RcvBufForce, &bytes).is_err() {
             self.sock.set_rx_buf_sz(bytes).map_err(setup("SO_RCVBUF"))?;
         }
         Ok(())
     }
 
     fn set_timeout(&self, timeout: Duration) -> Result<(), SocketError> {
-        let tv = libc::timeval {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-        };
-        // SAFETY: valid fd and a properly sized timeval.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(SocketError::Setup {
-                step: "SO_RCVTIMEO",
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        setsockopt(
+            &self.sock,
+            sockopt::ReceiveTimeout,
+            &TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _),
+        )
+        .map_err(|e| SocketError::Setup {
+            step: "SO_RCVTIMEO",
+            source: e.into(),
+        })
     }
 
     /// The effective receive buffer (the kernel reports twice the requested size).
@@ -156,23 +144,5 @@ impl NfSocket {
             .send_to(&buf, &kernel, 0)
             .map_err(SocketError::Send)?;
         Ok(())
-    }
-}
-
-fn setsockopt_int(fd: i32, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
-    // SAFETY: valid fd and a c_int option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            &val as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }

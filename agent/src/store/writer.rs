@@ -13,7 +13,7 @@ use duckdb::{Appender, Connection, params};
 use tracing::{debug, info, warn};
 
 use super::schema::{StoreError, db_err, open_rw};
-use crate::conntrack::event::{Addr, EventKind, FlowEvent, TimeSource, Tuple};
+use crate::conntrack::event::{Addr, EventKind, FlowEvent, TimeSource, Tuple, now_ns};
 
 /// What the writer receives.
 #[derive(Debug)]
@@ -106,13 +106,6 @@ fn ts_value(ns: u64) -> Value {
 
 fn opt_ts(ns: Option<u64>) -> Value {
     ns.map(ts_value).unwrap_or(Value::Null)
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// The writer's state, separated from the thread so tests and benchmarks can drive it.
