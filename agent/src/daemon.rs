@@ -51,6 +51,8 @@ pub fn run(cfg: Config) -> Result<()> {
         .context("starting the writer thread")?;
 
     let reader_stats = Arc::new(ReaderStats::default());
+    // Set by the reader after its start-up dump; without conntrack there is nothing to wait for.
+    let ready = Arc::new(AtomicBool::new(!cfg.conntrack.enabled));
     let reader_thread = if cfg.conntrack.enabled {
         let reader = Reader::open(
             ReaderConfig {
@@ -64,20 +66,24 @@ pub fn run(cfg: Config) -> Result<()> {
         )
         .context("opening the conntrack event socket")?;
         let stop = Arc::clone(&shutdown);
+        let ready = Arc::clone(&ready);
         Some(
             thread::Builder::new()
                 .name("conntrack".into())
-                .spawn(move || reader.run(stop))
+                .spawn(move || reader.run(stop, ready))
                 .context("starting the conntrack reader thread")?,
         )
     } else {
         drop(tx);
         None
     };
-    info!("nattrail running");
-
     let mut failure = None;
+    let mut announced = false;
     while !shutdown.load(Ordering::Relaxed) {
+        if !announced && ready.load(Ordering::Relaxed) {
+            info!("nattrail running");
+            announced = true;
+        }
         if reader_thread.as_ref().is_some_and(|t| t.is_finished()) || writer_thread.is_finished() {
             break;
         }

@@ -198,11 +198,17 @@ impl Reader {
         Ok(n)
     }
 
-    /// Runs until `shutdown` is set or the writer goes away.
-    pub fn run(mut self, shutdown: Arc<AtomicBool>) -> Result<(), ReaderError> {
+    /// Runs until `shutdown` is set or the writer goes away; sets `ready` once the start-up
+    /// dump is done, so "running" means every open flow is in the trail.
+    pub fn run(
+        mut self,
+        shutdown: Arc<AtomicBool>,
+        ready: Arc<AtomicBool>,
+    ) -> Result<(), ReaderError> {
         if self.cfg.dump_at_start {
             self.dump(self.cfg.alive_until_ns)?;
         }
+        ready.store(true, Ordering::Relaxed);
         let mut buf = Vec::with_capacity(RECV_BUF);
         // Last instant the event stream was known complete: the lower bound of a loss window.
         let mut last_ok = now_ns();
