@@ -1,8 +1,10 @@
 //! `cargo xtask bench ingest`: replays conntrack datagrams captured from the lab through
-//! decode alone, and through decode + filter + store (the writer's Appender into DuckDB).
+//! decode alone, and through decode + filter + store (the writer's appender into DuckDB).
+//! Each phase runs three times and the median is the figure: the machines are shared.
 
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nattrail::conntrack::capture_file::read_datagrams;
 use nattrail::conntrack::decode::{Message, messages};
@@ -10,10 +12,7 @@ use nattrail::conntrack::event::EventKind;
 use nattrail::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
 
 const FIXTURE: &[u8] = include_bytes!("../../tests/fixtures/conntrack-lab.bin");
-
-fn datagrams() -> Vec<&'static [u8]> {
-    read_datagrams(FIXTURE).expect("fixture is a capture file")
-}
+const REPEATS: usize = 3;
 
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -26,8 +25,83 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn show(v: &[f64]) -> String {
+    v.iter()
+        .map(|r| format!("{:.0}", r))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Decodes `target` events; returns events/s.
+fn decode_round(grams: &[&[u8]], per_round: usize, target: usize) -> f64 {
+    let rounds = target.div_ceil(per_round);
+    let mut checksum = 0u64;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for g in grams {
+            for m in messages(g, false) {
+                if let Ok(Message::Flow(ev)) = m {
+                    checksum =
+                        checksum.wrapping_add(u64::from(ev.ct_id) ^ u64::from(ev.reply.dport));
+                }
+            }
+        }
+    }
+    let rate = (rounds * per_round) as f64 / t.elapsed().as_secs_f64();
+    std::hint::black_box(checksum);
+    rate
+}
+
+/// Decodes, filters and stores `target` events into a fresh database at `db`, committing
+/// every `batch_rows` as the agent does; returns events/s, rows and the file size.
+fn store_round(grams: &[&[u8]], per_round: usize, target: usize, db: &Path) -> (f64, u64, u64) {
+    // The agent's default store settings, so the figure is what a default install gets.
+    let cfg = WriterConfig {
+        db_path: db.to_path_buf(),
+        ..WriterConfig::from_config(&nattrail::config::Config::default())
+    };
+    let stats = Arc::new(WriterStats::default());
+    let mut writer = Writer::open(&cfg, Arc::clone(&stats)).expect("open bench database");
+    let rounds = target.div_ceil(per_round);
+    let mut batch = Vec::with_capacity(cfg.batch_rows + per_round);
+    let mut events = 0usize;
+    let t = Instant::now();
+    for round in 0..rounds {
+        for g in grams {
+            for m in messages(g, false) {
+                if let Ok(Message::Flow(mut ev)) = m {
+                    if !ev.is_src_nat() || ev.kind == EventKind::Update {
+                        continue;
+                    }
+                    // Each replay round gets fresh conntrack ids so flows stay distinct.
+                    ev.ct_id ^= (round as u32).wrapping_mul(0x9E37_79B9);
+                    batch.push(WriterMsg::Flow { ev, received_ns: 0 });
+                    events += 1;
+                    // Commit at exactly `batch_rows`, as the agent's writer does.
+                    if batch.len() == cfg.batch_rows {
+                        writer.write_batch(batch.drain(..)).expect("store batch");
+                    }
+                }
+            }
+        }
+    }
+    writer.write_batch(batch.drain(..)).expect("store batch");
+    // Until checkpointed, part of the work is only deferred: count it.
+    writer.checkpoint().expect("checkpoint");
+    let rate = events as f64 / t.elapsed().as_secs_f64();
+    drop(writer);
+    let rows = stats.rows.load(std::sync::atomic::Ordering::Relaxed);
+    let size = std::fs::metadata(db).map(|m| m.len()).unwrap_or(0);
+    (rate, rows, size)
+}
+
 fn main() {
-    let grams = datagrams();
+    let grams = read_datagrams(FIXTURE).expect("fixture is a capture file");
     let per_round: usize = grams
         .iter()
         .map(|g| {
@@ -37,81 +111,41 @@ fn main() {
         })
         .sum();
     println!(
-        "fixture: {} datagrams, {} flow events ({} bytes)",
+        "fixture: {} datagrams, {} flow events ({} bytes); median of {REPEATS} runs per phase",
         grams.len(),
         per_round,
         FIXTURE.len()
     );
 
-    // Decode alone, one core.
-    let target = 5_000_000usize;
-    let rounds = target.div_ceil(per_round);
-    let mut checksum = 0u64;
-    let t = Instant::now();
-    for _ in 0..rounds {
-        for g in &grams {
-            for m in messages(g, false) {
-                if let Ok(Message::Flow(ev)) = m {
-                    checksum =
-                        checksum.wrapping_add(u64::from(ev.ct_id) ^ u64::from(ev.reply.dport));
-                }
-            }
-        }
-    }
-    let el = t.elapsed();
-    let decode_rate = (rounds * per_round) as f64 / el.as_secs_f64();
+    let decode: Vec<f64> = (0..REPEATS)
+        .map(|_| decode_round(&grams, per_round, 5_000_000))
+        .collect();
+    let d = median(decode.clone());
     println!(
-        "decode:         {:>10.0} events/s  ({} events in {:.3} s, {:.0} ns/event, checksum {checksum})",
-        decode_rate,
-        rounds * per_round,
-        el.as_secs_f64(),
-        el.as_nanos() as f64 / (rounds * per_round) as f64
+        "decode:         {d:>10.0} events/s  ({:.0} ns/event; runs: {})",
+        1e9 / d,
+        show(&decode)
     );
 
-    // Decode + filter + store. Each replay round gets fresh conntrack ids so flows stay distinct.
     let dir = std::env::temp_dir().join(format!("nattrail-bench-ingest-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = WriterConfig {
-        db_path: dir.join("bench.duckdb"),
-        batch_rows: 50_000,
-        commit_interval: Duration::from_secs(1),
-    };
-    let stats = Arc::new(WriterStats::default());
-    let mut writer = Writer::open(&cfg, Arc::clone(&stats)).expect("open bench database");
-    let target = 2_000_000usize;
-    let rounds = target.div_ceil(per_round);
-    let mut batch = Vec::with_capacity(60_000);
-    let mut events = 0usize;
-    let t = Instant::now();
-    for round in 0..rounds {
-        for g in &grams {
-            for m in messages(g, false) {
-                if let Ok(Message::Flow(mut ev)) = m {
-                    if !ev.is_src_nat() || ev.kind == EventKind::Update {
-                        continue;
-                    }
-                    ev.ct_id ^= (round as u32).wrapping_mul(0x9E37_79B9);
-                    batch.push(WriterMsg::Flow { ev, received_ns: 0 });
-                    events += 1;
-                }
-            }
-        }
-        if batch.len() >= 50_000 {
-            writer.write_batch(batch.drain(..)).expect("store batch");
-        }
+    let mut store = Vec::new();
+    let (mut rows, mut size) = (0, 0);
+    for i in 0..REPEATS {
+        let (rate, r, s) = store_round(
+            &grams,
+            per_round,
+            2_000_000,
+            &dir.join(format!("{i}.duckdb")),
+        );
+        store.push(rate);
+        (rows, size) = (r, s);
     }
-    writer.write_batch(batch.drain(..)).expect("store batch");
-    let el = t.elapsed();
-    let store_rate = events as f64 / el.as_secs_f64();
-    let rows = stats.rows.load(std::sync::atomic::Ordering::Relaxed);
+    let s = median(store.clone());
     println!(
-        "decode + store: {:>10.0} events/s  ({events} events, {rows} rows in {:.3} s)",
-        store_rate,
-        el.as_secs_f64()
+        "decode + store: {s:>10.0} events/s  ({rows} rows per run; runs: {})",
+        show(&store)
     );
-    let size = std::fs::metadata(&cfg.db_path)
-        .map(|m| m.len())
-        .unwrap_or(0);
     println!(
         "database: {:.1} MiB, {:.1} B/row; peak RSS {} MiB",
         size as f64 / 1048576.0,
@@ -119,6 +153,5 @@ fn main() {
         peak_rss_kib() / 1024
     );
     println!("targets: decode >= 3,000,000 events/s, decode + store >= 500,000 events/s");
-    drop(writer);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -57,6 +57,27 @@ pub struct Config {
     pub conntrack: ConntrackConfig,
     /// The event writer.
     pub store: StoreConfig,
+    /// Backlogs between stages.
+    pub pipeline: PipelineConfig,
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// At most one backlog warning per stage per this many seconds.
+    pub warn_interval_secs: u64,
+    /// How long a producer that may drop waits above the high-water mark before dropping.
+    pub max_wait_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            warn_interval_secs: 60,
+            max_wait_ms: 20,
+        }
+    }
 }
 
 /// `[conntrack]`.
@@ -91,6 +112,8 @@ pub struct StoreConfig {
     pub batch_rows: usize,
     /// Commit at least this often, in milliseconds.
     pub commit_interval_ms: u64,
+    /// DuckDB's memory limit in MiB (buffer pool, appender buffers, queries).
+    pub memory_limit_mb: u64,
 }
 
 impl Default for Config {
@@ -99,6 +122,7 @@ impl Default for Config {
             db_path: PathBuf::from(DEFAULT_DB_PATH),
             conntrack: ConntrackConfig::default(),
             store: StoreConfig::default(),
+            pipeline: PipelineConfig::default(),
         }
     }
 }
@@ -122,8 +146,11 @@ impl Default for ConntrackConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            batch_rows: 50_000,
+            // Two DuckDB row groups: a commit this large is written straight to the data
+            // file instead of through the WAL, which roughly doubles ingest at high rates.
+            batch_rows: 245_760,
             commit_interval_ms: 1_000,
+            memory_limit_mb: 256,
         }
     }
 }
@@ -167,6 +194,12 @@ impl Config {
         if self.store.batch_rows == 0 {
             return Err(ConfigError::Invalid {
                 key: "store.batch_rows",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.pipeline.warn_interval_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "pipeline.warn_interval_secs",
                 message: "must be at least 1".into(),
             });
         }

@@ -3,14 +3,23 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use tracing::{error, info};
+use chrono::{SecondsFormat, Utc};
+use tracing::{error, info, warn};
+
+use crate::pipeline::ratelimit::RateLimitedLog;
+
+/// How often the status snapshot is rewritten.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 use crate::config::Config;
-use crate::conntrack::reader::{Reader, ReaderConfig, ReaderStats};
+use crate::conntrack::reader::{GAP_SOURCE_BACKLOG, Reader, ReaderConfig, ReaderStats};
 use crate::conntrack::sysctl;
+use crate::pipeline::registry::Registry;
+use crate::pipeline::stage::{Overflow, StageConfig, stage};
+use crate::status::{self, AgentStatus};
 use crate::store::writer::{Writer, WriterConfig, WriterStats};
 
 /// Runs the agent until SIGINT or SIGTERM; then flushes and closes the database.
@@ -21,11 +30,7 @@ pub fn run(cfg: Config) -> Result<()> {
             .with_context(|| format!("installing the handler of signal {sig}"))?;
     }
 
-    let writer_cfg = WriterConfig {
-        db_path: cfg.db_path.clone(),
-        batch_rows: cfg.store.batch_rows,
-        commit_interval: Duration::from_millis(cfg.store.commit_interval_ms),
-    };
+    let writer_cfg = WriterConfig::from_config(&cfg);
     let writer_stats = Arc::new(WriterStats::default());
     let writer = Writer::open(&writer_cfg, Arc::clone(&writer_stats))
         .with_context(|| format!("opening the trail {}", cfg.db_path.display()))?;
@@ -44,7 +49,19 @@ pub fn run(cfg: Config) -> Result<()> {
         Vec::new()
     };
 
-    let (tx, rx) = crossbeam_channel::bounded(cfg.conntrack.channel_capacity);
+    let registry = Registry::default();
+    // netlink cannot be paused: past a short throttle the reader drops the newest event,
+    // counts it, and repairs the trail with a dump once the writer has caught up.
+    let (tx, rx, handle) = stage(StageConfig {
+        max_wait: Duration::from_millis(cfg.pipeline.max_wait_ms),
+        warn_interval: Duration::from_secs(cfg.pipeline.warn_interval_secs),
+        ..StageConfig::new(
+            GAP_SOURCE_BACKLOG,
+            cfg.conntrack.channel_capacity,
+            Overflow::DropNewest,
+        )
+    });
+    registry.add(handle);
     let writer_thread = thread::Builder::new()
         .name("writer".into())
         .spawn(move || writer.run(rx, &writer_cfg))
@@ -79,6 +96,21 @@ pub fn run(cfg: Config) -> Result<()> {
     };
     let mut failure = None;
     let mut announced = false;
+    let started = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let snapshot = |running: bool| AgentStatus {
+        pid: std::process::id(),
+        started: started.clone(),
+        updated: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        running,
+        stages: registry.snapshot(),
+        conntrack: (&*reader_stats).into(),
+        writer: (&*writer_stats).into(),
+        gaps_24h: writer_stats
+            .recent_gaps
+            .since(Utc::now().timestamp_micros() - 86_400_000_000),
+    };
+    let mut status_log = RateLimitedLog::new(Duration::from_secs(600));
+    let mut last_status = Instant::now() - STATUS_EVERY;
     while !shutdown.load(Ordering::Relaxed) {
         if !announced && ready.load(Ordering::Relaxed) {
             info!("nattrail running");
@@ -86,6 +118,15 @@ pub fn run(cfg: Config) -> Result<()> {
         }
         if reader_thread.as_ref().is_some_and(|t| t.is_finished()) || writer_thread.is_finished() {
             break;
+        }
+        registry.report();
+        if last_status.elapsed() >= STATUS_EVERY {
+            last_status = Instant::now();
+            if let Err(e) = status::write(&cfg.db_path, &snapshot(true))
+                && status_log.allow().is_some()
+            {
+                warn!(error = %e, "could not write the status snapshot");
+            }
         }
         thread::sleep(Duration::from_millis(100));
     }
@@ -108,6 +149,10 @@ pub fn run(cfg: Config) -> Result<()> {
             failure = Some(anyhow!("writer failed: {e}"));
         }
         Err(_) => failure = Some(anyhow!("writer panicked")),
+    }
+    registry.report();
+    if let Err(e) = status::write(&cfg.db_path, &snapshot(false)) {
+        warn!(error = %e, "could not write the status snapshot");
     }
     if cfg.conntrack.restore_sysctls {
         sysctl::restore(&applied);

@@ -6,4 +6,5 @@ pub mod conntrack;
 pub mod daemon;
 pub mod pipeline;
 pub mod query;
+pub mod status;
 pub mod store;

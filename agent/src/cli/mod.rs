@@ -4,6 +4,7 @@ mod capture;
 mod flows;
 mod output;
 mod sql;
+mod status;
 mod who;
 
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ enum Command {
     Flows(flows::FlowsArgs),
     /// Run a read-only SQL query on the trail.
     Sql(sql::SqlArgs),
+    /// The agent's pipeline counters, recent capture gaps and database size.
+    Status(status::StatusArgs),
     /// Record raw conntrack netlink datagrams to a file (test fixtures, bug reports).
     Capture(capture::CaptureArgs),
 }
@@ -71,6 +74,7 @@ pub fn main() -> Result<()> {
         Command::Who(a) => who::run(&cfg, a),
         Command::Flows(a) => flows::run(&cfg, a),
         Command::Sql(a) => sql::run(&cfg, a),
+        Command::Status(a) => status::run(&cfg, a),
         Command::Capture(a) => capture::run(&cfg, a),
     }
 }
@@ -80,8 +84,11 @@ fn init_tracing(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
     let filter =
         EnvFilter::try_from_env("NATTRAIL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // Colour only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }

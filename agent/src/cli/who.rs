@@ -63,6 +63,8 @@ fn query(a: &WhoArgs) -> Result<WhoQuery> {
         proto: a.proto,
         dst_ip,
         dst_port,
+        // The CLI reads the database itself only when no agent holds it.
+        live: false,
     })
 }
 
@@ -87,6 +89,7 @@ fn print_human(q: &WhoQuery, ans: &WhoAnswer) {
                 "NONE: no flow used {public} within ±{}s of {}",
                 ans.tolerance_s, ans.at
             );
+            print_holes(ans);
             return;
         }
         WhoStatus::Found => {
@@ -98,6 +101,13 @@ fn print_human(q: &WhoQuery, ans: &WhoAnswer) {
                 ans.at
             );
         }
+        WhoStatus::Incomplete => println!(
+            "INCOMPLETE: the trail has a hole at {}; {} flow(s) found within ±{}s of {public}, \
+             but another may be missing",
+            ans.at,
+            ans.matches.len(),
+            ans.tolerance_s
+        ),
         WhoStatus::Ambiguous => println!(
             "AMBIGUOUS: {} flows used {public} within ±{}s of {}; best match first",
             ans.matches.len(),
@@ -134,6 +144,10 @@ fn print_human(q: &WhoQuery, ans: &WhoAnswer) {
             ]
         })
         .collect();
+    if ans.matches.is_empty() {
+        print_holes(ans);
+        return;
+    }
     print_table(
         &[
             "#",
@@ -149,4 +163,20 @@ fn print_human(q: &WhoQuery, ans: &WhoAnswer) {
         ],
         &rows,
     );
+    print_holes(ans);
+}
+
+fn print_holes(ans: &WhoAnswer) {
+    for h in &ans.holes {
+        let lost = h
+            .lost
+            .map(|n| format!(", {n} events lost"))
+            .unwrap_or_default();
+        println!(
+            "hole: {} .. {}: {}{lost}",
+            h.start.as_deref().unwrap_or("(beginning)"),
+            h.end.as_deref().unwrap_or("(now)"),
+            h.reason
+        );
+    }
 }

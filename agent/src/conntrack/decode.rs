@@ -239,29 +239,54 @@ impl<'a> Attr<'a> {
     }
 }
 
-impl<'a> Iterator for Nlas<'a> {
-    type Item = Result<Attr<'a>, DecodeError>;
+/// A malformed attribute header, kept small and `Copy` so the walk's return value stays in
+/// registers; turned into a [`DecodeError`] only when it happens.
+#[derive(Clone, Copy, Debug)]
+struct BadAttr {
+    attr: &'static str,
+    len: usize,
+    left: usize,
+}
 
+impl From<BadAttr> for DecodeError {
+    fn from(b: BadAttr) -> Self {
+        if b.left < 4 {
+            attr_err(b.attr, format!("{} trailing bytes", b.left))
+        } else {
+            attr_err(
+                b.attr,
+                format!("attribute length {} with {} bytes left", b.len, b.left),
+            )
+        }
+    }
+}
+
+impl<'a> Iterator for Nlas<'a> {
+    type Item = Result<Attr<'a>, BadAttr>;
+
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.buf.is_empty() {
             return None;
         }
         let buf = std::mem::take(&mut self.buf);
-        if buf.len() < 4 {
-            return Some(Err(attr_err(
-                self.attr,
-                format!("{} trailing bytes", buf.len()),
-            )));
-        }
-        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        let Some(&[l0, l1, k0, k1]) = buf.first_chunk::<4>() else {
+            return Some(Err(BadAttr {
+                attr: self.attr,
+                len: 0,
+                left: buf.len(),
+            }));
+        };
+        let len = usize::from(u16::from_ne_bytes([l0, l1]));
+        let kind = u16::from_ne_bytes([k0, k1]) & NLA_TYPE_MASK;
         if len < 4 || len > buf.len() {
-            return Some(Err(attr_err(
-                self.attr,
-                format!("attribute length {len} with {} bytes left", buf.len()),
-            )));
+            return Some(Err(BadAttr {
+                attr: self.attr,
+                len,
+                left: buf.len(),
+            }));
         }
-        self.buf = &buf[((len + 3) & !3).min(buf.len())..];
+        self.buf = buf.get((len + 3) & !3..).unwrap_or_default();
         Some(Ok(Attr {
             kind,
             value: &buf[4..len],

@@ -3,6 +3,7 @@
 pub mod capture_file;
 pub mod decode;
 pub mod event;
+pub mod netlink_drops;
 pub mod reader;
 pub mod socket;
 pub mod sysctl;

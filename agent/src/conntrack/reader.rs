@@ -4,15 +4,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
 use tracing::{debug, info, warn};
 
 use super::decode::{self, Message};
 use super::event::{EventKind, FlowEvent, now_ns};
+use super::netlink_drops;
 use super::socket::{NfSocket, Recv, SocketError};
 use crate::config::CaptureFilter;
 use crate::pipeline::ratelimit::RateLimitedLog;
+use crate::pipeline::stage::{Sent, StageTx};
 use crate::store::writer::WriterMsg;
+
+/// Source name of gaps caused by the kernel dropping events on our socket.
+pub const GAP_SOURCE_KERNEL: &str = "conntrack";
+/// Source name of gaps caused by the reader→writer backlog dropping events.
+pub const GAP_SOURCE_BACKLOG: &str = "conntrack->writer";
 
 /// Reader settings.
 #[derive(Debug, Clone)]
@@ -42,6 +48,10 @@ pub struct ReaderStats {
     pub forwarded: AtomicU64,
     /// ENOBUFS seen on the event socket.
     pub overflows: AtomicU64,
+    /// Events the kernel dropped on the event socket (its drop counter since we opened it).
+    pub kernel_dropped: AtomicU64,
+    /// Resyncs (dumps after a loss).
+    pub resyncs: AtomicU64,
     /// Entries received from dumps.
     pub dumped: AtomicU64,
 }
@@ -61,23 +71,42 @@ pub enum ReaderError {
 }
 
 const RECV_TIMEOUT: Duration = Duration::from_millis(200);
+/// Dumps in one resync at most, while events keep being dropped during them.
+const MAX_DUMPS_PER_RESYNC: u32 = 8;
+/// How often the kernel drop counter is compared with what we accounted: drops while the
+/// socket is already congested raise no ENOBUFS.
+const DROP_CHECK_EVERY: Duration = Duration::from_secs(1);
 const RECV_BUF: usize = 1 << 20;
+
+/// Events dropped by the backlog since the trail was last known complete.
+#[derive(Debug, Clone, Copy)]
+struct BacklogLoss {
+    start_ns: u64,
+    dropped: u64,
+}
 
 /// The conntrack source.
 pub struct Reader {
     cfg: ReaderConfig,
     events: NfSocket,
-    tx: Sender<WriterMsg>,
+    tx: StageTx<WriterMsg>,
     stats: Arc<ReaderStats>,
     decode_log: RateLimitedLog,
+    overflow_log: RateLimitedLog,
+    /// The socket's kernel drop counter at the last gap (or at open).
+    drops_seen: Option<u64>,
+    backlog_loss: Option<BacklogLoss>,
 }
+
+/// The writer is gone: stop reading.
+struct WriterGone;
 
 impl Reader {
     /// Opens and subscribes the event socket. Call before anything else reads the table, so
     /// no event between dump and subscription is missed.
     pub fn open(
         cfg: ReaderConfig,
-        tx: Sender<WriterMsg>,
+        tx: StageTx<WriterMsg>,
         stats: Arc<ReaderStats>,
     ) -> Result<Self, ReaderError> {
         let events = NfSocket::events(cfg.rcvbuf_bytes, RECV_TIMEOUT)?;
@@ -87,12 +116,22 @@ impl Reader {
             port_id = events.port_id(),
             "subscribed to conntrack NEW and DESTROY events"
         );
+        let drops_seen = netlink_drops::read(events.port_id());
+        if drops_seen.is_none() {
+            warn!(
+                port_id = events.port_id(),
+                "cannot read the socket's drop counter from /proc/net/netlink: losses will be recorded without a count"
+            );
+        }
         Ok(Reader {
             cfg,
             events,
             tx,
             stats,
             decode_log: RateLimitedLog::new(Duration::from_secs(60)),
+            overflow_log: RateLimitedLog::new(Duration::from_secs(60)),
+            drops_seen,
+            backlog_loss: None,
         })
     }
 
@@ -108,9 +147,25 @@ impl Reader {
         }
     }
 
-    /// Sends a message to the writer; false once the writer is gone.
-    fn forward(&self, msg: WriterMsg) -> bool {
-        self.tx.send(msg).is_ok()
+    /// Sends a message that must not be lost (control messages, dump entries).
+    fn forward_wait(&self, msg: WriterMsg) -> Result<(), WriterGone> {
+        self.tx.send_wait(msg).map_err(|_| WriterGone)
+    }
+
+    /// Offers a live event to the backlog; a drop opens (or extends) a backlog loss.
+    fn forward_event(&mut self, msg: WriterMsg, received_ns: u64) -> Result<(), WriterGone> {
+        match self.tx.send(msg).map_err(|_| WriterGone)? {
+            Sent::Forwarded => {}
+            Sent::Dropped => {
+                self.backlog_loss
+                    .get_or_insert(BacklogLoss {
+                        start_ns: received_ns,
+                        dropped: 0,
+                    })
+                    .dropped += 1;
+            }
+        }
+        Ok(())
     }
 
     fn handle_datagram(&mut self, buf: &[u8], from_dump: bool, received_ns: u64) -> DatagramEnd {
@@ -129,7 +184,13 @@ impl Reader {
                         self.stats.filtered.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    if !self.forward(WriterMsg::Flow { ev, received_ns }) {
+                    let msg = WriterMsg::Flow { ev, received_ns };
+                    let sent = if from_dump {
+                        self.forward_wait(msg)
+                    } else {
+                        self.forward_event(msg, received_ns)
+                    };
+                    if sent.is_err() {
                         return DatagramEnd::WriterGone;
                     }
                     self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -151,8 +212,9 @@ impl Reader {
     /// Dumps the conntrack table through a separate socket and forwards every entry, framed by
     /// DumpBegin/DumpEnd so the writer can close flows that vanished.
     pub fn dump(&mut self, alive_until_ns: Option<u64>) -> Result<u64, ReaderError> {
-        let sock = NfSocket::open(self.cfg.rcvbuf_bytes, Duration::from_secs(5))?;
-        if !self.forward(WriterMsg::DumpBegin) {
+        // Dumps are flow-controlled by the kernel, but a roomy buffer saves round trips.
+        let sock = NfSocket::open(self.cfg.rcvbuf_bytes.max(1 << 20), Duration::from_secs(5))?;
+        if self.forward_wait(WriterMsg::DumpBegin).is_err() {
             return Ok(0);
         }
         let before = self.stats.dumped.load(Ordering::Relaxed);
@@ -190,12 +252,72 @@ impl Reader {
             }
         }
         let n = self.stats.dumped.load(Ordering::Relaxed) - before;
-        self.forward(WriterMsg::DumpEnd {
+        let _ = self.forward_wait(WriterMsg::DumpEnd {
             at_ns: now_ns(),
             alive_until_ns,
         });
         info!(entries = n, "conntrack table dumped");
         Ok(n)
+    }
+
+    /// Closes the holes in the trail: dumps the table (recovering flows whose NEW was lost,
+    /// closing flows whose DESTROY was lost with an end bounded by the hole), then records a
+    /// gap for the kernel overflow starting at `kernel_since` and one for the backlog's drops.
+    fn resync(&mut self, kernel_since: Option<u64>) -> Result<(), ReaderError> {
+        let backlog = self.backlog_loss.take();
+        let since = [kernel_since, backlog.map(|b| b.start_ns)]
+            .into_iter()
+            .flatten()
+            .min();
+        self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+        // While we dump, the event socket is not read: it stays full and "congested", and the
+        // kernel drops further events without raising ENOBUFS again. A dump that raced such
+        // drops may have missed their flows, so dump again until one completes without new
+        // drops (bounded; the periodic drop-counter check catches the rest).
+        let mut now = netlink_drops::read(self.port_id());
+        for attempt in 1..=MAX_DUMPS_PER_RESYNC {
+            self.dump(since)?;
+            let after = netlink_drops::read(self.port_id());
+            let raced = matches!((now, after), (Some(b), Some(a)) if a > b);
+            now = after;
+            if !raced {
+                break;
+            }
+            debug!(
+                attempt,
+                "events were dropped during the resync dump; dumping again"
+            );
+        }
+        let end_ns = now_ns();
+        if let Some(start_ns) = kernel_since {
+            let lost = match (self.drops_seen, now) {
+                (Some(before), Some(now)) => Some(now.saturating_sub(before)),
+                _ => None,
+            };
+            if now.is_some() {
+                self.drops_seen = now;
+            }
+            if let Some(n) = lost {
+                self.stats.kernel_dropped.fetch_add(n, Ordering::Relaxed);
+            }
+            let _ = self.forward_wait(WriterMsg::Gap {
+                source: GAP_SOURCE_KERNEL,
+                start_ns,
+                end_ns,
+                lost,
+                reason: "netlink receive buffer overflow (ENOBUFS); resynced by a table dump",
+            });
+        }
+        if let Some(b) = backlog {
+            let _ = self.forward_wait(WriterMsg::Gap {
+                source: GAP_SOURCE_BACKLOG,
+                start_ns: b.start_ns,
+                end_ns,
+                lost: Some(b.dropped),
+                reason: "writer backlog full: newest events dropped; resynced by a table dump",
+            });
+        }
+        Ok(())
     }
 
     /// Runs until `shutdown` is set or the writer goes away; sets `ready` once the start-up
@@ -212,12 +334,30 @@ impl Reader {
         let mut buf = Vec::with_capacity(RECV_BUF);
         // Last instant the event stream was known complete: the lower bound of a loss window.
         let mut last_ok = now_ns();
+        let mut last_drop_check = std::time::Instant::now();
         while !shutdown.load(Ordering::Relaxed) {
+            if last_drop_check.elapsed() >= DROP_CHECK_EVERY {
+                last_drop_check = std::time::Instant::now();
+                let now = netlink_drops::read(self.port_id());
+                if let (Some(seen), Some(now)) = (self.drops_seen, now)
+                    && now > seen
+                {
+                    warn!(
+                        dropped = now - seen,
+                        "the kernel dropped conntrack events without ENOBUFS (socket was congested); resyncing"
+                    );
+                    self.resync(Some(last_ok))?;
+                    last_ok = now_ns();
+                }
+            }
+            // A drop before this call would make recv report ENOBUFS before any data, so
+            // data returned means the stream was complete at least until now.
+            let before_recv = now_ns();
             match self.events.recv(&mut buf).map_err(ReaderError::Recv)? {
                 Recv::Data(n) => {
                     self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
                     let received = now_ns();
-                    last_ok = received;
+                    last_ok = before_recv;
                     // Split borrow: the buffer is not touched by handle_datagram.
                     let data = std::mem::take(&mut buf);
                     let end = self.handle_datagram(&data[..n], false, received);
@@ -229,13 +369,22 @@ impl Reader {
                 Recv::Timeout => last_ok = now_ns(),
                 Recv::Overflow => {
                     let n = self.stats.overflows.fetch_add(1, Ordering::Relaxed) + 1;
-                    warn!(
-                        overflows = n,
-                        "conntrack event socket overflowed (ENOBUFS): events were lost; resyncing"
-                    );
-                    self.dump(Some(last_ok))?;
+                    if let Some(suppressed) = self.overflow_log.allow() {
+                        warn!(
+                            overflows = n,
+                            suppressed,
+                            "conntrack event socket overflowed (ENOBUFS): events were lost; resyncing"
+                        );
+                    }
+                    self.resync(Some(last_ok))?;
                     last_ok = now_ns();
                 }
+            }
+            // Backlog drops are repaired once the writer has caught up, not while it is
+            // still behind (a dump then would only be dropped in turn).
+            if self.backlog_loss.is_some() && self.tx.below_mark() {
+                self.resync(None)?;
+                last_ok = now_ns();
             }
         }
         debug!("conntrack reader stopped");

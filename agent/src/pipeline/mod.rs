@@ -1,3 +1,5 @@
 //! What joins the stages of the data flow: bounded channels, throttling and loss accounting.
 
 pub mod ratelimit;
+pub mod registry;
+pub mod stage;

@@ -7,6 +7,7 @@ use duckdb::{Connection, ToSql};
 use serde::Serialize;
 
 use super::QueryError;
+use super::coverage::{Hole, holes};
 use super::flows::FlowRow;
 use super::proto::Proto;
 use crate::conntrack::event::Addr;
@@ -28,6 +29,8 @@ pub struct WhoQuery {
     pub dst_ip: Option<IpAddr>,
     /// Restrict to one destination port.
     pub dst_port: Option<u16>,
+    /// A running agent is writing this trail: its open session covers up to now.
+    pub live: bool,
 }
 
 /// How sure the answer is.
@@ -38,8 +41,11 @@ pub enum WhoStatus {
     Found,
     /// Several flows fit; all are listed, best first.
     Ambiguous,
-    /// No flow fits.
+    /// No flow fits, and the trail covered the instant.
     None,
+    /// The trail did not cover the instant (a capture gap, or no agent running): whatever
+    /// the matches say, a flow may be missing.
+    Incomplete,
 }
 
 /// One candidate flow and how well it fits.
@@ -65,6 +71,9 @@ pub struct WhoAnswer {
     pub tolerance_s: f64,
     /// Candidates, best first.
     pub matches: Vec<WhoMatch>,
+    /// Holes in the trail overlapping the window; any hole containing the instant makes the
+    /// status "incomplete".
+    pub holes: Vec<Hole>,
 }
 
 /// Renders microseconds since the epoch as RFC 3339 UTC.
@@ -163,7 +172,9 @@ pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
             .then(a.distance_s.total_cmp(&b.distance_s))
             .then(b.flow.start_us.cmp(&a.flow.start_us))
     });
+    let holes = holes(conn, lo, hi, q.live)?;
     let status = match matches.len() {
+        _ if holes.iter().any(|h| h.contains(at_us)) => WhoStatus::Incomplete,
         0 => WhoStatus::None,
         1 => WhoStatus::Found,
         _ => WhoStatus::Ambiguous,
@@ -173,6 +184,7 @@ pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
         at: q.at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
         tolerance_s: q.tolerance.as_secs_f64(),
         matches,
+        holes,
     })
 }
 
@@ -183,6 +195,7 @@ mod tests {
 
     use super::*;
     use crate::conntrack::event::{Counters, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
+    use crate::query::coverage::HoleKind;
     use crate::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
 
     const T0: u64 = 1_700_000_000_000_000_000;
@@ -254,11 +267,21 @@ mod tests {
             let path = dir.join("t.duckdb");
             let cfg = WriterConfig {
                 db_path: path.clone(),
-                batch_rows: 1000,
-                commit_interval: Duration::from_secs(1),
+                ..WriterConfig::from_config(&crate::config::Config::default())
             };
             let mut w = Writer::open(&cfg, Arc::new(WriterStats::default())).unwrap();
             w.write_batch(msgs).unwrap();
+            drop(w);
+            // The synthetic flows are in the past: let the capture session cover them.
+            let db = crate::store::database::Database::open_rw(&path).unwrap();
+            db.connect()
+                .unwrap()
+                .execute(
+                    "UPDATE capture_sessions SET started = make_timestamp(?)",
+                    [(T0 / 1_000 - 3_600_000_000) as i64],
+                )
+                .unwrap();
+            drop(db);
             Db { dir, path }
         }
 
@@ -272,6 +295,7 @@ mod tests {
                     at: DateTime::from_timestamp_nanos(at_ns as i64),
                     tolerance: Duration::from_secs(tol_s),
                     proto: None,
+                    live: false,
                     dst_ip: None,
                     dst_port: None,
                 },
@@ -369,6 +393,50 @@ mod tests {
         let b = db.who(40001, T0 + 15 * SEC, 0);
         assert_eq!(b.status, WhoStatus::Found);
         assert_eq!(b.matches[0].flow.internal_ip, "10.77.0.11");
+    }
+
+    #[test]
+    fn instants_in_a_gap_or_outside_sessions_are_incomplete() {
+        let mut msgs = vec![flow(ev(
+            EventKind::New,
+            9,
+            "10.77.0.30",
+            5000,
+            40009,
+            T0 + 5 * SEC,
+            None,
+        ))];
+        msgs.push(WriterMsg::Gap {
+            source: "conntrack",
+            start_ns: T0 + 10 * SEC,
+            end_ns: T0 + 20 * SEC,
+            lost: Some(1873),
+            reason: "test overflow",
+        });
+        let db = Db::new("gap", msgs);
+        // Inside the gap, with no flow on the port: incomplete, not "none".
+        let a = db.who(40010, T0 + 15 * SEC, 0);
+        assert_eq!(a.status, WhoStatus::Incomplete);
+        assert!(a.matches.is_empty());
+        assert_eq!(a.holes.len(), 1);
+        let h = &a.holes[0];
+        assert_eq!((h.kind, h.lost), (HoleKind::Gap, Some(1873)));
+        assert_eq!(h.source.as_deref(), Some("conntrack"));
+        // A flow that covers the instant is listed, yet the hole is reported.
+        let a = db.who(40009, T0 + 15 * SEC, 0);
+        assert_eq!(a.status, WhoStatus::Incomplete);
+        assert_eq!(a.matches.len(), 1);
+        // Outside the gap, but the window reaches into it: covered, hole listed.
+        let a = db.who(40010, T0 + 25 * SEC, 6);
+        assert_eq!(a.status, WhoStatus::None);
+        assert_eq!(a.holes.len(), 1);
+        // Clear of the gap: a plain "none".
+        let a = db.who(40010, T0 + 40 * SEC, 0);
+        assert_eq!((a.status, a.holes.len()), (WhoStatus::None, 0));
+        // Before the first capture session: incomplete, no agent was running.
+        let a = db.who(40010, T0 - 7_200 * SEC, 0);
+        assert_eq!(a.status, WhoStatus::Incomplete);
+        assert_eq!(a.holes[0].kind, HoleKind::Stopped);
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! The DuckDB trail: schema, migrations and the one writer.
+//! The DuckDB trail: schema, migrations, the raw database handle and the one writer.
 
+pub mod chunk_appender;
+pub mod database;
+pub mod gaps;
 pub mod schema;
 pub mod writer;

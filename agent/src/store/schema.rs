@@ -5,14 +5,21 @@ use std::path::{Path, PathBuf};
 use duckdb::{AccessMode, Config, Connection};
 
 /// The migrations, in order. Each runs once, in its own transaction; never edit a released one.
-const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "conntrack trail",
-    include_str!("../../../schemas/duckdb/0001_conntrack.sql"),
-)];
+const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "conntrack trail",
+        include_str!("../../../schemas/duckdb/0001_conntrack.sql"),
+    ),
+    (
+        2,
+        "capture gaps",
+        include_str!("../../../schemas/duckdb/0002_capture_gaps.sql"),
+    ),
+];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Errors of opening or migrating the database.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +53,14 @@ pub enum StoreError {
         /// Version found.
         found: u32,
     },
+    /// An error reported through DuckDB's C API (raw database and appender handles).
+    #[error("{context}: {detail}")]
+    Native {
+        /// What failed.
+        context: String,
+        /// DuckDB's message.
+        detail: String,
+    },
     /// Any other DuckDB error, with what we were doing.
     #[error("{context}: {source}")]
     Db {
@@ -62,32 +77,22 @@ pub fn db_err(context: impl Into<String>) -> impl FnOnce(duckdb::Error) -> Store
     move |source| StoreError::Db { context, source }
 }
 
-fn open_error(path: &Path, e: duckdb::Error) -> StoreError {
-    let msg = e.to_string();
-    if msg.contains("lock") {
-        StoreError::Locked {
-            path: path.to_path_buf(),
-            detail: msg,
-        }
-    } else {
-        StoreError::Db {
-            context: format!("opening database {}", path.display()),
-            source: e,
+impl StoreError {
+    /// Classifies DuckDB's message on a failed open: a lock held by another process or any
+    /// other failure.
+    pub(crate) fn from_open_message(path: &Path, detail: String) -> Self {
+        if detail.contains("lock") {
+            StoreError::Locked {
+                path: path.to_path_buf(),
+                detail,
+            }
+        } else {
+            StoreError::Native {
+                context: format!("opening database {}", path.display()),
+                detail,
+            }
         }
     }
-}
-
-/// Opens the database read-write (creating it and its directory) and migrates it.
-pub fn open_rw(path: &Path) -> Result<Connection, StoreError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    let conn = Connection::open(path).map_err(|e| open_error(path, e))?;
-    migrate(&conn, path)?;
-    Ok(conn)
 }
 
 /// Opens an existing database read-only (the CLI when no agent runs).
@@ -98,7 +103,8 @@ pub fn open_ro(path: &Path) -> Result<Connection, StoreError> {
     let config = Config::default()
         .access_mode(AccessMode::ReadOnly)
         .map_err(db_err("configuring read-only access"))?;
-    let conn = Connection::open_with_flags(path, config).map_err(|e| open_error(path, e))?;
+    let conn = Connection::open_with_flags(path, config)
+        .map_err(|e| StoreError::from_open_message(path, e.to_string()))?;
     let v = current_version(&conn)?;
     if v > SCHEMA_VERSION {
         return Err(StoreError::TooNew {
@@ -128,7 +134,7 @@ fn current_version(conn: &Connection) -> Result<u32, StoreError> {
     .map_err(db_err("reading schema version"))
 }
 
-fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_version (
             version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL, description VARCHAR NOT NULL)",
@@ -160,6 +166,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::database::Database;
 
     #[test]
     fn migrates_once_and_reopens() {
@@ -167,7 +174,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("sub/t.duckdb");
         {
-            let c = open_rw(&path).unwrap();
+            let db = Database::open_rw(&path).unwrap();
+            let c = db.connect().unwrap();
             assert_eq!(current_version(&c).unwrap(), SCHEMA_VERSION);
             let ip: String = c
                 .query_row("SELECT nt_ip(281470854561797::UHUGEINT)", [], |r| r.get(0))
@@ -175,11 +183,12 @@ mod tests {
             assert_eq!(ip, "10.77.0.5");
         }
         {
-            let c = open_rw(&path).unwrap();
+            let db = Database::open_rw(&path).unwrap();
+            let c = db.connect().unwrap();
             let n: i64 = c
                 .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
                 .unwrap();
-            assert_eq!(n, 1);
+            assert_eq!(n, i64::from(SCHEMA_VERSION));
         }
         let ro = open_ro(&path).unwrap();
         assert!(ro.execute_batch("CREATE TABLE x (a INT)").is_err());

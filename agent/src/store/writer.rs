@@ -1,19 +1,25 @@
 //! The one writer thread: owns the read-write connection, appends rows in order of receipt
 //! and commits on a row-count or time bound.
 
-use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::RecvTimeoutError;
+use duckdb::ffi;
+// The open-flow map is touched for every event; SipHash showed up at 3% of ingest.
 use duckdb::types::{TimeUnit, Value};
-use duckdb::{Appender, Connection, params};
+use duckdb::{Connection, params};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use tracing::{debug, info, warn};
 
-use super::schema::{StoreError, db_err, open_rw};
+use super::chunk_appender::{ChunkAppender, Micros};
+use super::database::Database;
+use super::gaps::{GapRecord, RecentGaps};
+use super::schema::{StoreError, db_err};
 use crate::conntrack::event::{Addr, EventKind, FlowEvent, TimeSource, Tuple, now_ns};
+use crate::pipeline::stage::StageRx;
 
 /// What the writer receives.
 #[derive(Debug)]
@@ -38,6 +44,19 @@ pub enum WriterMsg {
         /// The last instant those flows were known alive, when known (else their start).
         alive_until_ns: Option<u64>,
     },
+    /// A hole in the trail: events lost between `start_ns` and `end_ns`.
+    Gap {
+        /// Where the loss happened: "conntrack" (kernel socket) or a stage name.
+        source: &'static str,
+        /// Last instant the stream was known complete.
+        start_ns: u64,
+        /// When the resync that closed the hole finished.
+        end_ns: u64,
+        /// Events lost, as counted; None when the count is unknown.
+        lost: Option<u64>,
+        /// Why.
+        reason: &'static str,
+    },
     /// Commit now and answer on the channel (tests and orderly shutdown of callers).
     Sync(crossbeam_channel::Sender<()>),
 }
@@ -55,6 +74,10 @@ pub struct WriterStats {
     pub reconciled: AtomicU64,
     /// Flows open in the trail right now.
     pub open_flows: AtomicU64,
+    /// Capture gaps recorded.
+    pub gaps: AtomicU64,
+    /// Gaps of the last day (loaded at open) and those recorded since.
+    pub recent_gaps: RecentGaps,
 }
 
 /// Writer settings.
@@ -66,6 +89,23 @@ pub struct WriterConfig {
     pub batch_rows: usize,
     /// Commit at least this often.
     pub commit_interval: Duration,
+    /// DuckDB's memory limit, in MiB (buffer pool and appender buffers).
+    pub memory_limit_mb: u64,
+    /// Test only: extra time spent per message, to stall the writer behind its input.
+    pub stall_per_message: Duration,
+}
+
+impl WriterConfig {
+    /// The writer settings of an agent configuration.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        WriterConfig {
+            db_path: cfg.db_path.clone(),
+            batch_rows: cfg.store.batch_rows,
+            commit_interval: Duration::from_millis(cfg.store.commit_interval_ms),
+            memory_limit_mb: cfg.store.memory_limit_mb,
+            stall_per_message: Duration::ZERO,
+        }
+    }
 }
 
 /// Identity of a live conntrack entry: its zone, original tuple and kernel id.
@@ -104,13 +144,30 @@ fn ts_value(ns: u64) -> Value {
     Value::Timestamp(TimeUnit::Microsecond, (ns / 1_000) as i64)
 }
 
-fn opt_ts(ns: Option<u64>) -> Value {
-    ns.map(ts_value).unwrap_or(Value::Null)
+fn micros(ns: u64) -> Micros {
+    Micros((ns / 1_000) as i64)
 }
+
+/// The column types of `conntrack_events`, in table order, as the appender writes them.
+const CONNTRACK_COLUMNS: [ffi::DUCKDB_TYPE; 29] = {
+    use ffi::{
+        DUCKDB_TYPE_DUCKDB_TYPE_BOOLEAN as BOOL, DUCKDB_TYPE_DUCKDB_TYPE_TIMESTAMP as TS,
+        DUCKDB_TYPE_DUCKDB_TYPE_UBIGINT as U64, DUCKDB_TYPE_DUCKDB_TYPE_UHUGEINT as U128,
+        DUCKDB_TYPE_DUCKDB_TYPE_UINTEGER as U32, DUCKDB_TYPE_DUCKDB_TYPE_USMALLINT as U16,
+        DUCKDB_TYPE_DUCKDB_TYPE_UTINYINT as U8,
+    };
+    [
+        U64, TS, U8, U8, U8, U8, U16, U32, U32, U32, U128, U128, U16, U16, U128, U128, U16, U16,
+        TS, TS, TS, BOOL, U64, U64, U64, U64, U8, U8, U8,
+    ]
+};
 
 /// The writer's state, separated from the thread so tests and benchmarks can drive it.
 pub struct Writer {
+    // Field order is drop order: the appender and connection go before the database.
+    app: ChunkAppender,
     conn: Connection,
+    _db: Database,
     next_seq: u64,
     open: HashMap<FlowKey, OpenFlow>,
     generation: u64,
@@ -123,7 +180,15 @@ pub struct Writer {
 impl Writer {
     /// Opens (and migrates) the database, loads the open flows and starts a capture session.
     pub fn open(cfg: &WriterConfig, stats: Arc<WriterStats>) -> Result<Self, StoreError> {
-        let conn = open_rw(&cfg.db_path)?;
+        let db = Database::open_rw(&cfg.db_path)?;
+        let conn = db.connect()?;
+        conn.execute_batch(&format!(
+            "SET memory_limit = '{}MiB'",
+            cfg.memory_limit_mb.max(64)
+        ))
+        .map_err(db_err("setting DuckDB's memory limit"))?;
+        let app = db.appender("conntrack_events")?;
+        app.expect_types(&CONNTRACK_COLUMNS)?;
         let next_seq: u64 = conn
             .query_row(
                 "SELECT coalesce(max(seq) + 1, 0)::UBIGINT FROM conntrack_events",
@@ -151,7 +216,9 @@ impl Writer {
         )
         .map_err(db_err("recording the capture session"))?;
         let mut w = Writer {
+            app,
             conn,
+            _db: db,
             next_seq,
             open: HashMap::new(),
             generation: 1,
@@ -161,6 +228,10 @@ impl Writer {
             stats,
         };
         w.load_open_flows()?;
+        let day_ago = (now_ns() / 1_000) as i64 - 86_400_000_000;
+        for g in super::gaps::since(&w.conn, day_ago)? {
+            w.stats.recent_gaps.push(g);
+        }
         Ok(w)
     }
 
@@ -243,9 +314,9 @@ impl Writer {
     }
 
     /// Handles one message, appending rows through `app`. Returns the rows appended.
-    fn handle(&mut self, app: &mut Appender<'_>, msg: WriterMsg) -> Result<usize, StoreError> {
+    fn handle(&mut self, msg: WriterMsg) -> Result<usize, StoreError> {
         match msg {
-            WriterMsg::Flow { ev, received_ns } => self.flow(app, ev, received_ns),
+            WriterMsg::Flow { ev, received_ns } => self.flow(ev, received_ns),
             WriterMsg::DumpBegin => {
                 self.dump = Some((self.generation, HashSet::new()));
                 self.generation += 1;
@@ -254,17 +325,51 @@ impl Writer {
             WriterMsg::DumpEnd {
                 at_ns,
                 alive_until_ns,
-            } => self.dump_end(app, at_ns, alive_until_ns),
+            } => self.dump_end(at_ns, alive_until_ns),
+            WriterMsg::Gap {
+                source,
+                start_ns,
+                end_ns,
+                lost,
+                reason,
+            } => {
+                self.conn
+                    .execute(
+                        "INSERT INTO capture_gaps VALUES (?, ?, ?, ?, ?, ?)",
+                        params![
+                            self.session_id,
+                            source,
+                            ts_value(start_ns),
+                            ts_value(end_ns.max(start_ns)),
+                            lost,
+                            reason
+                        ],
+                    )
+                    .map_err(db_err("recording a capture gap"))?;
+                self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                self.stats.recent_gaps.push(GapRecord::new(
+                    source,
+                    (start_ns / 1_000) as i64,
+                    (end_ns.max(start_ns) / 1_000) as i64,
+                    lost,
+                    reason,
+                ));
+                warn!(
+                    source,
+                    lost = lost
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "unknown".into()),
+                    window_ms = end_ns.saturating_sub(start_ns) / 1_000_000,
+                    reason,
+                    "capture gap recorded"
+                );
+                Ok(0)
+            }
             WriterMsg::Sync(_) => Ok(0),
         }
     }
 
-    fn flow(
-        &mut self,
-        app: &mut Appender<'_>,
-        ev: FlowEvent,
-        received_ns: u64,
-    ) -> Result<usize, StoreError> {
+    fn flow(&mut self, ev: FlowEvent, received_ns: u64) -> Result<usize, StoreError> {
         let key = FlowKey::of(&ev);
         match ev.kind {
             EventKind::Update => return Ok(0),
@@ -293,16 +398,11 @@ impl Writer {
             }
         }
         let (ts, source) = ev.event_time(received_ns);
-        self.append(app, &ev, ts, source, None, false)?;
+        self.append(&ev, ts, source, None, false)?;
         Ok(1)
     }
 
-    fn dump_end(
-        &mut self,
-        app: &mut Appender<'_>,
-        at_ns: u64,
-        alive_until_ns: Option<u64>,
-    ) -> Result<usize, StoreError> {
+    fn dump_end(&mut self, at_ns: u64, alive_until_ns: Option<u64>) -> Result<usize, StoreError> {
         let Some((dump_gen, seen)) = self.dump.take() else {
             return Ok(0);
         };
@@ -333,7 +433,7 @@ impl Writer {
                 event_ns: None,
             };
             let lo = alive_until_ns.max(flow.start_ns).map(|lo| lo.min(at_ns));
-            self.append(app, &ev, at_ns, TimeSource::Receive, lo, true)?;
+            self.append(&ev, at_ns, TimeSource::Receive, lo, true)?;
         }
         if !gone.is_empty() {
             info!(
@@ -349,7 +449,6 @@ impl Writer {
 
     fn append(
         &mut self,
-        app: &mut Appender<'_>,
         ev: &FlowEvent,
         ts_ns: u64,
         source: TimeSource,
@@ -358,52 +457,44 @@ impl Writer {
     ) -> Result<(), StoreError> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let (orig_pk, orig_b) = ev
-            .counters_orig
-            .map(|c| (Some(c.packets), Some(c.bytes)))
-            .unwrap_or((None, None));
-        let (reply_pk, reply_b) = ev
-            .counters_reply
-            .map(|c| (Some(c.packets), Some(c.bytes)))
-            .unwrap_or((None, None));
-        app.append_row(params![
-            seq,
-            ts_value(ts_ns),
-            source as u8,
-            ev.kind as u8,
-            ev.family,
-            ev.proto,
-            ev.zone,
-            ev.ct_id,
-            ev.mark,
-            ev.status,
-            ev.orig.src.0,
-            ev.orig.dst.0,
-            ev.orig.sport,
-            ev.orig.dport,
-            ev.reply.src.0,
-            ev.reply.dst.0,
-            ev.reply.sport,
-            ev.reply.dport,
-            opt_ts(ev.start_ns),
-            opt_ts(ev.stop_ns),
-            opt_ts(end_lo_ns),
-            inexact,
-            orig_pk,
-            orig_b,
-            reply_pk,
-            reply_b,
-            ev.tcp_state,
-            ev.icmp.map(|i| i.0),
-            ev.icmp.map(|i| i.1),
-        ])
-        .map_err(db_err("appending a conntrack event"))?;
+        let app = &mut self.app;
+        app.begin_row()?;
+        app.set(0, seq);
+        app.set(1, micros(ts_ns));
+        app.set(2, source as u8);
+        app.set(3, ev.kind as u8);
+        app.set(4, ev.family);
+        app.set(5, ev.proto);
+        app.set(6, ev.zone);
+        app.set(7, ev.ct_id);
+        app.set(8, ev.mark);
+        app.set(9, ev.status);
+        app.set(10, ev.orig.src.0);
+        app.set(11, ev.orig.dst.0);
+        app.set(12, ev.orig.sport);
+        app.set(13, ev.orig.dport);
+        app.set(14, ev.reply.src.0);
+        app.set(15, ev.reply.dst.0);
+        app.set(16, ev.reply.sport);
+        app.set(17, ev.reply.dport);
+        app.set_opt(18, ev.start_ns.map(micros));
+        app.set_opt(19, ev.stop_ns.map(micros));
+        app.set_opt(20, end_lo_ns.map(micros));
+        app.set(21, inexact);
+        app.set_opt(22, ev.counters_orig.map(|c| c.packets));
+        app.set_opt(23, ev.counters_orig.map(|c| c.bytes));
+        app.set_opt(24, ev.counters_reply.map(|c| c.packets));
+        app.set_opt(25, ev.counters_reply.map(|c| c.bytes));
+        app.set_opt(26, ev.tcp_state);
+        app.set_opt(27, ev.icmp.map(|i| i.0));
+        app.set_opt(28, ev.icmp.map(|i| i.1));
+        app.end_row();
         self.pending += 1;
         Ok(())
     }
 
-    fn commit(&mut self, app: &mut Appender<'_>) -> Result<(), StoreError> {
-        app.flush().map_err(db_err("committing conntrack events"))?;
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.app.flush()?;
         self.conn
             .execute(
                 "UPDATE capture_sessions SET last_seen = ? WHERE id = ?",
@@ -422,27 +513,27 @@ impl Writer {
     }
 
     /// Runs until every sender is gone, then commits and marks the session stopped.
-    pub fn run(mut self, rx: Receiver<WriterMsg>, cfg: &WriterConfig) -> Result<(), StoreError> {
-        // The appender borrows the connection; take it out so `self` stays usable.
-        let conn = self
-            .conn
-            .try_clone()
-            .map_err(db_err("cloning the connection"))?;
-        let mut app = conn
-            .appender("conntrack_events")
-            .map_err(db_err("opening the appender"))?;
+    pub fn run(mut self, rx: StageRx<WriterMsg>, cfg: &WriterConfig) -> Result<(), StoreError> {
         let mut deadline = Instant::now() + cfg.commit_interval;
+        let mut stall_debt = Duration::ZERO;
         loop {
+            if !cfg.stall_per_message.is_zero() {
+                stall_debt += cfg.stall_per_message;
+                if stall_debt >= Duration::from_millis(1) {
+                    std::thread::sleep(stall_debt);
+                    stall_debt = Duration::ZERO;
+                }
+            }
             let timeout = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(timeout) {
                 Ok(WriterMsg::Sync(ack)) => {
-                    self.commit(&mut app)?;
+                    self.commit()?;
                     let _ = ack.send(());
                 }
                 Ok(msg) => {
-                    self.handle(&mut app, msg)?;
+                    self.handle(msg)?;
                     if self.pending >= cfg.batch_rows {
-                        self.commit(&mut app)?;
+                        self.commit()?;
                         deadline = Instant::now() + cfg.commit_interval;
                     }
                 }
@@ -450,12 +541,11 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             if Instant::now() >= deadline {
-                self.commit(&mut app)?;
+                self.commit()?;
                 deadline = Instant::now() + cfg.commit_interval;
             }
         }
-        self.commit(&mut app)?;
-        drop(app);
+        self.commit()?;
         self.conn
             .execute(
                 "UPDATE capture_sessions SET stopped = ?, last_seen = ? WHERE id = ?",
@@ -466,22 +556,22 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes everything committed into the data file and truncates the WAL.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch("CHECKPOINT")
+            .map_err(db_err("checkpointing the database"))
+    }
+
     /// Appends a batch of messages and commits once: for benchmarks and tests.
     pub fn write_batch(
         &mut self,
         msgs: impl IntoIterator<Item = WriterMsg>,
     ) -> Result<(), StoreError> {
-        let conn = self
-            .conn
-            .try_clone()
-            .map_err(db_err("cloning the connection"))?;
-        let mut app = conn
-            .appender("conntrack_events")
-            .map_err(db_err("opening the appender"))?;
         for m in msgs {
-            self.handle(&mut app, m)?;
+            self.handle(m)?;
         }
-        self.commit(&mut app)
+        self.commit()
     }
 }
 

@@ -22,6 +22,16 @@ pub enum Transport {
     Udp,
 }
 
+impl Transport {
+    /// The protocol's name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
 /// What the server saw of one flow.
 #[derive(Debug, Clone)]
 pub struct Seen {

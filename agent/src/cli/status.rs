@@ -1,0 +1,198 @@
+//! `nattrail status`: the agent's stage counters, the gaps of the last 24 h, database size.
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use clap::Args;
+use serde::Serialize;
+
+use super::output::{print_json, print_table};
+use crate::config::Config;
+use crate::status::{self, AgentStatus};
+use crate::store::gaps::{self, GapRecord};
+use crate::store::schema::{StoreError, open_ro};
+
+/// A snapshot older than this while claiming "running" means the agent died.
+const STALE_AFTER_S: i64 = 10;
+
+/// Arguments of `status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The agent's state as far as this host can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum AgentState {
+    /// Its snapshot is fresh and its process is alive.
+    Running,
+    /// It stopped cleanly.
+    Stopped,
+    /// Its last snapshot says running, but it is old or the process is gone.
+    Died,
+    /// No snapshot beside this database.
+    Unknown,
+}
+
+#[derive(Debug, Serialize)]
+struct DatabaseInfo {
+    path: String,
+    size_bytes: u64,
+    wal_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct StatusReport {
+    agent_state: AgentState,
+    agent: Option<AgentStatus>,
+    database: DatabaseInfo,
+    /// Where the gaps come from: "database" or "agent snapshot".
+    gaps_from: &'static str,
+    gaps_24h: Vec<GapRecord>,
+}
+
+fn state_of(s: Option<&AgentStatus>) -> AgentState {
+    let Some(s) = s else {
+        return AgentState::Unknown;
+    };
+    if !s.running {
+        return AgentState::Stopped;
+    }
+    let fresh = DateTime::parse_from_rfc3339(&s.updated)
+        .is_ok_and(|t| (Utc::now() - t.with_timezone(&Utc)).num_seconds() < STALE_AFTER_S);
+    let alive = std::path::Path::new(&format!("/proc/{}", s.pid)).exists();
+    if fresh && alive {
+        AgentState::Running
+    } else {
+        AgentState::Died
+    }
+}
+
+/// Runs `status`.
+pub fn run(cfg: &Config, a: &StatusArgs) -> Result<()> {
+    let snapshot = status::read(&cfg.db_path);
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mut wal = cfg.db_path.clone().into_os_string();
+    wal.push(".wal");
+    let database = DatabaseInfo {
+        path: cfg.db_path.display().to_string(),
+        size_bytes: size(&cfg.db_path),
+        wal_bytes: size(std::path::Path::new(&wal)),
+    };
+    let day_ago = Utc::now().timestamp_micros() - 86_400_000_000;
+    // The database is authoritative when we can open it; a running agent holds it, and then
+    // its snapshot carries the same gaps.
+    let (gaps_from, gaps_24h) = match open_ro(&cfg.db_path) {
+        Ok(conn) => ("database", gaps::since(&conn, day_ago)?),
+        Err(StoreError::Locked { .. }) | Err(StoreError::Missing(_)) => (
+            "agent snapshot",
+            snapshot
+                .as_ref()
+                .map(|s| s.gaps_24h.clone())
+                .unwrap_or_default(),
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let report = StatusReport {
+        agent_state: state_of(snapshot.as_ref()),
+        agent: snapshot,
+        database,
+        gaps_from,
+        gaps_24h,
+    };
+    if a.json {
+        return print_json(&report);
+    }
+    print_human(&report);
+    Ok(())
+}
+
+fn print_human(r: &StatusReport) {
+    match (&r.agent, r.agent_state) {
+        (Some(s), AgentState::Running) => {
+            println!("agent: running (pid {}, since {})", s.pid, s.started)
+        }
+        (Some(s), AgentState::Stopped) => println!("agent: stopped (at {})", s.updated),
+        (Some(s), _) => println!(
+            "agent: NOT running: its last snapshot ({}) says running; it ended without a clean stop",
+            s.updated
+        ),
+        (None, _) => println!("agent: no status snapshot beside this database"),
+    }
+    println!(
+        "database: {} ({:.1} MiB, WAL {:.1} MiB)",
+        r.database.path,
+        r.database.size_bytes as f64 / 1048576.0,
+        r.database.wal_bytes as f64 / 1048576.0
+    );
+    if let Some(s) = &r.agent {
+        let rows: Vec<Vec<String>> = s
+            .stages
+            .iter()
+            .map(|st| {
+                vec![
+                    st.name.clone(),
+                    st.received.to_string(),
+                    st.forwarded.to_string(),
+                    st.dropped.to_string(),
+                    st.throttled_ms.to_string(),
+                    format!("{}/{}", st.depth, st.capacity),
+                    st.peak_depth.to_string(),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "stage",
+                "received",
+                "forwarded",
+                "dropped",
+                "throttled ms",
+                "depth",
+                "peak",
+            ],
+            &rows,
+        );
+        let c = &s.conntrack;
+        println!(
+            "conntrack: {} decoded, {} forwarded, {} filtered, {} decode errors, {} overflows, {} dropped by the kernel, {} resyncs",
+            c.decoded,
+            c.forwarded,
+            c.filtered,
+            c.decode_errors,
+            c.overflows,
+            c.kernel_dropped,
+            c.resyncs
+        );
+        let w = &s.writer;
+        println!(
+            "writer: {} rows in {} commits, {} open flows, {} duplicates skipped, {} closed by reconciliation",
+            w.rows, w.commits, w.open_flows, w.duplicates, w.reconciled
+        );
+    }
+    if r.gaps_24h.is_empty() {
+        println!("gaps in the last 24 h: none");
+    } else {
+        println!(
+            "gaps in the last 24 h ({}, from the {}):",
+            r.gaps_24h.len(),
+            r.gaps_from
+        );
+        let rows: Vec<Vec<String>> = r
+            .gaps_24h
+            .iter()
+            .map(|g| {
+                vec![
+                    g.source.clone(),
+                    g.start.clone(),
+                    g.end.clone(),
+                    g.lost.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                    g.reason.clone(),
+                ]
+            })
+            .collect();
+        print_table(&["source", "start", "end", "lost", "reason"], &rows);
+    }
+}

@@ -1,0 +1,148 @@
+//! Where the trail has holes: recorded capture gaps, and the time no agent was capturing
+//! (before the first session, between sessions, after the last one stopped).
+
+use duckdb::Connection;
+use serde::Serialize;
+
+use super::QueryError;
+use super::who::rfc3339_us;
+
+/// Why the trail is incomplete over an interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HoleKind {
+    /// Events were lost while the agent ran (a `capture_gaps` row).
+    Gap,
+    /// No agent was capturing.
+    Stopped,
+}
+
+/// One interval the trail does not fully cover. Open ends are unbounded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hole {
+    /// gap or stopped.
+    pub kind: HoleKind,
+    /// Start, RFC 3339 UTC; absent before the first capture session.
+    pub start: Option<String>,
+    /// End, RFC 3339 UTC; absent after the last session while no agent runs.
+    pub end: Option<String>,
+    /// Start in µs since the epoch.
+    #[serde(skip)]
+    pub start_us: Option<i64>,
+    /// End in µs since the epoch.
+    #[serde(skip)]
+    pub end_us: Option<i64>,
+    /// For gaps: where events were lost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// For gaps: how many events were lost, when counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
+    /// Human-readable cause.
+    pub reason: String,
+}
+
+impl Hole {
+    /// Whether the hole contains the instant.
+    pub fn contains(&self, us: i64) -> bool {
+        self.start_us.is_none_or(|s| s <= us) && self.end_us.is_none_or(|e| us <= e)
+    }
+
+    fn overlaps(&self, lo: i64, hi: i64) -> bool {
+        self.start_us.is_none_or(|s| s <= hi) && self.end_us.is_none_or(|e| lo <= e)
+    }
+
+    fn stopped(start_us: Option<i64>, end_us: Option<i64>, reason: &str) -> Hole {
+        Hole {
+            kind: HoleKind::Stopped,
+            start: start_us.map(rfc3339_us),
+            end: end_us.map(rfc3339_us),
+            start_us,
+            end_us,
+            source: None,
+            lost: None,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Holes overlapping `[lo_us, hi_us]`, in time order. With `live`, the newest session is
+/// being written by a running agent and counts as covering up to now.
+pub fn holes(
+    conn: &Connection,
+    lo_us: i64,
+    hi_us: i64,
+    live: bool,
+) -> Result<Vec<Hole>, QueryError> {
+    let mut out = Vec::new();
+    let mut stmt = conn
+        .prepare(
+            "SELECT epoch_us(started), epoch_us(coalesce(stopped, last_seen)), stopped IS NULL
+             FROM capture_sessions ORDER BY id",
+        )
+        .map_err(QueryError::db("preparing the session query"))?;
+    let sessions: Vec<(i64, i64, bool)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(QueryError::db("reading capture sessions"))?
+        .collect::<Result<_, _>>()
+        .map_err(QueryError::db("reading capture sessions"))?;
+    match sessions.first() {
+        None => out.push(Hole::stopped(
+            None,
+            None,
+            "no agent has captured into this trail",
+        )),
+        Some(&(first, _, _)) => out.push(Hole::stopped(
+            None,
+            Some(first),
+            "before the first capture session",
+        )),
+    }
+    for w in sessions.windows(2) {
+        let ((_, prev_end, prev_open), (next_start, _, _)) = (w[0], w[1]);
+        let reason = if prev_open {
+            "agent not running (it ended without a clean stop; last commit to restart)"
+        } else {
+            "agent not running (between capture sessions)"
+        };
+        out.push(Hole::stopped(Some(prev_end), Some(next_start), reason));
+    }
+    if let Some(&(_, end, open)) = sessions.last()
+        && !(open && live)
+    {
+        let reason = if open {
+            "agent not running (it ended without a clean stop; after its last commit)"
+        } else {
+            "agent stopped"
+        };
+        out.push(Hole::stopped(Some(end), None, reason));
+    }
+
+    let mut stmt = conn
+        .prepare(
+            "SELECT source, epoch_us(gap_start), epoch_us(gap_end), lost, reason FROM capture_gaps
+             WHERE epoch_us(gap_start) <= ? AND epoch_us(gap_end) >= ? ORDER BY gap_start",
+        )
+        .map_err(QueryError::db("preparing the gap query"))?;
+    let gaps = stmt
+        .query_map([hi_us, lo_us], |r| {
+            let (s, e): (i64, i64) = (r.get(1)?, r.get(2)?);
+            Ok(Hole {
+                kind: HoleKind::Gap,
+                start: Some(rfc3339_us(s)),
+                end: Some(rfc3339_us(e)),
+                start_us: Some(s),
+                end_us: Some(e),
+                source: Some(r.get(0)?),
+                lost: r.get(3)?,
+                reason: r.get(4)?,
+            })
+        })
+        .map_err(QueryError::db("reading capture gaps"))?;
+    for g in gaps {
+        out.push(g.map_err(QueryError::db("reading capture gaps"))?);
+    }
+    out.retain(|h| h.overlaps(lo_us, hi_us));
+    out.sort_by_key(|h| h.start_us.unwrap_or(i64::MIN));
+    Ok(out)
+}

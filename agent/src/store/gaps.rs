@@ -1,0 +1,95 @@
+//! Capture gaps as records: what the writer remembers of recent ones and what `status` shows.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use duckdb::Connection;
+use serde::{Deserialize, Serialize};
+
+use super::schema::{StoreError, db_err};
+use crate::query::who::rfc3339_us;
+
+/// How many recent gaps the writer keeps in memory for status snapshots.
+const KEEP: usize = 1_000;
+
+/// One capture gap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapRecord {
+    /// Where events were lost.
+    pub source: String,
+    /// Window start, RFC 3339 UTC.
+    pub start: String,
+    /// Window end, RFC 3339 UTC.
+    pub end: String,
+    /// Window start in µs since the epoch.
+    pub start_us: i64,
+    /// Events lost, when counted.
+    pub lost: Option<u64>,
+    /// Why.
+    pub reason: String,
+}
+
+impl GapRecord {
+    /// Builds a record from µs timestamps.
+    pub fn new(source: &str, start_us: i64, end_us: i64, lost: Option<u64>, reason: &str) -> Self {
+        GapRecord {
+            source: source.to_string(),
+            start: rfc3339_us(start_us),
+            end: rfc3339_us(end_us),
+            start_us,
+            lost,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Gaps that ended at or after `since_us`, oldest first.
+pub fn since(conn: &Connection, since_us: i64) -> Result<Vec<GapRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT source, epoch_us(gap_start), epoch_us(gap_end), lost, reason FROM capture_gaps
+             WHERE epoch_us(gap_end) >= ? ORDER BY gap_start",
+        )
+        .map_err(db_err("preparing the gap query"))?;
+    let rows = stmt
+        .query_map([since_us], |r| {
+            let source: String = r.get(0)?;
+            let reason: String = r.get(4)?;
+            Ok(GapRecord::new(
+                &source,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                &reason,
+            ))
+        })
+        .map_err(db_err("reading capture gaps"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(db_err("reading capture gaps"))
+}
+
+/// The most recent gaps, bounded, shared between the writer and the status snapshot.
+#[derive(Debug, Default)]
+pub struct RecentGaps(Mutex<VecDeque<GapRecord>>);
+
+impl RecentGaps {
+    /// Remembers a gap, forgetting the oldest beyond the bound.
+    pub fn push(&self, g: GapRecord) {
+        let mut q = self.0.lock().expect("recent gaps lock");
+        if q.len() == KEEP {
+            q.pop_front();
+        }
+        q.push_back(g);
+    }
+
+    /// Gaps that started at or after `since_us`.
+    pub fn since(&self, since_us: i64) -> Vec<GapRecord> {
+        self.0
+            .lock()
+            .expect("recent gaps lock")
+            .iter()
+            .filter(|g| g.start_us >= since_us)
+            .cloned()
+            .collect()
+    }
+}
