@@ -59,6 +59,53 @@ pub struct Config {
     pub store: StoreConfig,
     /// Backlogs between stages.
     pub pipeline: PipelineConfig,
+    /// The admin HTTP API.
+    pub api: ApiConfig,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Serve the API at all.
+    pub enabled: bool,
+    /// TCP address; empty for none.
+    pub listen: String,
+    /// Unix socket path; empty for none.
+    pub socket: String,
+    /// Bearer token file; empty means `api.token` beside the database.
+    pub token_file: String,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Most rows `/sql` returns; more is an error.
+    pub sql_row_limit: usize,
+    /// `/sql` queries are interrupted after this long.
+    pub sql_timeout_ms: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            listen: "127.0.0.1:7466".into(),
+            socket: String::new(),
+            token_file: String::new(),
+            max_body_bytes: 64 * 1024,
+            sql_row_limit: 10_000,
+            sql_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The token file: configured, or `api.token` beside the database.
+    pub fn token_path(&self, db: &Path) -> PathBuf {
+        if self.token_file.is_empty() {
+            db.with_file_name("api.token")
+        } else {
+            PathBuf::from(&self.token_file)
+        }
+    }
 }
 
 /// `[pipeline]`.
@@ -123,6 +170,7 @@ impl Default for Config {
             conntrack: ConntrackConfig::default(),
             store: StoreConfig::default(),
             pipeline: PipelineConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -195,6 +243,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "store.batch_rows",
                 message: "must be at least 1".into(),
+            });
+        }
+        if !self.api.listen.is_empty() && self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "api.listen",
+                message: format!("{:?} is not an IP:PORT address", self.api.listen),
             });
         }
         if self.pipeline.warn_interval_secs == 0 {

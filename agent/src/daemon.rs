@@ -6,7 +6,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use chrono::{SecondsFormat, Utc};
 use tracing::{error, info, warn};
 
 use crate::pipeline::ratelimit::RateLimitedLog;
@@ -14,12 +13,15 @@ use crate::pipeline::ratelimit::RateLimitedLog;
 /// How often the status snapshot is rewritten.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
+use crate::api::routes::{ApiState, Limits};
+use crate::api::server::ApiServer;
+use crate::api::token;
 use crate::config::Config;
 use crate::conntrack::reader::{GAP_SOURCE_BACKLOG, Reader, ReaderConfig, ReaderStats};
 use crate::conntrack::sysctl;
 use crate::pipeline::registry::Registry;
 use crate::pipeline::stage::{Overflow, StageConfig, stage};
-use crate::status::{self, AgentStatus};
+use crate::status::{self, StatusSource};
 use crate::store::writer::{Writer, WriterConfig, WriterStats};
 
 /// Runs the agent until SIGINT or SIGTERM; then flushes and closes the database.
@@ -35,6 +37,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let writer = Writer::open(&writer_cfg, Arc::clone(&writer_stats))
         .with_context(|| format!("opening the trail {}", cfg.db_path.display()))?;
     let alive_until_ns = writer.previous_session_end_ns();
+    let database = writer.database();
     info!(db = %cfg.db_path.display(), session = writer.session_id(), "trail open");
 
     let applied = if cfg.conntrack.enabled {
@@ -49,7 +52,7 @@ pub fn run(cfg: Config) -> Result<()> {
         Vec::new()
     };
 
-    let registry = Registry::default();
+    let registry = Arc::new(Registry::default());
     // netlink cannot be paused: past a short throttle the reader drops the newest event,
     // counts it, and repairs the trail with a dump once the writer has caught up.
     let (tx, rx, handle) = stage(StageConfig {
@@ -96,18 +99,29 @@ pub fn run(cfg: Config) -> Result<()> {
     };
     let mut failure = None;
     let mut announced = false;
-    let started = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-    let snapshot = |running: bool| AgentStatus {
-        pid: std::process::id(),
-        started: started.clone(),
-        updated: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
-        running,
-        stages: registry.snapshot(),
-        conntrack: (&*reader_stats).into(),
-        writer: (&*writer_stats).into(),
-        gaps_24h: writer_stats
-            .recent_gaps
-            .since(Utc::now().timestamp_micros() - 86_400_000_000),
+    let source = StatusSource::new(
+        Arc::clone(&registry),
+        Arc::clone(&reader_stats),
+        Arc::clone(&writer_stats),
+    );
+    let snapshot = |running: bool| source.snapshot(running);
+    let api = if cfg.api.enabled && !(cfg.api.listen.is_empty() && cfg.api.socket.is_empty()) {
+        let token_path = cfg.api.token_path(&cfg.db_path);
+        let token = token::load_or_create(&token_path).with_context(|| {
+            format!("reading or creating the API token {}", token_path.display())
+        })?;
+        let state = ApiState {
+            db: Arc::clone(&database),
+            status: source.clone(),
+            limits: Limits {
+                max_body_bytes: cfg.api.max_body_bytes,
+                sql_row_limit: cfg.api.sql_row_limit,
+                sql_timeout: Duration::from_millis(cfg.api.sql_timeout_ms),
+            },
+        };
+        Some(ApiServer::start(&cfg.api, state, token)?)
+    } else {
+        None
     };
     let mut status_log = RateLimitedLog::new(Duration::from_secs(600));
     let mut last_status = Instant::now() - STATUS_EVERY;
@@ -132,6 +146,9 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     shutdown.store(true, Ordering::Relaxed);
     info!("stopping");
+    if let Some(api) = api {
+        api.stop();
+    }
     if let Some(t) = reader_thread {
         match t.join() {
             Ok(Ok(())) => {}

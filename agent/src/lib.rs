@@ -1,5 +1,6 @@
 //! nattrail: a searchable trail of NAT translations for Linux gateways and Docker hosts.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod conntrack;

@@ -3,11 +3,15 @@
 //! agent's state without opening the database it holds.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
+
+use chrono::{SecondsFormat, Utc};
 
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::reader::ReaderStats;
+use crate::pipeline::registry::Registry;
 use crate::pipeline::stage::StageSnapshot;
 use crate::store::gaps::GapRecord;
 use crate::store::writer::WriterStats;
@@ -124,4 +128,111 @@ pub fn write(db: &Path, status: &AgentStatus) -> std::io::Result<()> {
 pub fn read(db: &Path) -> Option<AgentStatus> {
     let body = std::fs::read(path_for(db)).ok()?;
     serde_json::from_slice(&body).ok()
+}
+
+/// Where a running agent's counters come from.
+#[derive(Debug, Clone)]
+pub struct StatusSource {
+    /// Agent start, RFC 3339.
+    pub started: String,
+    /// The stages.
+    pub registry: Arc<Registry>,
+    /// conntrack reader counters.
+    pub reader: Arc<ReaderStats>,
+    /// Writer counters.
+    pub writer: Arc<WriterStats>,
+}
+
+impl StatusSource {
+    /// A source for an agent starting now.
+    pub fn new(
+        registry: Arc<Registry>,
+        reader: Arc<ReaderStats>,
+        writer: Arc<WriterStats>,
+    ) -> Self {
+        StatusSource {
+            started: now_rfc3339(),
+            registry,
+            reader,
+            writer,
+        }
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self, running: bool) -> AgentStatus {
+        AgentStatus {
+            pid: std::process::id(),
+            started: self.started.clone(),
+            updated: now_rfc3339(),
+            running,
+            stages: self.registry.snapshot(),
+            conntrack: (&*self.reader).into(),
+            writer: (&*self.writer).into(),
+            gaps_24h: self
+                .writer
+                .recent_gaps
+                .since(Utc::now().timestamp_micros() - DAY_US),
+        }
+    }
+}
+
+/// A day in microseconds: the window of "recent" gaps.
+pub const DAY_US: i64 = 86_400_000_000;
+
+fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The agent's state as far as this host can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Its snapshot is fresh and its process is alive (or it is answering itself).
+    Running,
+    /// It stopped cleanly.
+    Stopped,
+    /// Its last snapshot says running, but it is old or the process is gone.
+    Died,
+    /// No snapshot beside this database.
+    Unknown,
+}
+
+/// Size of the database file and its WAL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DatabaseInfo {
+    /// The file.
+    pub path: String,
+    /// Its size.
+    pub size_bytes: u64,
+    /// The write-ahead log's size.
+    pub wal_bytes: u64,
+}
+
+impl DatabaseInfo {
+    /// Reads the sizes of `db` and `db.wal`.
+    pub fn of(db: &Path) -> Self {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = db.as_os_str().to_os_string();
+        wal.push(".wal");
+        DatabaseInfo {
+            path: db.display().to_string(),
+            size_bytes: size(db),
+            wal_bytes: size(Path::new(&wal)),
+        }
+    }
+}
+
+/// What `nattrail status` and `/api/v1/stats` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Whether the agent runs.
+    pub agent_state: AgentState,
+    /// Its counters (live from a running agent, else its last snapshot).
+    pub agent: Option<AgentStatus>,
+    /// Database size.
+    pub database: DatabaseInfo,
+    /// Where the gaps come from: "database" or "agent snapshot".
+    pub gaps_from: String,
+    /// Capture gaps of the last 24 hours.
+    pub gaps_24h: Vec<GapRecord>,
 }

@@ -5,10 +5,8 @@ use clap::Args;
 
 use super::output::{Format, endpoint, opt, pick, print_csv, print_json, print_table};
 use crate::config::Config;
-use crate::query::endpoint::parse_endpoint;
-use crate::query::flows::{FlowRow, FlowsQuery, flows};
-use crate::query::instant::{Zone, parse_instant};
-use crate::query::proto::Proto;
+use crate::query::flows::{FlowRow, flows};
+use crate::query::request::FlowsRequest;
 
 /// Arguments of `flows`.
 #[derive(Debug, Args)]
@@ -30,7 +28,7 @@ pub struct FlowsArgs {
     dst: Option<String>,
     /// tcp, udp or icmp.
     #[arg(long)]
-    proto: Option<Proto>,
+    proto: Option<String>,
     /// Flows alive at or after this instant.
     #[arg(long)]
     since: Option<String>,
@@ -51,48 +49,27 @@ pub struct FlowsArgs {
     json: bool,
 }
 
-fn ip_only(s: &Option<String>, flag: &str) -> Result<Option<std::net::IpAddr>> {
-    match s {
-        None => Ok(None),
-        Some(v) => match parse_endpoint(v).map_err(anyhow::Error::msg)? {
-            (ip, None) => Ok(Some(ip)),
-            (_, Some(_)) => anyhow::bail!("{flag} takes an address without port"),
-        },
-    }
-}
-
-/// Runs `flows`.
+/// Runs `flows`: through the running agent when there is one, else on the file.
 pub fn run(cfg: &Config, a: &FlowsArgs) -> Result<()> {
-    let zone = a.tz.as_deref().map(Zone::parse).transpose()?;
-    let (dst_ip, dst_port) = match &a.dst {
-        Some(d) => {
-            let (ip, port) = parse_endpoint(d).map_err(anyhow::Error::msg)?;
-            (Some(ip), port)
-        }
-        None => (None, None),
-    };
-    let q = FlowsQuery {
-        internal_ip: ip_only(&a.internal_ip, "--internal-ip")?,
-        public_ip: ip_only(&a.public_ip, "--public-ip")?,
-        port: a.port,
+    let req = FlowsRequest {
+        internal_ip: a.internal_ip.clone(),
+        public_ip: a.public_ip.clone(),
         public_port: a.public_port,
-        dst_ip,
-        dst_port,
-        proto: a.proto,
-        since: a
-            .since
-            .as_deref()
-            .map(|s| parse_instant(s, zone.as_ref()))
-            .transpose()?,
-        until: a
-            .until
-            .as_deref()
-            .map(|s| parse_instant(s, zone.as_ref()))
-            .transpose()?,
-        limit: a.limit,
+        port: a.port,
+        dst: a.dst.clone(),
+        proto: a.proto.clone(),
+        since: a.since.clone(),
+        until: a.until.clone(),
+        tz: a.tz.clone(),
+        limit: Some(a.limit),
     };
-    let conn = super::open_for_query(cfg)?;
-    let rows = flows(&conn, &q)?;
+    let rows: Vec<FlowRow> = match super::remote::agent(cfg)? {
+        Some(api) => api.get_json("/api/v1/flows", &req)?,
+        None => {
+            let q = req.to_query()?;
+            flows(&super::open_for_query(cfg)?, &q)?
+        }
+    };
     match pick(a.format, a.json) {
         Format::Json => print_json(&rows),
         Format::Csv => print_csv(&CSV_HEADER, &rows.iter().map(csv_row).collect::<Vec<_>>()),

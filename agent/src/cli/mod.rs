@@ -1,8 +1,10 @@
 //! The `nattrail` command line: the daemon and the forensic commands.
 
 mod capture;
+mod events;
 mod flows;
 mod output;
+mod remote;
 mod sql;
 mod status;
 mod who;
@@ -39,6 +41,8 @@ enum Command {
     Who(who::WhoArgs),
     /// List flows by address, port, protocol and time window.
     Flows(flows::FlowsArgs),
+    /// Raw conntrack events in order of receipt, a page at a time.
+    Events(events::EventsArgs),
     /// Run a read-only SQL query on the trail.
     Sql(sql::SqlArgs),
     /// The agent's pipeline counters, recent capture gaps and database size.
@@ -74,6 +78,7 @@ pub fn main() -> Result<()> {
         Command::Who(a) => who::run(&cfg, a),
         Command::Flows(a) => flows::run(&cfg, a),
         Command::Sql(a) => sql::run(&cfg, a),
+        Command::Events(a) => events::run(&cfg, a),
         Command::Status(a) => status::run(&cfg, a),
         Command::Capture(a) => capture::run(&cfg, a),
     }
@@ -98,8 +103,9 @@ fn open_for_query(cfg: &Config) -> Result<duckdb::Connection> {
     match crate::store::schema::open_ro(&cfg.db_path) {
         Ok(c) => Ok(c),
         Err(e @ crate::store::schema::StoreError::Locked { .. }) => Err(anyhow::anyhow!(
-            "{e}\nThe running agent holds the database; stop it to query the file directly \
-             (queries through the agent arrive with the HTTP API)."
+            "{e}\nThe running agent holds the database and its API did not answer on \
+             api.listen = {:?} (is [api] enabled, and is this the same --db and --config?).",
+            cfg.api.listen
         )),
         Err(e) => {
             if cfg.db_path == std::path::Path::new(DEFAULT_DB_PATH) {

@@ -1,20 +1,23 @@
 //! `nattrail sql`.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use clap::Args;
 
 use super::output::{Format, pick, print_csv, print_json, print_table};
 use crate::config::Config;
-use crate::query::sql::run_sql;
+use crate::query::request::SqlRequest;
+use crate::query::sql::{SqlResult, run_sql};
 
 /// Arguments of `sql`.
 #[derive(Debug, Args)]
 pub struct SqlArgs {
-    /// The query (read-only: the file is opened read-only).
+    /// The query: one SELECT or WITH ... SELECT.
     query: String,
-    /// At most this many rows.
-    #[arg(long, default_value_t = 10_000)]
-    max_rows: usize,
+    /// At most this many rows; a larger answer is an error (default: api.sql_row_limit).
+    #[arg(long)]
+    limit: Option<usize>,
     /// Output format.
     #[arg(long, value_enum)]
     format: Option<Format>,
@@ -33,8 +36,21 @@ fn cell(v: &serde_json::Value) -> String {
 
 /// Runs `sql`.
 pub fn run(cfg: &Config, a: &SqlArgs) -> Result<()> {
-    let conn = super::open_for_query(cfg)?;
-    let res = run_sql(&conn, &a.query, a.max_rows)?;
+    let limit = a.limit.unwrap_or(cfg.api.sql_row_limit);
+    let req = SqlRequest {
+        sql: a.query.clone(),
+        limit: Some(limit),
+        timeout_ms: Some(cfg.api.sql_timeout_ms),
+    };
+    let res: SqlResult = match super::remote::agent(cfg)? {
+        Some(api) => api.post_json("/api/v1/sql", &req)?,
+        None => run_sql(
+            &super::open_for_query(cfg)?,
+            &req.sql,
+            limit,
+            Duration::from_millis(cfg.api.sql_timeout_ms),
+        )?,
+    };
     let header: Vec<&str> = res.columns.iter().map(String::as_str).collect();
     let rows: Vec<Vec<String>> = res
         .rows
@@ -46,11 +62,7 @@ pub fn run(cfg: &Config, a: &SqlArgs) -> Result<()> {
         Format::Csv => print_csv(&header, &rows)?,
         Format::Table => {
             print_table(&header, &rows);
-            println!(
-                "{} row(s){}",
-                rows.len(),
-                if res.truncated { " (truncated)" } else { "" }
-            );
+            println!("{} row(s)", rows.len());
         }
     }
     Ok(())

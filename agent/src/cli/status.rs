@@ -3,12 +3,11 @@
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 use clap::Args;
-use serde::Serialize;
 
 use super::output::{print_json, print_table};
 use crate::config::Config;
-use crate::status::{self, AgentStatus};
-use crate::store::gaps::{self, GapRecord};
+use crate::status::{self, AgentState, AgentStatus, DatabaseInfo, StatusReport};
+use crate::store::gaps;
 use crate::store::schema::{StoreError, open_ro};
 
 /// A snapshot older than this while claiming "running" means the agent died.
@@ -20,37 +19,6 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-}
-
-/// The agent's state as far as this host can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-enum AgentState {
-    /// Its snapshot is fresh and its process is alive.
-    Running,
-    /// It stopped cleanly.
-    Stopped,
-    /// Its last snapshot says running, but it is old or the process is gone.
-    Died,
-    /// No snapshot beside this database.
-    Unknown,
-}
-
-#[derive(Debug, Serialize)]
-struct DatabaseInfo {
-    path: String,
-    size_bytes: u64,
-    wal_bytes: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct StatusReport {
-    agent_state: AgentState,
-    agent: Option<AgentStatus>,
-    database: DatabaseInfo,
-    /// Where the gaps come from: "database" or "agent snapshot".
-    gaps_from: &'static str,
-    gaps_24h: Vec<GapRecord>,
 }
 
 fn state_of(s: Option<&AgentStatus>) -> AgentState {
@@ -70,20 +38,11 @@ fn state_of(s: Option<&AgentStatus>) -> AgentState {
     }
 }
 
-/// Runs `status`.
-pub fn run(cfg: &Config, a: &StatusArgs) -> Result<()> {
+/// Builds the report from the files when no agent answers: its last snapshot, and the
+/// database when it can be opened.
+fn local_report(cfg: &Config) -> Result<StatusReport> {
     let snapshot = status::read(&cfg.db_path);
-    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let mut wal = cfg.db_path.clone().into_os_string();
-    wal.push(".wal");
-    let database = DatabaseInfo {
-        path: cfg.db_path.display().to_string(),
-        size_bytes: size(&cfg.db_path),
-        wal_bytes: size(std::path::Path::new(&wal)),
-    };
-    let day_ago = Utc::now().timestamp_micros() - 86_400_000_000;
-    // The database is authoritative when we can open it; a running agent holds it, and then
-    // its snapshot carries the same gaps.
+    let day_ago = Utc::now().timestamp_micros() - status::DAY_US;
     let (gaps_from, gaps_24h) = match open_ro(&cfg.db_path) {
         Ok(conn) => ("database", gaps::since(&conn, day_ago)?),
         Err(StoreError::Locked { .. }) | Err(StoreError::Missing(_)) => (
@@ -95,12 +54,20 @@ pub fn run(cfg: &Config, a: &StatusArgs) -> Result<()> {
         ),
         Err(e) => return Err(e.into()),
     };
-    let report = StatusReport {
+    Ok(StatusReport {
         agent_state: state_of(snapshot.as_ref()),
         agent: snapshot,
-        database,
-        gaps_from,
+        database: DatabaseInfo::of(&cfg.db_path),
+        gaps_from: gaps_from.to_string(),
         gaps_24h,
+    })
+}
+
+/// Runs `status`.
+pub fn run(cfg: &Config, a: &StatusArgs) -> Result<()> {
+    let report = match super::remote::agent(cfg)? {
+        Some(api) => api.get_json("/api/v1/stats", &())?,
+        None => local_report(cfg)?,
     };
     if a.json {
         return print_json(&report);

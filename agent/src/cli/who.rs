@@ -1,14 +1,12 @@
 //! `nattrail who`.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Args;
 
 use super::output::{endpoint, opt, print_json, print_table};
 use crate::config::Config;
-use crate::query::endpoint::parse_endpoint;
-use crate::query::instant::{Zone, parse_duration, parse_instant};
-use crate::query::proto::Proto;
-use crate::query::who::{WhoAnswer, WhoQuery, WhoStatus, who};
+use crate::query::request::WhoRequest;
+use crate::query::who::{WhoAnswer, WhoStatus, who};
 
 /// Arguments of `who`.
 #[derive(Debug, Args)]
@@ -30,7 +28,7 @@ pub struct WhoArgs {
     tz: Option<String>,
     /// tcp, udp or icmp.
     #[arg(long)]
-    proto: Option<Proto>,
+    proto: Option<String>,
     /// Destination IP[:PORT] the client talked to.
     #[arg(long)]
     dst: Option<String>,
@@ -39,50 +37,40 @@ pub struct WhoArgs {
     json: bool,
 }
 
-/// Builds the query from the arguments (all validation errors name the bad input).
-fn query(a: &WhoArgs) -> Result<WhoQuery> {
-    let (ip, port_in_ip) = parse_endpoint(&a.ip).map_err(anyhow::Error::msg)?;
-    if port_in_ip.is_some() {
-        bail!("--ip takes an address only; give the port with --port");
-    }
-    let zone = a.tz.as_deref().map(Zone::parse).transpose()?;
-    let at = parse_instant(&a.at, zone.as_ref())?;
-    let tolerance = parse_duration(&a.tolerance)?;
-    let (dst_ip, dst_port) = match &a.dst {
-        Some(d) => {
-            let (ip, port) = parse_endpoint(d).map_err(anyhow::Error::msg)?;
-            (Some(ip), port)
+impl WhoArgs {
+    fn request(&self) -> WhoRequest {
+        WhoRequest {
+            ip: self.ip.clone(),
+            port: self.port,
+            at: self.at.clone(),
+            tolerance: Some(self.tolerance.clone()),
+            tz: self.tz.clone(),
+            proto: self.proto.clone(),
+            dst: self.dst.clone(),
         }
-        None => (None, None),
-    };
-    Ok(WhoQuery {
-        ip,
-        port: a.port,
-        at,
-        tolerance,
-        proto: a.proto,
-        dst_ip,
-        dst_port,
-        // The CLI reads the database itself only when no agent holds it.
-        live: false,
-    })
+    }
 }
 
-/// Runs `who`.
+/// Runs `who`: through the running agent when there is one, else on the file.
 pub fn run(cfg: &Config, a: &WhoArgs) -> Result<()> {
-    let q = query(a)?;
-    let conn = super::open_for_query(cfg)?;
-    let ans = who(&conn, &q)?;
+    let req = a.request();
+    let ans: WhoAnswer = match super::remote::agent(cfg)? {
+        Some(api) => api.get_json("/api/v1/who", &req)?,
+        None => {
+            // The CLI reads the database itself only when no agent holds it.
+            let q = req.to_query(false)?;
+            who(&super::open_for_query(cfg)?, &q)?
+        }
+    };
     if a.json {
         print_json(&ans)
     } else {
-        print_human(&q, &ans);
+        print_human(&endpoint(&req.ip, Some(req.port)), &ans);
         Ok(())
     }
 }
 
-fn print_human(q: &WhoQuery, ans: &WhoAnswer) {
-    let public = endpoint(&q.ip.to_string(), Some(q.port));
+fn print_human(public: &str, ans: &WhoAnswer) {
     match ans.status {
         WhoStatus::None => {
             println!(

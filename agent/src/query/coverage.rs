@@ -2,13 +2,13 @@
 //! (before the first session, between sessions, after the last one stopped).
 
 use duckdb::Connection;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::QueryError;
 use super::who::rfc3339_us;
 
 /// Why the trail is incomplete over an interval.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HoleKind {
     /// Events were lost while the agent ran (a `capture_gaps` row).
@@ -18,7 +18,7 @@ pub enum HoleKind {
 }
 
 /// One interval the trail does not fully cover. Open ends are unbounded.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hole {
     /// gap or stopped.
     pub kind: HoleKind,

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
 use duckdb::{Connection, Row, ToSql};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::QueryError;
 use super::proto::Proto;
@@ -12,7 +12,7 @@ use super::who::rfc3339_us;
 use crate::conntrack::event::Addr;
 
 /// One flow as shown to operators.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FlowRow {
     /// The internal client.
     pub internal_ip: String,

@@ -2,9 +2,11 @@
 
 pub mod coverage;
 pub mod endpoint;
+pub mod events;
 pub mod flows;
 pub mod instant;
 pub mod proto;
+pub mod request;
 pub mod sql;
 pub mod who;
 
@@ -22,6 +24,15 @@ pub enum QueryError {
     /// The request itself is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The SQL is not a read-only query.
+    #[error("only read-only queries are allowed (SELECT or WITH ... SELECT), not {0}")]
+    ReadOnly(String),
+    /// The answer has more rows than allowed.
+    #[error("the query returns more than {0} rows: add a LIMIT or narrow it")]
+    RowLimit(usize),
+    /// The query ran past its time limit and was interrupted.
+    #[error("the query ran longer than {0:?} and was interrupted")]
+    Timeout(std::time::Duration),
 }
 
 impl QueryError {

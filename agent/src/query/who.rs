@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use duckdb::{Connection, ToSql};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::QueryError;
 use super::coverage::{Hole, holes};
@@ -34,7 +34,7 @@ pub struct WhoQuery {
 }
 
 /// How sure the answer is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WhoStatus {
     /// Exactly one flow fits the window.
@@ -49,7 +49,7 @@ pub enum WhoStatus {
 }
 
 /// One candidate flow and how well it fits.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WhoMatch {
     /// The flow.
     #[serde(flatten)]
@@ -61,7 +61,7 @@ pub struct WhoMatch {
 }
 
 /// The whole answer, as printed by `who --json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WhoAnswer {
     /// found, ambiguous or none.
     pub status: WhoStatus,

@@ -18,9 +18,10 @@ pub struct Database {
     path: PathBuf,
 }
 
-// SAFETY: a duckdb_database is a thread-safe handle to a DuckDB instance; we only connect
-// through it and close it once.
+// SAFETY: a duckdb_database is a thread-safe handle to a DuckDB instance: duckdb_connect may
+// be called from any thread at once, and it is closed once, in Drop.
 unsafe impl Send for Database {}
+unsafe impl Sync for Database {}
 
 impl Database {
     /// Opens the database read-write (creating it and its directory) and migrates it.

@@ -167,7 +167,7 @@ pub struct Writer {
     // Field order is drop order: the appender and connection go before the database.
     app: ChunkAppender,
     conn: Connection,
-    _db: Database,
+    db: Arc<Database>,
     next_seq: u64,
     open: HashMap<FlowKey, OpenFlow>,
     generation: u64,
@@ -218,7 +218,7 @@ impl Writer {
         let mut w = Writer {
             app,
             conn,
-            _db: db,
+            db: Arc::new(db),
             next_seq,
             open: HashMap::new(),
             generation: 1,
@@ -233,6 +233,11 @@ impl Writer {
             w.stats.recent_gaps.push(g);
         }
         Ok(w)
+    }
+
+    /// The database, for read connections (the query service).
+    pub fn database(&self) -> Arc<Database> {
+        Arc::clone(&self.db)
     }
 
     /// The capture session this writer records.

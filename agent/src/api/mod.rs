@@ -1,0 +1,10 @@
+//! The admin HTTP API: queries, stats and metrics of the running agent, behind a bearer
+//! token. DuckDB lets one process open the file read-write, and the agent is it; everything
+//! else (the CLI, scripts, a fleet controller) comes through here.
+
+pub mod auth;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+pub mod server;
+pub mod token;

@@ -1,0 +1,268 @@
+//! The routes and their handlers. Queries run on blocking threads, each on its own
+//! connection to the agent's database, so they answer while the writer ingests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::middleware::from_fn_with_state;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use chrono::Utc;
+use serde_json::json;
+
+use super::auth::require_token;
+use super::error::ApiError;
+use super::metrics;
+use crate::query::events::{EventsPage, events};
+use crate::query::flows::{FlowRow, flows};
+use crate::query::request::{EventsRequest, FlowsRequest, SqlRequest, WhoRequest};
+use crate::query::sql::{SqlResult, run_sql};
+use crate::query::who::{WhoAnswer, who};
+use crate::status::{AgentState, DatabaseInfo, StatusReport, StatusSource};
+use crate::store::database::Database;
+use crate::store::gaps;
+
+/// Every route, as (method, path): the OpenAPI document in `schemas/` is checked against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/health"),
+    ("get", "/metrics"),
+    ("get", "/api/v1/stats"),
+    ("get", "/api/v1/who"),
+    ("get", "/api/v1/flows"),
+    ("get", "/api/v1/events"),
+    ("post", "/api/v1/sql"),
+];
+
+/// Limits of the query endpoints.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Most rows `/sql` returns.
+    pub sql_row_limit: usize,
+    /// `/sql` time limit.
+    pub sql_timeout: Duration,
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The agent's database (read connections are made from it).
+    pub db: Arc<Database>,
+    /// The agent's counters.
+    pub status: StatusSource,
+    /// Query limits.
+    pub limits: Limits,
+}
+
+/// Runs `f` with a fresh connection on a blocking thread.
+async fn with_conn<T, F>(st: &ApiState, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&duckdb::Connection) -> Result<T, ApiError> + Send + 'static,
+{
+    let db = Arc::clone(&st.db);
+    tokio::task::spawn_blocking(move || {
+        let conn = db
+            .connect()
+            .map_err(|e| ApiError::internal(format!("connecting to the database: {e}")))?;
+        f(&conn)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
+}
+
+async fn health(State(st): State<ApiState>) -> impl IntoResponse {
+    Json(json!({"status": "ok", "db": st.db.path().display().to_string()}))
+}
+
+async fn metrics_text(State(st): State<ApiState>) -> impl IntoResponse {
+    let text = metrics::render(&st.status.snapshot(true), &DatabaseInfo::of(st.db.path()));
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+}
+
+async fn stats(State(st): State<ApiState>) -> Result<Json<StatusReport>, ApiError> {
+    let snapshot = st.status.snapshot(true);
+    let path = st.db.path().to_path_buf();
+    let gaps_24h = with_conn(&st, |c| {
+        gaps::since(c, Utc::now().timestamp_micros() - crate::status::DAY_US)
+            .map_err(|e| ApiError::internal(e.to_string()))
+    })
+    .await?;
+    Ok(Json(StatusReport {
+        agent_state: AgentState::Running,
+        agent: Some(snapshot),
+        database: DatabaseInfo::of(&path),
+        gaps_from: "database".into(),
+        gaps_24h,
+    }))
+}
+
+async fn who_route(
+    State(st): State<ApiState>,
+    q: Result<Query<WhoRequest>, QueryRejection>,
+) -> Result<Json<WhoAnswer>, ApiError> {
+    let q = q?.0.to_query(true)?;
+    with_conn(&st, move |c| Ok(who(c, &q)?)).await.map(Json)
+}
+
+async fn flows_route(
+    State(st): State<ApiState>,
+    q: Result<Query<FlowsRequest>, QueryRejection>,
+) -> Result<Json<Vec<FlowRow>>, ApiError> {
+    let q = q?.0.to_query()?;
+    with_conn(&st, move |c| Ok(flows(c, &q)?)).await.map(Json)
+}
+
+async fn events_route(
+    State(st): State<ApiState>,
+    q: Result<Query<EventsRequest>, QueryRejection>,
+) -> Result<Json<EventsPage>, ApiError> {
+    let q = q?.0.to_query()?;
+    with_conn(&st, move |c| Ok(events(c, &q)?)).await.map(Json)
+}
+
+async fn sql_route(
+    State(st): State<ApiState>,
+    body: Result<Json<SqlRequest>, JsonRejection>,
+) -> Result<Json<SqlResult>, ApiError> {
+    let req = body?.0;
+    let max_rows = req.limit.unwrap_or(st.limits.sql_row_limit);
+    if max_rows == 0 || max_rows > st.limits.sql_row_limit {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "limit {max_rows} outside 1..={} (api.sql_row_limit)",
+                st.limits.sql_row_limit
+            ),
+        ));
+    }
+    let timeout = req
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(st.limits.sql_timeout)
+        .min(st.limits.sql_timeout);
+    with_conn(&st, move |c| Ok(run_sql(c, &req.sql, max_rows, timeout)?))
+        .await
+        .map(Json)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// The whole API: `/health` open, everything else behind the token.
+pub fn router(state: ApiState, token: Arc<String>) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/who", get(who_route))
+        .route("/api/v1/flows", get(flows_route))
+        .route("/api/v1/events", get(events_route))
+        .route("/api/v1/sql", post(sql_route))
+        .fallback(not_found)
+        .layer(from_fn_with_state(token, require_token));
+    Router::new()
+        .route("/health", get(health))
+        .merge(protected)
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use axum::body::Body;
+    use axum::http::{Method, Request};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::conntrack::reader::ReaderStats;
+    use crate::pipeline::registry::Registry;
+    use crate::store::writer::WriterStats;
+
+    const OPENAPI: &str = include_str!("../../../schemas/api/openapi.json");
+
+    #[test]
+    fn openapi_document_lists_exactly_the_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let documented: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(move |m| (m.clone(), path.clone()))
+            })
+            .collect();
+        let served: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(documented, served);
+    }
+
+    #[tokio::test]
+    async fn every_listed_route_is_served_and_guarded() {
+        let dir = std::env::temp_dir().join(format!("nattrail-routes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
+        let state = ApiState {
+            db,
+            status: StatusSource::new(
+                Arc::new(Registry::default()),
+                Arc::new(ReaderStats::default()),
+                Arc::new(WriterStats::default()),
+            ),
+            limits: Limits {
+                max_body_bytes: 4096,
+                sql_row_limit: 100,
+                sql_timeout: Duration::from_secs(5),
+            },
+        };
+        let app = router(state, Arc::new("secret".into()));
+        for (method, path) in ROUTES {
+            let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
+            let bare = Request::builder()
+                .method(m.clone())
+                .uri(*path)
+                .body(Body::empty());
+            let status = app.clone().oneshot(bare.unwrap()).await.unwrap().status();
+            if *path == "/health" {
+                assert_eq!(status, StatusCode::OK);
+            } else {
+                assert_eq!(
+                    status,
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path} without token"
+                );
+            }
+            let authed = Request::builder()
+                .method(m)
+                .uri(*path)
+                .header("authorization", "Bearer secret")
+                .body(Body::empty())
+                .unwrap();
+            let status = app.clone().oneshot(authed).await.unwrap().status();
+            // Reached its handler: at worst a validation error, never "no such route".
+            assert!(
+                status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}: {status}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
