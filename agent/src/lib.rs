@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod daemon;
+pub mod docker;
 pub mod pipeline;
 pub mod query;
 pub mod status;

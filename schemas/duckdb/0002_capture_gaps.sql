@@ -6,8 +6,8 @@
 CREATE TABLE capture_gaps (
     session_id UBIGINT   NOT NULL,  -- capture_sessions.id of the agent run
     source     VARCHAR   NOT NULL,  -- 'conntrack' (kernel socket) or a pipeline stage name
-    gap_start  TIMESTAMP NOT NULL,  -- last instant the stream was known complete
-    gap_end    TIMESTAMP NOT NULL,  -- the resync that closed the hole finished here
+    start      TIMESTAMP NOT NULL,  -- last instant the stream was known complete
+    "end"      TIMESTAMP NOT NULL,  -- the resync that closed the hole finished here
     lost       UBIGINT,             -- events lost, as counted (kernel drop counter or stage); NULL if unknown
     reason     VARCHAR   NOT NULL
 );

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod error;
 pub mod metrics;
+pub mod patch;
 pub mod routes;
 pub mod server;
 pub mod token;

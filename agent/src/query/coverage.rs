@@ -120,8 +120,8 @@ pub fn holes(
 
     let mut stmt = conn
         .prepare(
-            "SELECT source, epoch_us(gap_start), epoch_us(gap_end), lost, reason FROM capture_gaps
-             WHERE epoch_us(gap_start) <= ? AND epoch_us(gap_end) >= ? ORDER BY gap_start",
+            "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
+             WHERE epoch_us(start) <= ? AND epoch_us(\"end\") >= ? ORDER BY start",
         )
         .map_err(QueryError::db("preparing the gap query"))?;
     let gaps = stmt

@@ -47,8 +47,8 @@ impl GapRecord {
 pub fn since(conn: &Connection, since_us: i64) -> Result<Vec<GapRecord>, StoreError> {
     let mut stmt = conn
         .prepare(
-            "SELECT source, epoch_us(gap_start), epoch_us(gap_end), lost, reason FROM capture_gaps
-             WHERE epoch_us(gap_end) >= ? ORDER BY gap_start",
+            "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
+             WHERE epoch_us(\"end\") >= ? ORDER BY start",
         )
         .map_err(db_err("preparing the gap query"))?;
     let rows = stmt
