@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod docker;
 pub mod pipeline;
 pub mod query;
+pub mod scan;
 pub mod status;
 pub mod store;

@@ -1,0 +1,316 @@
+//! Matching lines against a workload's effective rules: one `RegexSet` pass per line, then
+//! captures only for the rules that matched; a per-rule cooldown and a per-container token
+//! bucket keep a container gone wild from flooding the event log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use serde::Serialize;
+
+use super::rules::{Rule, Severity};
+use crate::docker::frames::Stream;
+
+/// Largest compiled program one rule may produce (regex's size limit), so a pathological
+/// pattern is refused when saved instead of eating the agent's memory.
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Longest hit message stored, in bytes.
+pub const MAX_MESSAGE: usize = 500;
+
+/// A rule whose pattern does not compile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CompileError {
+    /// The rule.
+    pub rule_id: u64,
+    /// regex's message.
+    pub error: String,
+}
+
+/// Compiles one pattern under the size limit.
+pub fn compile(pattern: &str) -> Result<Regex, String> {
+    RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The compiled effective rules of one workload.
+pub struct WorkloadRules {
+    set: RegexSet,
+    rules: Vec<(Rule, Regex)>,
+    /// Rules left out because their pattern does not compile.
+    pub errors: Vec<CompileError>,
+}
+
+impl WorkloadRules {
+    /// Compiles `rules`; the ones that fail are reported in `errors`, never silently dropped.
+    pub fn build(rules: Vec<Rule>) -> Self {
+        let mut ok = Vec::new();
+        let mut errors = Vec::new();
+        for r in rules {
+            match compile(&r.pattern) {
+                Ok(re) => ok.push((r, re)),
+                Err(error) => errors.push(CompileError {
+                    rule_id: r.id,
+                    error,
+                }),
+            }
+        }
+        let set = RegexSetBuilder::new(ok.iter().map(|(r, _)| r.pattern.as_str()))
+            .size_limit(REGEX_SIZE_LIMIT * ok.len().max(1))
+            .build()
+            .unwrap_or_else(|_| RegexSet::empty());
+        WorkloadRules {
+            set,
+            rules: ok,
+            errors,
+        }
+    }
+
+    /// Whether any rule reads `stream` (streams nobody reads are not opened).
+    pub fn wants(&self, stream: Stream) -> bool {
+        self.rules.iter().any(|(r, _)| r.stream.wants(stream))
+    }
+
+    /// The rules matching `line` on `stream`, with their captures.
+    pub fn matches<'a>(&'a self, line: &str, stream: Stream) -> Vec<(&'a Rule, Captures)> {
+        self.set
+            .matches(line)
+            .into_iter()
+            .filter_map(|i| {
+                let (rule, re) = &self.rules[i];
+                if !rule.stream.wants(stream) {
+                    return None;
+                }
+                Some((rule, captures(re, line)))
+            })
+            .collect()
+    }
+}
+
+/// Named groups by name, unnamed ones as `$N`; one value per distinct key.
+pub type Captures = BTreeMap<String, String>;
+
+fn captures(re: &Regex, line: &str) -> Captures {
+    let mut out = Captures::new();
+    let Some(c) = re.captures(line) else {
+        return out;
+    };
+    for (i, name) in re.capture_names().enumerate().skip(1) {
+        if let Some(m) = c.get(i) {
+            let key = name.map(str::to_string).unwrap_or_else(|| format!("${i}"));
+            out.entry(key).or_insert_with(|| m.as_str().to_string());
+        }
+    }
+    out
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut with "…".
+pub fn cut_message(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let room = max.saturating_sub('…'.len_utf8());
+    let mut end = room;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// A hit, ready for the event log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hit {
+    /// Severity (after the workload's override).
+    pub severity: Severity,
+    /// The line, cut to [`MAX_MESSAGE`] bytes.
+    pub message: String,
+    /// Workload, container, rule, stream and captures.
+    pub metadata: serde_json::Value,
+}
+
+/// Scan counters, shared by every tail.
+#[derive(Debug, Default)]
+pub struct ScanStats {
+    /// Lines scanned.
+    pub lines: AtomicU64,
+    /// Hits produced.
+    pub hits: AtomicU64,
+    /// Matches held back by a rule's cooldown.
+    pub suppressed_cooldown: AtomicU64,
+    /// Matches held back by the container's token bucket.
+    pub suppressed_bucket: AtomicU64,
+}
+
+/// The per-container state: cooldowns and the token bucket.
+pub struct ContainerScanner {
+    workload: String,
+    container: String,
+    last_hit: HashMap<u64, Instant>,
+    bucket: DefaultDirectRateLimiter,
+}
+
+impl ContainerScanner {
+    /// A scanner allowing `rate` hits per second with bursts of `burst`.
+    pub fn new(workload: &str, container: &str, rate: NonZeroU32, burst: NonZeroU32) -> Self {
+        ContainerScanner {
+            workload: workload.to_string(),
+            container: container.to_string(),
+            last_hit: HashMap::new(),
+            bucket: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+        }
+    }
+
+    /// Scans one line; `now` drives the cooldowns.
+    pub fn scan(
+        &mut self,
+        rules: &WorkloadRules,
+        line: &str,
+        stream: Stream,
+        now: Instant,
+        stats: &ScanStats,
+    ) -> Vec<Hit> {
+        stats.lines.fetch_add(1, Ordering::Relaxed);
+        let mut hits = Vec::new();
+        for (rule, caps) in rules.matches(line, stream) {
+            if let Some(last) = self.last_hit.get(&rule.id)
+                && now.saturating_duration_since(*last) < rule.cooldown
+            {
+                stats.suppressed_cooldown.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if self.bucket.check().is_err() {
+                stats.suppressed_bucket.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.last_hit.insert(rule.id, now);
+            stats.hits.fetch_add(1, Ordering::Relaxed);
+            hits.push(Hit {
+                severity: rule.severity,
+                message: cut_message(line, MAX_MESSAGE),
+                metadata: serde_json::json!({
+                    "workload": self.workload,
+                    "container": self.container,
+                    "rule_id": rule.id,
+                    "rule_name": rule.name,
+                    "stream": match stream { Stream::Stdout => "stdout", Stream::Stderr => "stderr" },
+                    "captures": caps,
+                }),
+            });
+        }
+        hits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::scan::rules::{Scope, StreamSel};
+
+    fn rule(id: u64, pattern: &str, stream: StreamSel, cooldown_s: u64) -> Rule {
+        Rule {
+            id,
+            name: format!("rule-{id}"),
+            pattern: pattern.into(),
+            stream,
+            severity: Severity::Error,
+            cooldown: Duration::from_secs(cooldown_s),
+            enabled: true,
+            scope: Scope::Global,
+        }
+    }
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    #[test]
+    fn one_pass_then_captures_of_the_matching_rules_only() {
+        let w = WorkloadRules::build(vec![
+            rule(
+                1,
+                r"login failed for (?P<user>\w+) from (\S+)",
+                StreamSel::Both,
+                0,
+            ),
+            rule(2, r"panic", StreamSel::Stderr, 0),
+            rule(3, r"(unclosed", StreamSel::Both, 0),
+        ]);
+        assert_eq!(w.errors.len(), 1);
+        assert_eq!(w.errors[0].rule_id, 3);
+        let m = w.matches("login failed for bob from 10.0.0.9", Stream::Stdout);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].0.id, 1);
+        assert_eq!(m[0].1["user"], "bob");
+        assert_eq!(m[0].1["$2"], "10.0.0.9");
+        assert!(
+            w.matches("panic: x", Stream::Stdout).is_empty(),
+            "stderr-only rule"
+        );
+        assert_eq!(w.matches("panic: x", Stream::Stderr).len(), 1);
+        assert!(w.wants(Stream::Stderr) && w.wants(Stream::Stdout));
+    }
+
+    #[test]
+    fn huge_patterns_are_refused() {
+        assert!(compile(r"\w{1000}\w{1000}\w{1000}").is_err());
+    }
+
+    #[test]
+    fn cooldown_per_rule_and_bucket_per_container() {
+        let w = WorkloadRules::build(vec![
+            rule(1, "error", StreamSel::Both, 10),
+            rule(2, "boom", StreamSel::Both, 0),
+        ]);
+        let stats = ScanStats::default();
+        let mut c = ContainerScanner::new("web", "web-1", nz(1), nz(3));
+        let t0 = Instant::now();
+        assert_eq!(c.scan(&w, "error 1", Stream::Stdout, t0, &stats).len(), 1);
+        assert!(
+            c.scan(
+                &w,
+                "error 2",
+                Stream::Stdout,
+                t0 + Duration::from_secs(5),
+                &stats
+            )
+            .is_empty()
+        );
+        // The bucket holds 3: one spent, two more booms pass, the rest are held back.
+        let booms: usize = (0..10)
+            .map(|_| c.scan(&w, "boom", Stream::Stdout, t0, &stats).len())
+            .sum();
+        assert_eq!(booms, 2);
+        assert_eq!(stats.hits.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.suppressed_cooldown.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.suppressed_bucket.load(Ordering::Relaxed), 8);
+        assert_eq!(stats.lines.load(Ordering::Relaxed), 12);
+    }
+
+    #[test]
+    fn messages_are_cut_on_a_char_boundary_with_an_ellipsis() {
+        let s = "é".repeat(300);
+        let m = cut_message(&s, MAX_MESSAGE);
+        assert!(m.len() <= MAX_MESSAGE && m.ends_with('…'));
+        assert_eq!(cut_message("short", MAX_MESSAGE), "short");
+        let hit = {
+            let w = WorkloadRules::build(vec![rule(7, "é", StreamSel::Both, 0)]);
+            let mut c = ContainerScanner::new("web", "web-1", nz(10), nz(10));
+            c.scan(
+                &w,
+                &s,
+                Stream::Stderr,
+                Instant::now(),
+                &ScanStats::default(),
+            )
+        };
+        assert_eq!(hit[0].metadata["stream"], "stderr");
+        assert_eq!(hit[0].metadata["rule_id"], 7);
+        assert!(hit[0].message.len() <= MAX_MESSAGE);
+    }
+}

@@ -1,0 +1,4 @@
+//! Log scanning: rules, their effective set per workload, and the matching engine.
+
+pub mod engine;
+pub mod rules;
