@@ -114,8 +114,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 
 fn bench(root: &Path, name: &str) -> Result<()> {
     match name {
-        "ingest" => cargo(root, &["bench", "-p", "nattrail", "--bench", "ingest"]),
-        other => bail!("unknown benchmark {other:?}; available: ingest"),
+        "ingest" | "scan" => cargo(root, &["bench", "-p", "nattrail", "--bench", name]),
+        other => bail!("unknown benchmark {other:?}; available: ingest, scan"),
     }
 }
 
