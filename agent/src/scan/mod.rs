@@ -1,4 +1,5 @@
 //! Log scanning: rules, their effective set per workload, and the matching engine.
 
 pub mod engine;
+pub mod live;
 pub mod rules;

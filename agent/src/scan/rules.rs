@@ -21,6 +21,27 @@ pub enum StreamSel {
 }
 
 impl StreamSel {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamSel::Stdout => "stdout",
+            StreamSel::Stderr => "stderr",
+            StreamSel::Both => "both",
+        }
+    }
+
+    /// Parses a stored or typed name.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "stdout" => Ok(StreamSel::Stdout),
+            "stderr" => Ok(StreamSel::Stderr),
+            "both" => Ok(StreamSel::Both),
+            other => Err(format!(
+                "unknown stream {other:?}: use stdout, stderr or both"
+            )),
+        }
+    }
+
     /// Whether lines of `s` are for this rule.
     pub fn wants(self, s: Stream) -> bool {
         matches!(
@@ -45,6 +66,31 @@ pub enum Severity {
     Error,
     /// Needs attention now.
     Critical,
+}
+
+impl Severity {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+            Severity::Critical => "critical",
+        }
+    }
+
+    /// Parses a stored or typed name.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "info" => Ok(Severity::Info),
+            "warning" => Ok(Severity::Warning),
+            "error" => Ok(Severity::Error),
+            "critical" => Ok(Severity::Critical),
+            other => Err(format!(
+                "unknown severity {other:?}: use info, warning, error or critical"
+            )),
+        }
+    }
 }
 
 /// Where a rule applies.

@@ -3,5 +3,6 @@
 pub mod chunk_appender;
 pub mod database;
 pub mod gaps;
+pub mod rules;
 pub mod schema;
 pub mod writer;

@@ -16,10 +16,15 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "capture gaps",
         include_str!("../../../schemas/duckdb/0002_capture_gaps.sql"),
     ),
+    (
+        3,
+        "log scan rules and event log",
+        include_str!("../../../schemas/duckdb/0003_log_scan.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Errors of opening or migrating the database.
 #[derive(Debug, thiserror::Error)]

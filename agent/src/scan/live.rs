@@ -1,0 +1,166 @@
+//! Hot reload: the rules in force are an immutable snapshot behind an `ArcSwap`. A change
+//! builds a new snapshot and swaps it in; every tail sees it from its next line, with no
+//! restart and no lock on the line path (a tail re-reads only when the version moved).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use super::engine::{CompileError, WorkloadRules, compile};
+use super::rules::{Override, Rule, effective};
+
+/// One version of the rules, with each workload's compiled set built on first use.
+pub struct RuleBook {
+    version: u64,
+    rules: Vec<Rule>,
+    overrides: Vec<Override>,
+    errors: Vec<CompileError>,
+    compiled: Mutex<HashMap<String, Arc<WorkloadRules>>>,
+}
+
+impl RuleBook {
+    fn new(version: u64, rules: Vec<Rule>, overrides: Vec<Override>) -> Self {
+        let errors = rules
+            .iter()
+            .filter_map(|r| {
+                compile(&r.pattern).err().map(|error| CompileError {
+                    rule_id: r.id,
+                    error,
+                })
+            })
+            .collect();
+        RuleBook {
+            version,
+            rules,
+            overrides,
+            errors,
+            compiled: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The effective, compiled rules of `workload`.
+    pub fn for_workload(&self, workload: &str) -> Arc<WorkloadRules> {
+        let mut cache = self.compiled.lock().expect("rule cache lock");
+        Arc::clone(cache.entry(workload.to_string()).or_insert_with(|| {
+            Arc::new(WorkloadRules::build(effective(
+                &self.rules,
+                &self.overrides,
+                workload,
+            )))
+        }))
+    }
+
+    /// Rules whose pattern does not compile (reported in stats and on the rule).
+    pub fn errors(&self) -> &[CompileError] {
+        &self.errors
+    }
+
+    /// This snapshot's version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+/// The rules in force.
+pub struct LiveRules {
+    book: ArcSwap<RuleBook>,
+    version: AtomicU64,
+}
+
+impl LiveRules {
+    /// Starts with these rules.
+    pub fn new(rules: Vec<Rule>, overrides: Vec<Override>) -> Self {
+        LiveRules {
+            book: ArcSwap::from_pointee(RuleBook::new(1, rules, overrides)),
+            version: AtomicU64::new(1),
+        }
+    }
+
+    /// Replaces the rules; tails pick them up from their next line.
+    pub fn replace(&self, rules: Vec<Rule>, overrides: Vec<Override>) {
+        let v = self.version.load(Ordering::Acquire) + 1;
+        self.book
+            .store(Arc::new(RuleBook::new(v, rules, overrides)));
+        self.version.store(v, Ordering::Release);
+    }
+
+    /// The current snapshot.
+    pub fn load(&self) -> Arc<RuleBook> {
+        self.book.load_full()
+    }
+
+    /// A tail's view of one workload's rules.
+    pub fn view(self: &Arc<Self>, workload: &str) -> WorkloadView {
+        let book = self.load();
+        WorkloadView {
+            live: Arc::clone(self),
+            workload: workload.to_string(),
+            version: book.version(),
+            rules: book.for_workload(workload),
+        }
+    }
+}
+
+/// What one tail holds: its workload's compiled rules, refreshed when the version moves.
+pub struct WorkloadView {
+    live: Arc<LiveRules>,
+    workload: String,
+    version: u64,
+    rules: Arc<WorkloadRules>,
+}
+
+impl WorkloadView {
+    /// The rules in force now (one atomic load per call when nothing changed).
+    pub fn current(&mut self) -> &WorkloadRules {
+        if self.live.version.load(Ordering::Acquire) != self.version {
+            let book = self.live.load();
+            self.version = book.version();
+            self.rules = book.for_workload(&self.workload);
+        }
+        &self.rules
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::docker::frames::Stream;
+    use crate::scan::rules::{Scope, Severity, StreamSel};
+
+    fn rule(id: u64, pattern: &str) -> Rule {
+        Rule {
+            id,
+            name: format!("r{id}"),
+            pattern: pattern.into(),
+            stream: StreamSel::Both,
+            severity: Severity::Info,
+            cooldown: Duration::ZERO,
+            enabled: true,
+            scope: Scope::Global,
+        }
+    }
+
+    #[test]
+    fn a_swap_applies_from_the_next_line() {
+        let live = Arc::new(LiveRules::new(vec![rule(1, "alpha")], Vec::new()));
+        let mut view = live.view("web");
+        assert_eq!(view.current().matches("beta here", Stream::Stdout).len(), 0);
+        live.replace(
+            vec![rule(1, "alpha"), rule(2, "beta"), rule(3, "(bad")],
+            Vec::new(),
+        );
+        assert_eq!(view.current().matches("beta here", Stream::Stdout).len(), 1);
+        assert_eq!(live.load().errors().len(), 1);
+        assert_eq!(live.load().errors()[0].rule_id, 3);
+        live.replace(vec![rule(1, "alpha")], Vec::new());
+        assert!(
+            view.current()
+                .matches("beta here", Stream::Stdout)
+                .is_empty()
+        );
+    }
+}
