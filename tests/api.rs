@@ -194,7 +194,7 @@ fn admin_api_over_http() -> Result<()> {
     }
     let done = traffic.join().expect("traffic thread")?;
     ensure!(answered >= 4, "only {answered} queries during ingestion");
-    lab.wait_conntrack_at_most(0, Duration::from_secs(60))?;
+    lab.wait_snat_flows_at_most(0, Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_millis(500));
 
     // /metrics parses as Prometheus text and carries the stage counters.

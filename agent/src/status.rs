@@ -92,6 +92,9 @@ pub struct WriterCounters {
     pub open_flows: u64,
     /// Capture gaps recorded.
     pub gaps: u64,
+    /// Event-log rows written.
+    #[serde(default)]
+    pub events: u64,
 }
 
 impl From<&WriterStats> for WriterCounters {
@@ -104,6 +107,7 @@ impl From<&WriterStats> for WriterCounters {
             reconciled: g(&s.reconciled),
             open_flows: g(&s.open_flows),
             gaps: g(&s.gaps),
+            events: g(&s.events),
         }
     }
 }

@@ -161,6 +161,12 @@ pub fn render(s: &AgentStatus, db: &DatabaseInfo) -> String {
             w.gaps,
         ),
         (
+            "nattrail_writer_events_total",
+            "counter",
+            "Event-log rows written.",
+            w.events,
+        ),
+        (
             "nattrail_writer_open_flows",
             "gauge",
             "Flows open in the trail.",

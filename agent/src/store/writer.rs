@@ -57,8 +57,25 @@ pub enum WriterMsg {
         /// Why.
         reason: &'static str,
     },
+    /// An entry of the event log (a log-rule hit, an agent event).
+    Event(LogEvent),
     /// Commit now and answer on the channel (tests and orderly shutdown of callers).
     Sync(crossbeam_channel::Sender<()>),
+}
+
+/// A row of `event_log`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEvent {
+    /// When it happened, ns since the epoch.
+    pub ts_ns: u64,
+    /// "logscan", "conntrack" or "agent".
+    pub source: &'static str,
+    /// info, warning, error or critical.
+    pub severity: &'static str,
+    /// At most 500 bytes.
+    pub message: String,
+    /// Structured details.
+    pub metadata: serde_json::Value,
 }
 
 /// Counters of the writer, readable from other threads.
@@ -76,6 +93,8 @@ pub struct WriterStats {
     pub open_flows: AtomicU64,
     /// Capture gaps recorded.
     pub gaps: AtomicU64,
+    /// Event-log rows written.
+    pub events: AtomicU64,
     /// Gaps of the last day (loaded at open) and those recorded since.
     pub recent_gaps: RecentGaps,
 }
@@ -370,6 +389,27 @@ impl Writer {
                 );
                 Ok(0)
             }
+            WriterMsg::Event(e) => {
+                // Hits are rate-limited upstream (cooldown, bucket): a cached statement is
+                // enough here, no appender.
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO event_log (ts, source, severity, message, metadata)
+                         VALUES (?, ?, ?, ?, ?::JSON)",
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![
+                            ts_value(e.ts_ns),
+                            e.source,
+                            e.severity,
+                            e.message,
+                            e.metadata.to_string()
+                        ])
+                    })
+                    .map_err(db_err("writing an event-log row"))?;
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                Ok(1)
+            }
             WriterMsg::Sync(_) => Ok(0),
         }
     }
@@ -588,4 +628,44 @@ fn hostname() -> String {
             warn!("could not read the hostname");
             String::new()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_log_rows_keep_their_json_metadata() {
+        let dir = std::env::temp_dir().join(format!("nattrail-eventlog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = WriterConfig {
+            db_path: dir.join("t.duckdb"),
+            ..WriterConfig::from_config(&crate::config::Config::default())
+        };
+        let stats = Arc::new(WriterStats::default());
+        let mut w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        let hit = |n: u64| {
+            WriterMsg::Event(LogEvent {
+                ts_ns: 1_700_000_000_000_000_000 + n,
+                source: "logscan",
+                severity: "error",
+                message: format!("login failed {n}"),
+                metadata: serde_json::json!({"rule_id": 3, "captures": {"user": "bob"}}),
+            })
+        };
+        w.write_batch([hit(1), hit(2)]).unwrap();
+        assert_eq!(stats.events.load(Ordering::Relaxed), 2);
+        let (n, user, ids): (u64, String, String) = w
+            .conn
+            .query_row(
+                "SELECT count(*)::UBIGINT, max(metadata->>'$.captures.user'), string_agg(id::VARCHAR, ',' ORDER BY id)
+                 FROM event_log WHERE source = 'logscan'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((n, user.as_str(), ids.as_str()), (2, "bob", "1,2"));
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

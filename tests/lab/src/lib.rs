@@ -342,6 +342,30 @@ impl NatLab {
         }
     }
 
+    /// Waits until the gateway tracks at most `n` source-NATed flows: the flows the agent
+    /// stores, leaving out the gateway's own connections (an API client on loopback).
+    pub fn wait_snat_flows_at_most(&self, n: usize, timeout: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let text = self.gw_sh(&["conntrack", "-L", "--src-nat"])?;
+            let flows: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("tcp") || l.starts_with("udp") || l.starts_with("icmp"))
+                .collect();
+            if flows.len() <= n {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "gateway still tracks {} source-NATed flows (want <= {n}) after {timeout:?}, e.g. {:?}",
+                    flows.len(),
+                    &flows[..flows.len().min(3)]
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     /// Runs a command inside the gateway namespace.
     pub fn gw_sh(&self, args: &[&str]) -> Result<String> {
         ns_sh(&self.gw_ns, args)
