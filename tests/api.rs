@@ -426,3 +426,32 @@ fn admin_api_over_http() -> Result<()> {
     server.stop()?;
     Ok(())
 }
+
+/// With conntrack off the agent has no source yet, but it keeps running and serving.
+#[test]
+fn agent_without_conntrack_keeps_serving() -> Result<()> {
+    let lab = NatLab::create(LabOptions {
+        clients: 1,
+        nat_ports: None,
+        ipv6: false,
+        short_timeouts: true,
+    })?;
+    let dir = Scratch::new("api-idle")?;
+    let (db, cfg) = (dir.join("trail.duckdb"), dir.join("agent.toml"));
+    std::fs::write(&cfg, "[conntrack]\nenabled = false\n")?;
+    let agent = AgentProcess::start(&bin(), &lab.gw_ns, &cfg, &db, &dir.join("agent.log"))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (st, body) = http(&lab.gw_ns, "GET", "/health", None, None)?;
+    ensure!(
+        st == 200,
+        "health after 2 s: {st} {body}\n{}",
+        agent.log_text()
+    );
+    ensure!(
+        !agent.log_text().contains("stopping"),
+        "the agent stopped on its own:\n{}",
+        agent.log_text()
+    );
+    ensure!(agent.stop()?.success(), "agent exit");
+    Ok(())
+}

@@ -81,7 +81,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 dump_at_start: cfg.conntrack.dump_at_start,
                 alive_until_ns,
             },
-            tx,
+            tx.clone(),
             Arc::clone(&reader_stats),
         )
         .context("opening the conntrack event socket")?;
@@ -94,7 +94,6 @@ pub fn run(cfg: Config) -> Result<()> {
                 .context("starting the conntrack reader thread")?,
         )
     } else {
-        drop(tx);
         None
     };
     let mut failure = None;
@@ -146,6 +145,9 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     shutdown.store(true, Ordering::Relaxed);
     info!("stopping");
+    // The daemon's own sender kept the writer open while no source ran (conntrack off); the
+    // writer drains and stops once the sources' senders are gone too.
+    drop(tx);
     if let Some(api) = api {
         api.stop();
     }
