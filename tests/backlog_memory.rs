@@ -13,6 +13,7 @@ use nattrail::conntrack::event::{Addr, Counters, EventKind, FlowEvent, IPS_SRC_N
 use nattrail::pipeline::stage::{Overflow, Sent, StageConfig, stage};
 use nattrail::store::schema::open_ro;
 use nattrail::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
+use nattrail_lab::memory::peak_rss_mib;
 
 /// The stated budget for the whole agent process under overload.
 const RSS_BUDGET_MIB: u64 = 256;
@@ -31,18 +32,6 @@ impl Write for Lines {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-fn peak_rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
 }
 
 fn synthetic(i: u64) -> FlowEvent {

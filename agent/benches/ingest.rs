@@ -10,20 +10,10 @@ use nattrail::conntrack::capture_file::read_datagrams;
 use nattrail::conntrack::decode::{Message, messages};
 use nattrail::conntrack::event::EventKind;
 use nattrail::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
+use nattrail_lab::memory::peak_rss_mib;
 
 const FIXTURE: &[u8] = include_bytes!("../../tests/fixtures/conntrack-lab.bin");
 const REPEATS: usize = 3;
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -150,7 +140,7 @@ fn main() {
         "database: {:.1} MiB, {:.1} B/row; peak RSS {} MiB",
         size as f64 / 1048576.0,
         size as f64 / rows.max(1) as f64,
-        peak_rss_kib() / 1024
+        peak_rss_mib()
     );
     println!("targets: decode >= 3,000,000 events/s, decode + store >= 500,000 events/s");
     let _ = std::fs::remove_dir_all(&dir);

@@ -103,7 +103,6 @@ pub fn run(cfg: Config) -> Result<()> {
         Arc::clone(&reader_stats),
         Arc::clone(&writer_stats),
     );
-    let snapshot = |running: bool| source.snapshot(running);
     let api = if cfg.api.enabled && !(cfg.api.listen.is_empty() && cfg.api.socket.is_empty()) {
         let token_path = cfg.api.token_path(&cfg.db_path);
         let token = token::load_or_create(&token_path).with_context(|| {
@@ -135,7 +134,7 @@ pub fn run(cfg: Config) -> Result<()> {
         registry.report();
         if last_status.elapsed() >= STATUS_EVERY {
             last_status = Instant::now();
-            if let Err(e) = status::write(&cfg.db_path, &snapshot(true))
+            if let Err(e) = status::write(&cfg.db_path, &source.snapshot(true))
                 && status_log.allow().is_some()
             {
                 warn!(error = %e, "could not write the status snapshot");
@@ -170,7 +169,7 @@ pub fn run(cfg: Config) -> Result<()> {
         Err(_) => failure = Some(anyhow!("writer panicked")),
     }
     registry.report();
-    if let Err(e) = status::write(&cfg.db_path, &snapshot(false)) {
+    if let Err(e) = status::write(&cfg.db_path, &source.snapshot(false)) {
         warn!(error = %e, "could not write the status snapshot");
     }
     if cfg.conntrack.restore_sysctls {

@@ -80,20 +80,21 @@ impl Api {
         }
     }
 
+    fn send<T: DeserializeOwned>(&self, req: reqwest::blocking::RequestBuilder) -> Result<T> {
+        let r = req
+            .bearer_auth(&self.token)
+            .send()
+            .with_context(|| format!("asking the agent at {}", self.base))?;
+        self.answer(r)
+    }
+
     /// GET `path` with `query` as the query string.
     pub fn get_json<Q: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
         query: &Q,
     ) -> Result<T> {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .query(query)
-            .send()
-            .with_context(|| format!("asking the agent at {}", self.base))?;
-        self.answer(r)
+        self.send(self.client.get(format!("{}{path}", self.base)).query(query))
     }
 
     /// POST `body` as JSON to `path`.
@@ -102,13 +103,6 @@ impl Api {
         path: &str,
         body: &B,
     ) -> Result<T> {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .with_context(|| format!("asking the agent at {}", self.base))?;
-        self.answer(r)
+        self.send(self.client.post(format!("{}{path}", self.base)).json(body))
     }
 }

@@ -118,30 +118,18 @@ pub fn holes(
         out.push(Hole::stopped(Some(end), None, reason));
     }
 
-    let mut stmt = conn
-        .prepare(
-            "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
-             WHERE epoch_us(start) <= ? AND epoch_us(\"end\") >= ? ORDER BY start",
-        )
-        .map_err(QueryError::db("preparing the gap query"))?;
-    let gaps = stmt
-        .query_map([hi_us, lo_us], |r| {
-            let (s, e): (i64, i64) = (r.get(1)?, r.get(2)?);
-            Ok(Hole {
-                kind: HoleKind::Gap,
-                start: Some(rfc3339_us(s)),
-                end: Some(rfc3339_us(e)),
-                start_us: Some(s),
-                end_us: Some(e),
-                source: Some(r.get(0)?),
-                lost: r.get(3)?,
-                reason: r.get(4)?,
-            })
-        })
+    let gaps = crate::store::gaps::overlapping(conn, lo_us, hi_us)
         .map_err(QueryError::db("reading capture gaps"))?;
-    for g in gaps {
-        out.push(g.map_err(QueryError::db("reading capture gaps"))?);
-    }
+    out.extend(gaps.into_iter().map(|g| Hole {
+        kind: HoleKind::Gap,
+        start: Some(g.start),
+        end: Some(g.end),
+        start_us: Some(g.start_us),
+        end_us: Some(g.end_us),
+        source: Some(g.source),
+        lost: g.lost,
+        reason: g.reason,
+    }));
     out.retain(|h| h.overlaps(lo_us, hi_us));
     out.sort_by_key(|h| h.start_us.unwrap_or(i64::MIN));
     Ok(out)

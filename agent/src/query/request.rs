@@ -34,6 +34,24 @@ fn instant(
         .map_err(invalid)
 }
 
+/// The `since`/`until` pair of a listing, local instants read in `tz`.
+type Window = (
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
+
+fn window(
+    since: &Option<String>,
+    until: &Option<String>,
+    tz: &Option<String>,
+) -> Result<Window, QueryError> {
+    let zone = zone(tz)?;
+    Ok((
+        instant(since, zone.as_ref())?,
+        instant(until, zone.as_ref())?,
+    ))
+}
+
 fn ip_only(s: &Option<String>, field: &str) -> Result<Option<IpAddr>, QueryError> {
     match s {
         None => Ok(None),
@@ -163,7 +181,7 @@ pub struct FlowsRequest {
 impl FlowsRequest {
     /// Validates into a query.
     pub fn to_query(&self) -> Result<FlowsQuery, QueryError> {
-        let zone = zone(&self.tz)?;
+        let (since, until) = window(&self.since, &self.until, &self.tz)?;
         let (dst_ip, dst_port) = endpoint(&self.dst)?;
         Ok(FlowsQuery {
             internal_ip: ip_only(&self.internal_ip, "internal_ip")?,
@@ -173,8 +191,8 @@ impl FlowsRequest {
             dst_ip,
             dst_port,
             proto: proto(&self.proto)?,
-            since: instant(&self.since, zone.as_ref())?,
-            until: instant(&self.until, zone.as_ref())?,
+            since,
+            until,
             limit: limit(self.limit, 100)?,
         })
     }
@@ -213,7 +231,7 @@ pub struct EventsRequest {
 impl EventsRequest {
     /// Validates into a query.
     pub fn to_query(&self) -> Result<EventsQuery, QueryError> {
-        let zone = zone(&self.tz)?;
+        let (since, until) = window(&self.since, &self.until, &self.tz)?;
         let kind = match self.kind.as_deref() {
             None => None,
             Some("new") => Some(1u8),
@@ -226,8 +244,8 @@ impl EventsRequest {
             }
         };
         Ok(EventsQuery {
-            since: instant(&self.since, zone.as_ref())?,
-            until: instant(&self.until, zone.as_ref())?,
+            since,
+            until,
             ip: ip_only(&self.ip, "ip")?,
             port: self.port,
             kind,

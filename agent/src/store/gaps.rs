@@ -23,6 +23,9 @@ pub struct GapRecord {
     pub end: String,
     /// Window start in µs since the epoch.
     pub start_us: i64,
+    /// Window end in µs since the epoch.
+    #[serde(default, skip_serializing)]
+    pub end_us: i64,
     /// Events lost, when counted.
     pub lost: Option<u64>,
     /// Why.
@@ -37,35 +40,37 @@ impl GapRecord {
             start: rfc3339_us(start_us),
             end: rfc3339_us(end_us),
             start_us,
+            end_us,
             lost,
             reason: reason.to_string(),
         }
     }
 }
 
+/// Gaps overlapping `[lo_us, hi_us]`, oldest first: the one reading of `capture_gaps`,
+/// for `status` and for `who`'s coverage.
+pub fn overlapping(conn: &Connection, lo_us: i64, hi_us: i64) -> duckdb::Result<Vec<GapRecord>> {
+    let mut stmt = conn.prepare(
+        "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
+         WHERE epoch_us(start) <= ? AND epoch_us(\"end\") >= ? ORDER BY start",
+    )?;
+    let rows = stmt.query_map([hi_us, lo_us], |r| {
+        let source: String = r.get(0)?;
+        let reason: String = r.get(4)?;
+        Ok(GapRecord::new(
+            &source,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            &reason,
+        ))
+    })?;
+    rows.collect()
+}
+
 /// Gaps that ended at or after `since_us`, oldest first.
 pub fn since(conn: &Connection, since_us: i64) -> Result<Vec<GapRecord>, StoreError> {
-    let mut stmt = conn
-        .prepare(
-            "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
-             WHERE epoch_us(\"end\") >= ? ORDER BY start",
-        )
-        .map_err(db_err("preparing the gap query"))?;
-    let rows = stmt
-        .query_map([since_us], |r| {
-            let source: String = r.get(0)?;
-            let reason: String = r.get(4)?;
-            Ok(GapRecord::new(
-                &source,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                &reason,
-            ))
-        })
-        .map_err(db_err("reading capture gaps"))?;
-    rows.collect::<Result<_, _>>()
-        .map_err(db_err("reading capture gaps"))
+    overlapping(conn, since_us, i64::MAX).map_err(db_err("reading capture gaps"))
 }
 
 /// The most recent gaps, bounded, shared between the writer and the status snapshot.
