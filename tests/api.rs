@@ -131,7 +131,7 @@ fn admin_api_over_http() -> Result<()> {
     std::fs::write(
         &cfg,
         format!(
-            "[store]\ncommit_interval_ms = 100\n[api]\nlisten = \"127.0.0.1:7466\"\nsocket = \"{}\"\nsql_row_limit = 1000\nmax_body_bytes = 4096\n",
+            "[docker]\nenabled = false\n[store]\ncommit_interval_ms = 100\n[api]\nlisten = \"127.0.0.1:7466\"\nsocket = \"{}\"\nsql_row_limit = 1000\nmax_body_bytes = 4096\n",
             dir.join("api.sock").display()
         ),
     )?;
@@ -438,7 +438,10 @@ fn agent_without_conntrack_keeps_serving() -> Result<()> {
     })?;
     let dir = Scratch::new("api-idle")?;
     let (db, cfg) = (dir.join("trail.duckdb"), dir.join("agent.toml"));
-    std::fs::write(&cfg, "[conntrack]\nenabled = false\n")?;
+    std::fs::write(
+        &cfg,
+        "[conntrack]\nenabled = false\n[docker]\nenabled = false\n",
+    )?;
     let agent = AgentProcess::start(&bin(), &lab.gw_ns, &cfg, &db, &dir.join("agent.log"))?;
     std::thread::sleep(Duration::from_secs(2));
     let (st, body) = http(&lab.gw_ns, "GET", "/health", None, None)?;

@@ -123,7 +123,7 @@ fn overflow_burst_records_gaps_and_resyncs() -> Result<()> {
     let (db, cfg) = (dir.join("trail.duckdb"), dir.join("agent.toml"));
     std::fs::write(
         &cfg,
-        "[conntrack]\nrcvbuf_bytes = 4096\n[store]\ncommit_interval_ms = 100\n",
+        "[docker]\nenabled = false\n[conntrack]\nrcvbuf_bytes = 4096\n[store]\ncommit_interval_ms = 100\n",
     )?;
     let agent = AgentProcess::start(
         std::path::Path::new(env!("CARGO_BIN_EXE_nattrail")),

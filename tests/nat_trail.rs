@@ -27,7 +27,10 @@ fn bin() -> PathBuf {
 
 fn write_config(dir: &Scratch) -> Result<PathBuf> {
     let p = dir.join("agent.toml");
-    std::fs::write(&p, "[store]\ncommit_interval_ms = 100\n")?;
+    std::fs::write(
+        &p,
+        "[docker]\nenabled = false\n[store]\ncommit_interval_ms = 100\n",
+    )?;
     Ok(p)
 }
 

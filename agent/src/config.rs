@@ -61,6 +61,49 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// The admin HTTP API.
     pub api: ApiConfig,
+    /// Container log scanning.
+    pub docker: DockerConfig,
+}
+
+/// `[docker]`: container discovery, log tails and the scan workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// Scan container logs at all.
+    pub enabled: bool,
+    /// dockerd's API socket.
+    pub socket: PathBuf,
+    /// Labels whose values name a container's workload, besides its name and compose
+    /// service.
+    pub workload_labels: Vec<String>,
+    /// Hits per second one container may produce (its token bucket's rate).
+    pub hits_per_sec: u32,
+    /// Burst of that bucket.
+    pub hits_burst: u32,
+    /// Scan worker threads (each owns a share of the containers).
+    pub scan_workers: usize,
+    /// Line batches waiting for each worker before tails are slowed down.
+    pub channel_capacity: usize,
+    /// Cap on one reassembled line, in bytes (the rest is skipped to the newline).
+    pub max_line_bytes: usize,
+    /// How often a container's read position is saved when it produces no hit, in ms.
+    pub cursor_interval_ms: u64,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            enabled: true,
+            socket: PathBuf::from("/var/run/docker.sock"),
+            workload_labels: vec!["nattrail.workload".into()],
+            hits_per_sec: 10,
+            hits_burst: 50,
+            scan_workers: 2,
+            channel_capacity: 128,
+            max_line_bytes: crate::docker::lines::MAX_LINE,
+            cursor_interval_ms: 1_000,
+        }
+    }
 }
 
 /// `[api]`.
@@ -171,6 +214,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             pipeline: PipelineConfig::default(),
             api: ApiConfig::default(),
+            docker: DockerConfig::default(),
         }
     }
 }
@@ -234,6 +278,21 @@ impl Config {
                     self.conntrack.rcvbuf_bytes
                 ),
             });
+        }
+        let d = &self.docker;
+        for (key, zero) in [
+            ("docker.hits_per_sec", d.hits_per_sec == 0),
+            ("docker.hits_burst", d.hits_burst == 0),
+            ("docker.scan_workers", d.scan_workers == 0),
+            ("docker.channel_capacity", d.channel_capacity == 0),
+            ("docker.max_line_bytes", d.max_line_bytes < 64),
+        ] {
+            if zero {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "is too small (must be at least 1; max_line_bytes at least 64)".into(),
+                });
+            }
         }
         if self.conntrack.channel_capacity == 0 {
             return Err(ConfigError::Invalid {

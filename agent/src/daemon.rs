@@ -19,10 +19,15 @@ use crate::api::token;
 use crate::config::Config;
 use crate::conntrack::reader::{GAP_SOURCE_BACKLOG, Reader, ReaderConfig, ReaderStats};
 use crate::conntrack::sysctl;
+use crate::docker::source::{DockerSource, SourceConfig};
 use crate::pipeline::registry::Registry;
+use crate::pipeline::stage::StageTx;
 use crate::pipeline::stage::{Overflow, StageConfig, stage};
+use crate::scan::service::LogScan;
+use crate::scan::worker::{self, ScanMsg, WorkerConfig};
 use crate::status::{self, StatusSource};
-use crate::store::writer::{Writer, WriterConfig, WriterStats};
+use crate::store::cursors;
+use crate::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
 
 /// Runs the agent until SIGINT or SIGTERM; then flushes and closes the database.
 pub fn run(cfg: Config) -> Result<()> {
@@ -39,6 +44,10 @@ pub fn run(cfg: Config) -> Result<()> {
     let alive_until_ns = writer.previous_session_end_ns();
     let database = writer.database();
     info!(db = %cfg.db_path.display(), session = writer.session_id(), "trail open");
+    let logscan = {
+        let conn = database.connect().context("connecting to the trail")?;
+        Arc::new(LogScan::load(&conn).context("loading the log-scan rules")?)
+    };
 
     let applied = if cfg.conntrack.enabled {
         sysctl::Wanted {
@@ -69,6 +78,12 @@ pub fn run(cfg: Config) -> Result<()> {
         .name("writer".into())
         .spawn(move || writer.run(rx, &writer_cfg))
         .context("starting the writer thread")?;
+
+    let (docker, scan_workers) = if cfg.docker.enabled {
+        start_log_scan(&cfg, &logscan, &database, &tx, &registry)?
+    } else {
+        (None, Vec::new())
+    };
 
     let reader_stats = Arc::new(ReaderStats::default());
     // Set by the reader after its start-up dump; without conntrack there is nothing to wait for.
@@ -102,6 +117,7 @@ pub fn run(cfg: Config) -> Result<()> {
         Arc::clone(&registry),
         Arc::clone(&reader_stats),
         Arc::clone(&writer_stats),
+        Some(Arc::clone(&logscan)),
     );
     let api = if cfg.api.enabled && !(cfg.api.listen.is_empty() && cfg.api.socket.is_empty()) {
         let token_path = cfg.api.token_path(&cfg.db_path);
@@ -146,10 +162,20 @@ pub fn run(cfg: Config) -> Result<()> {
     info!("stopping");
     // The daemon's own sender kept the writer open while no source ran (conntrack off); the
     // writer drains and stops once the sources' senders are gone too.
-    drop(tx);
     if let Some(api) = api {
         api.stop();
     }
+    // Tails first: the workers then drain what was read, save the last positions and let
+    // go of the writer.
+    if let Some(d) = docker {
+        d.stop();
+    }
+    for w in scan_workers {
+        if w.join().is_err() {
+            failure = Some(anyhow!("a scan worker panicked"));
+        }
+    }
+    drop(tx);
     if let Some(t) = reader_thread {
         match t.join() {
             Ok(Ok(())) => {}
@@ -185,4 +211,67 @@ pub fn run(cfg: Config) -> Result<()> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+type ScanWorkers = Vec<thread::JoinHandle<()>>;
+
+/// Starts the scan workers and the Docker source (discovery and tails).
+fn start_log_scan(
+    cfg: &Config,
+    logscan: &Arc<LogScan>,
+    database: &Arc<crate::store::database::Database>,
+    writer: &StageTx<WriterMsg>,
+    registry: &Registry,
+) -> Result<(Option<DockerSource>, ScanWorkers)> {
+    let d = &cfg.docker;
+    let positions = {
+        let conn = database.connect().context("connecting to the trail")?;
+        cursors::load(&conn).context("loading the log cursors")?
+    };
+    let worker_cfg = WorkerConfig {
+        hits_per_sec: d.hits_per_sec.try_into().context("docker.hits_per_sec")?,
+        hits_burst: d.hits_burst.try_into().context("docker.hits_burst")?,
+        cursor_interval: Duration::from_millis(d.cursor_interval_ms),
+    };
+    let mut shards = Vec::new();
+    let mut workers = Vec::new();
+    for i in 0..d.scan_workers {
+        // Stage names live as long as the agent: one small leak per worker at start.
+        let name: &'static str = Box::leak(format!("docker->scan{i}").into_boxed_str());
+        // dockerd keeps the logs: a full backlog makes the tails wait, it never drops.
+        let (stx, srx, handle) = stage::<ScanMsg>(StageConfig {
+            max_wait: Duration::from_millis(cfg.pipeline.max_wait_ms),
+            warn_interval: Duration::from_secs(cfg.pipeline.warn_interval_secs),
+            ..StageConfig::new(name, d.channel_capacity, Overflow::Wait)
+        });
+        registry.add(handle);
+        shards.push(stx);
+        let (writer, live, stats, wc) = (
+            writer.clone(),
+            Arc::clone(&logscan.live),
+            Arc::clone(&logscan.scan),
+            worker_cfg.clone(),
+        );
+        workers.push(
+            thread::Builder::new()
+                .name(format!("scan{i}"))
+                .spawn(move || worker::run(srx, writer, live, stats, wc))
+                .context("starting a scan worker")?,
+        );
+    }
+    let source = DockerSource::start(
+        SourceConfig {
+            socket: d.socket.clone(),
+            workload_labels: d.workload_labels.clone(),
+            max_line: d.max_line_bytes,
+        },
+        Arc::clone(&logscan.live),
+        shards,
+        positions,
+        Arc::clone(&logscan.source),
+        Arc::clone(&logscan.tails),
+    )
+    .with_context(|| format!("connecting to dockerd at {}", d.socket.display()))?;
+    info!(workers = d.scan_workers, socket = %d.socket.display(), "log scanning started");
+    Ok((Some(source), workers))
 }

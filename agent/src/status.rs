@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::conntrack::reader::ReaderStats;
 use crate::pipeline::registry::Registry;
 use crate::pipeline::stage::StageSnapshot;
+use crate::scan::service::{LogScan, LogScanCounters};
 use crate::store::gaps::GapRecord;
 use crate::store::writer::WriterStats;
 
@@ -35,6 +36,9 @@ pub struct AgentStatus {
     pub writer: WriterCounters,
     /// Capture gaps of the last 24 hours.
     pub gaps_24h: Vec<GapRecord>,
+    /// Container log scanning, when enabled.
+    #[serde(default)]
+    pub logscan: Option<LogScanCounters>,
 }
 
 /// A reading of [`ReaderStats`].
@@ -145,6 +149,8 @@ pub struct StatusSource {
     pub reader: Arc<ReaderStats>,
     /// Writer counters.
     pub writer: Arc<WriterStats>,
+    /// Log scanning, when enabled.
+    pub logscan: Option<Arc<LogScan>>,
 }
 
 impl StatusSource {
@@ -153,12 +159,14 @@ impl StatusSource {
         registry: Arc<Registry>,
         reader: Arc<ReaderStats>,
         writer: Arc<WriterStats>,
+        logscan: Option<Arc<LogScan>>,
     ) -> Self {
         StatusSource {
             started: now_rfc3339(),
             registry,
             reader,
             writer,
+            logscan,
         }
     }
 
@@ -176,6 +184,7 @@ impl StatusSource {
                 .writer
                 .recent_gaps
                 .since(Utc::now().timestamp_micros() - DAY_US),
+            logscan: self.logscan.as_ref().map(|l| l.counters()),
         }
     }
 }

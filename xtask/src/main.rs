@@ -97,6 +97,9 @@ fn prepare_host() -> Result<()> {
             let _ = Command::new("mount").args(["-t", fs, fs, target]).status();
         }
     }
+    // The Docker tests and the demo need a dockerd and the busybox image.
+    nattrail_lab::docker::ensure_dockerd()?;
+    nattrail_lab::docker::ensure_image()?;
     Ok(())
 }
 
@@ -122,6 +125,7 @@ fn bench(root: &Path, name: &str) -> Result<()> {
 fn demo(root: &Path) -> Result<()> {
     require_root()?;
     packages::ensure(packages::NEEDED)?;
+    prepare_host()?;
     cargo(root, &["build", "--release", "-p", "nattrail"])?;
     let bin = built_binary();
 
@@ -144,11 +148,35 @@ fn demo(root: &Path) -> Result<()> {
     );
     std::fs::write(&cfg, "[store]\ncommit_interval_ms = 200\n")?;
 
+    println!("== a log-scan rule for every container");
+    show(
+        &bin,
+        &db,
+        &[
+            "rules",
+            "add",
+            "--name",
+            "backend-down",
+            "--pattern",
+            r"ERROR (?P<what>\w+) unreachable",
+            "--severity",
+            "error",
+        ],
+    )?;
     println!(
         "== starting the agent in the gateway namespace ({})",
         lab.gw_ns
     );
     let agent = AgentProcess::start(&bin, &lab.gw_ns, &cfg, &db, &log)?;
+
+    println!("== a container that logs trouble on stderr");
+    let web = "nattrail-demo-web";
+    nattrail_lab::docker::run(
+        web,
+        false,
+        "echo serving; echo 'ERROR payments unreachable' >&2; echo done",
+    )?;
+    nattrail_lab::docker::wait_exited(web, Duration::from_secs(30))?;
 
     println!("== 36 short connections (TCP and UDP) and one that stays open");
     let specs: Vec<FlowSpec> = (0..36)
@@ -180,6 +208,17 @@ fn demo(root: &Path) -> Result<()> {
     if !status.success() {
         bail!("agent exited with {status}");
     }
+    let _ = Command::new("docker").args(["rm", "-f", web]).output();
+    println!("\n== the container's hit in the event log");
+    show(
+        &bin,
+        &db,
+        &[
+            "sql",
+            "SELECT ts, severity, message, metadata->>'container' AS container, \
+             metadata->'captures' AS captures FROM event_log WHERE source = 'logscan'",
+        ],
+    )?;
 
     let pick = &done[7];
     let seen = server
@@ -205,7 +244,7 @@ fn demo(root: &Path) -> Result<()> {
         "--tolerance",
         "2s",
     ];
-    show_who(&bin, &db, &cmd)?;
+    show(&bin, &db, &cmd)?;
     if let Some(seen_open) = server.seen("demo-open") {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let port = seen_open.peer.port().to_string();
@@ -221,7 +260,7 @@ fn demo(root: &Path) -> Result<()> {
             "--proto",
             "tcp",
         ];
-        show_who(&bin, &db, &cmd)?;
+        show(&bin, &db, &cmd)?;
     }
     server.stop()?;
     drop(lab);
@@ -231,7 +270,7 @@ fn demo(root: &Path) -> Result<()> {
 }
 
 /// Prints a `nattrail` command line, then runs it so its answer follows.
-fn show_who(bin: &Path, db: &Path, args: &[&str]) -> Result<()> {
+fn show(bin: &Path, db: &Path, args: &[&str]) -> Result<()> {
     println!("$ nattrail --db {} {}", db.display(), args.join(" "));
     let st = Command::new(bin).arg("--db").arg(db).args(args).status()?;
     if !st.success() {

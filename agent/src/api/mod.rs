@@ -7,5 +7,6 @@ pub mod error;
 pub mod metrics;
 pub mod patch;
 pub mod routes;
+pub mod rules;
 pub mod server;
 pub mod token;

@@ -12,13 +12,14 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use chrono::Utc;
 use serde_json::json;
 
 use super::auth::require_token;
 use super::error::ApiError;
 use super::metrics;
+use super::rules;
 use crate::query::events::{EventsPage, events};
 use crate::query::flows::{FlowRow, flows};
 use crate::query::request::{EventsRequest, FlowsRequest, SqlRequest, WhoRequest};
@@ -37,6 +38,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/flows"),
     ("get", "/api/v1/events"),
     ("post", "/api/v1/sql"),
+    ("get", "/api/v1/rules"),
+    ("post", "/api/v1/rules"),
+    ("get", "/api/v1/rules/{id}"),
+    ("patch", "/api/v1/rules/{id}"),
+    ("delete", "/api/v1/rules/{id}"),
+    ("put", "/api/v1/rules/{id}/overrides/{workload}"),
+    ("post", "/api/v1/rules/test"),
+    ("get", "/api/v1/workloads/{id}/effective-rules"),
 ];
 
 /// Limits of the query endpoints.
@@ -62,7 +71,7 @@ pub struct ApiState {
 }
 
 /// Runs `f` with a fresh connection on a blocking thread.
-async fn with_conn<T, F>(st: &ApiState, f: F) -> Result<T, ApiError>
+pub(super) async fn with_conn<T, F>(st: &ApiState, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&duckdb::Connection) -> Result<T, ApiError> + Send + 'static,
@@ -170,6 +179,22 @@ pub fn router(state: ApiState, token: Arc<String>) -> Router {
         .route("/api/v1/flows", get(flows_route))
         .route("/api/v1/events", get(events_route))
         .route("/api/v1/sql", post(sql_route))
+        .route("/api/v1/rules", get(rules::list).post(rules::create))
+        .route("/api/v1/rules/test", post(rules::trial))
+        .route(
+            "/api/v1/rules/{id}",
+            get(rules::get_one)
+                .patch(rules::patch)
+                .delete(rules::delete),
+        )
+        .route(
+            "/api/v1/rules/{id}/overrides/{workload}",
+            put(rules::put_override),
+        )
+        .route(
+            "/api/v1/workloads/{id}/effective-rules",
+            get(rules::effective),
+        )
         .fallback(not_found)
         .layer(from_fn_with_state(token, require_token));
     Router::new()
@@ -226,6 +251,7 @@ mod tests {
                 Arc::new(Registry::default()),
                 Arc::new(ReaderStats::default()),
                 Arc::new(WriterStats::default()),
+                None,
             ),
             limits: Limits {
                 max_body_bytes: 4096,

@@ -5,6 +5,7 @@ mod events;
 mod flows;
 mod output;
 mod remote;
+mod rules;
 mod sql;
 mod status;
 mod who;
@@ -47,6 +48,8 @@ enum Command {
     Sql(sql::SqlArgs),
     /// The agent's pipeline counters, recent capture gaps and database size.
     Status(status::StatusArgs),
+    /// Log-scan rules: add, list, remove, try a line.
+    Rules(rules::RulesArgs),
     /// Record raw conntrack netlink datagrams to a file (test fixtures, bug reports).
     Capture(capture::CaptureArgs),
 }
@@ -81,6 +84,7 @@ pub fn main() -> Result<()> {
         Command::Events(a) => events::run(&cfg, a),
         Command::Status(a) => status::run(&cfg, a),
         Command::Capture(a) => capture::run(&cfg, a),
+        Command::Rules(a) => rules::run(&cfg, a),
     }
 }
 

@@ -105,4 +105,18 @@ impl Api {
     ) -> Result<T> {
         self.send(self.client.post(format!("{}{path}", self.base)).json(body))
     }
+
+    /// DELETE `path`; success has no body.
+    pub fn delete(&self, path: &str) -> Result<()> {
+        let r = self
+            .client
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .with_context(|| format!("asking the agent at {}", self.base))?;
+        if r.status().is_success() {
+            return Ok(());
+        }
+        self.answer::<serde_json::Value>(r).map(|_| ())
+    }
 }

@@ -20,6 +20,47 @@ pub struct Line {
     pub text: String,
     /// The line was longer than the cap and was cut.
     pub truncated: bool,
+    /// Where the stream stands once this line is consumed: resuming from here neither
+    /// repeats nor skips a line. None until a record with a valid timestamp was read.
+    pub end: Option<Pos>,
+}
+
+/// A position in a container's log: the last record consumed, by Docker's timestamp and its
+/// rank among the records carrying that same timestamp, with a digest of its text to check
+/// the log was not rewritten under us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Pos {
+    /// Docker's timestamp, ns since the epoch.
+    pub ts_ns: i64,
+    /// 1 for the first record with this timestamp, 2 for the next, ...
+    pub rank: u32,
+    /// FNV-1a of the record's text (after the timestamp, without the newline).
+    pub digest: u64,
+}
+
+impl Pos {
+    /// Docker's `since` for resuming here: records at this very instant are sent again and
+    /// skipped by rank.
+    pub fn since_param(&self) -> String {
+        format!(
+            "{}.{:09}",
+            self.ts_ns.div_euclid(1_000_000_000),
+            self.ts_ns.rem_euclid(1_000_000_000)
+        )
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+// A digest that must stay the same across builds and versions (it is persisted): FNV-1a,
+// not std's or foldhash's seeded hashers.
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
 }
 
 /// Counters of one assembler.
@@ -35,6 +76,82 @@ pub struct LineStats {
     pub invalid_utf8: u64,
     /// Records without a valid timestamp.
     pub bad_timestamps: u64,
+}
+
+/// Where a container's log stands: the position of each record, shared by the assemblers of
+/// its streams (Docker interleaves stdout and stderr records in one sequence), and the
+/// records a resume skips because they were consumed before.
+#[derive(Debug, Default)]
+pub struct RecordCursor {
+    rec: Option<Pos>,
+    resume: Option<Pos>,
+    skipping: bool,
+    /// Records skipped on resume.
+    pub resumed_skipped: u64,
+    /// Resumes whose saved record came back with another digest or not at all (the log was
+    /// rotated or rewritten).
+    pub resume_mismatches: u64,
+}
+
+impl RecordCursor {
+    /// A cursor that skips every record up to and including `pos` (saved from
+    /// [`Line::end`]), for a stream reopened with `since` = [`Pos::since_param`].
+    pub fn resuming(pos: Option<Pos>) -> Self {
+        RecordCursor {
+            resume: pos,
+            ..Self::default()
+        }
+    }
+
+    /// Gives the next record its position, and decides whether it is skipped.
+    fn start(&mut self, t: DateTime<Utc>) {
+        let ts_ns = t.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let rank = match self.rec {
+            Some(p) if p.ts_ns == ts_ns => p.rank + 1,
+            _ => 1,
+        };
+        self.rec = Some(Pos {
+            ts_ns,
+            rank,
+            digest: FNV_OFFSET,
+        });
+        if let Some(r) = self.resume {
+            if (ts_ns, rank) <= (r.ts_ns, r.rank) {
+                self.skipping = true;
+                self.resumed_skipped += 1;
+            } else {
+                // Rank 0 is "from this instant on", with no record to find; otherwise the
+                // saved record never came back: the log was rotated or rewritten.
+                if r.rank > 0 {
+                    self.resume_mismatches += 1;
+                }
+                self.resume = None;
+            }
+        }
+    }
+
+    fn digest(&mut self, seg: &[u8]) {
+        if let Some(r) = self.rec.as_mut() {
+            r.digest = fnv(r.digest, seg);
+        }
+    }
+
+    /// A record is complete: when it was the saved one, check its digest and stop skipping.
+    /// Returns whether it was skipped.
+    fn end(&mut self) -> bool {
+        if !std::mem::take(&mut self.skipping) {
+            return false;
+        }
+        if let (Some(rec), Some(r)) = (self.rec, self.resume)
+            && (rec.ts_ns, rec.rank) == (r.ts_ns, r.rank)
+        {
+            if rec.digest != r.digest {
+                self.resume_mismatches += 1;
+            }
+            self.resume = None;
+        }
+        true
+    }
 }
 
 /// Reassembles lines from the chunks of one stream.
@@ -88,6 +205,19 @@ impl LineAssembler {
         }
     }
 
+    /// The stream ended: a line still waiting for its newline is complete as it is (a
+    /// container that exits without a final newline).
+    pub fn flush(&mut self, cur: &RecordCursor, out: &mut Vec<Line>) {
+        if !cur.skipping && (!self.line.is_empty() || self.truncated) {
+            self.finish(cur.rec, out);
+        }
+    }
+
+    /// Whether part of a line is waiting for its newline.
+    pub fn pending(&self) -> bool {
+        !self.line.is_empty() || self.have_ts || self.truncated
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> LineStats {
         self.stats
@@ -110,7 +240,7 @@ impl LineAssembler {
         }
     }
 
-    fn finish(&mut self, out: &mut Vec<Line>) {
+    fn finish(&mut self, end: Option<Pos>, out: &mut Vec<Line>) {
         let bytes = std::mem::take(&mut self.line);
         let text = match String::from_utf8(bytes) {
             Ok(s) => s,
@@ -127,13 +257,14 @@ impl LineAssembler {
             ts: self.ts.take(),
             text,
             truncated: std::mem::take(&mut self.truncated),
+            end,
         });
         self.have_ts = false;
     }
 
     /// Consumes the timestamp prefix at a record start; returns the rest of `b`, or None
     /// when `b` ended inside the prefix (TTY reads may split it).
-    fn strip_ts<'a>(&mut self, b: &'a [u8]) -> Option<&'a [u8]> {
+    fn strip_ts<'a>(&mut self, b: &'a [u8], cur: &mut RecordCursor) -> Option<&'a [u8]> {
         match b.iter().position(|&c| c == b' ' || c == b'\n') {
             Some(i) if b[i] == b' ' && self.ts_buf.len() + i <= MAX_TS => {
                 self.ts_buf.extend_from_slice(&b[..i]);
@@ -142,6 +273,7 @@ impl LineAssembler {
                     .and_then(|s| DateTime::parse_from_rfc3339(s).ok());
                 let rest = match parsed {
                     Some(t) => {
+                        cur.start(t.with_timezone(&Utc));
                         if !self.have_ts {
                             self.ts = Some(t.with_timezone(&Utc));
                             self.have_ts = true;
@@ -173,14 +305,14 @@ impl LineAssembler {
     }
 
     /// Feeds one chunk of the stream, appending complete lines to `out`.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<Line>) {
+    pub fn push(&mut self, chunk: &[u8], cur: &mut RecordCursor, out: &mut Vec<Line>) {
         let mut rest = chunk;
         if self.records && !rest.is_empty() {
             self.at_record_start = true;
         }
         while !rest.is_empty() {
             if self.at_record_start {
-                match self.strip_ts(rest) {
+                match self.strip_ts(rest, cur) {
                     Some(r) => {
                         rest = r;
                         self.at_record_start = false;
@@ -188,18 +320,36 @@ impl LineAssembler {
                     None => return,
                 }
             }
-            match rest.iter().position(|&c| c == b'\n') {
+            let nl = rest.iter().position(|&c| c == b'\n');
+            let seg = &rest[..nl.unwrap_or(rest.len())];
+            cur.digest(seg);
+            if !cur.skipping {
+                self.append(seg);
+            }
+            match nl {
                 Some(i) => {
-                    self.append(&rest[..i]);
-                    self.finish(out);
+                    if !cur.skipping {
+                        self.finish(cur.rec, out);
+                    }
+                    self.end_record(cur);
                     rest = &rest[i + 1..];
                     self.at_record_start = true;
                 }
-                None => {
-                    self.append(rest);
-                    rest = &[];
-                }
+                None => rest = &[],
             }
+        }
+        if self.records && !chunk.is_empty() {
+            // A chunk is one whole record, partial or not.
+            self.end_record(cur);
+        }
+    }
+
+    fn end_record(&mut self, cur: &mut RecordCursor) {
+        if cur.end() {
+            // Skipped records belong to lines consumed before: none of their state carries
+            // over to the next line.
+            self.ts = None;
+            self.have_ts = false;
         }
     }
 }
@@ -212,9 +362,10 @@ mod tests {
 
     fn lines(records: bool, max: usize, chunks: &[&[u8]]) -> (Vec<Line>, LineStats) {
         let mut a = LineAssembler::new(records, max);
+        let mut cur = RecordCursor::default();
         let mut out = Vec::new();
         for c in chunks {
-            a.push(c, &mut out);
+            a.push(c, &mut cur, &mut out);
         }
         (out, a.stats())
     }
@@ -257,6 +408,87 @@ mod tests {
         // The rest was skipped to the newline only: the next line is whole.
         assert_eq!(out[1].text, "next");
         assert!(!out[1].truncated);
+    }
+
+    fn record(ts: &str, text: &str) -> Vec<u8> {
+        format!("{ts} {text}").into_bytes()
+    }
+
+    #[test]
+    fn resuming_at_a_line_end_neither_repeats_nor_skips() {
+        const T1: &str = "2026-11-22T10:00:01Z";
+        const T2: &str = "2026-11-22T10:00:02Z";
+        // Two lines share T1; a long line is split into partials at T1 and T2.
+        let recs = [
+            record(T1, "one\n"),
+            record(T1, "two\n"),
+            record(T1, "long "),
+            record(T2, "line\n"),
+            record(T2, "three\n"),
+            record(T2, "four\n"),
+        ];
+        let chunks: Vec<&[u8]> = recs.iter().map(Vec::as_slice).collect();
+        let (all, _) = lines(true, MAX_LINE, &chunks);
+        let texts: Vec<&str> = all.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["one", "two", "long line", "three", "four"]);
+        for (i, l) in all.iter().enumerate() {
+            let pos = l.end.unwrap();
+            // Docker resends every record at or after the saved instant.
+            let since = all[i].end.unwrap().ts_ns;
+            let resent: Vec<&[u8]> = recs
+                .iter()
+                .filter(|r| {
+                    let t = DateTime::parse_from_rfc3339(std::str::from_utf8(&r[..20]).unwrap())
+                        .unwrap();
+                    t.timestamp_nanos_opt().unwrap() >= since
+                })
+                .map(Vec::as_slice)
+                .collect();
+            let mut a = LineAssembler::new(true, MAX_LINE);
+            let mut cur = RecordCursor::resuming(Some(pos));
+            let mut out = Vec::new();
+            for c in &resent {
+                a.push(c, &mut cur, &mut out);
+            }
+            let got: Vec<&str> = out.iter().map(|l| l.text.as_str()).collect();
+            assert_eq!(got, texts[i + 1..], "resumed after line {i}");
+            assert_eq!(cur.resume_mismatches, 0, "resumed after line {i}");
+            assert_eq!(
+                out.first().map(|l| l.ts.is_some()),
+                (i + 1 < texts.len()).then_some(true)
+            );
+        }
+        // A rewritten record is counted, and nothing after it is lost.
+        let mut pos = all[1].end.unwrap();
+        pos.digest ^= 1;
+        let mut a = LineAssembler::new(true, MAX_LINE);
+        let mut cur = RecordCursor::resuming(Some(pos));
+        let mut out = Vec::new();
+        for c in &chunks {
+            a.push(c, &mut cur, &mut out);
+        }
+        assert_eq!(out.len(), 3);
+        assert_eq!(cur.resume_mismatches, 1);
+        assert_eq!(cur.resumed_skipped, 2);
+    }
+
+    #[test]
+    fn resuming_a_tty_stream_skips_by_newline() {
+        let body = format!("{TS} one\n{TS} two\n{TS} three\n");
+        let (all, _) = lines(false, MAX_LINE, &[body.as_bytes()]);
+        let pos = all[1].end.unwrap();
+        assert_eq!(pos.rank, 2);
+        assert_eq!(pos.since_param(), "1795341600.123456789");
+        let bytes = body.as_bytes();
+        for cut in 1..bytes.len() {
+            let mut a = LineAssembler::new(false, MAX_LINE);
+            let mut cur = RecordCursor::resuming(Some(pos));
+            let mut out = Vec::new();
+            a.push(&bytes[..cut], &mut cur, &mut out);
+            a.push(&bytes[cut..], &mut cur, &mut out);
+            let got: Vec<&str> = out.iter().map(|l| l.text.as_str()).collect();
+            assert_eq!(got, ["three"], "cut at {cut}");
+        }
     }
 
     #[test]

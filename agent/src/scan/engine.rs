@@ -24,7 +24,7 @@ pub const SET_DFA_CACHE: usize = 32 << 20;
 pub const MAX_MESSAGE: usize = 500;
 
 /// A rule whose pattern does not compile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CompileError {
     /// The rule.
     pub rule_id: u64,

@@ -40,16 +40,21 @@ impl RuleBook {
         }
     }
 
-    /// The effective, compiled rules of `workload`.
-    pub fn for_workload(&self, workload: &str) -> Arc<WorkloadRules> {
+    /// The effective, compiled rules of the workload known by `workloads`.
+    pub fn for_workload(&self, workloads: &[String]) -> Arc<WorkloadRules> {
         let mut cache = self.compiled.lock().expect("rule cache lock");
-        Arc::clone(cache.entry(workload.to_string()).or_insert_with(|| {
+        Arc::clone(cache.entry(workloads.join("\n")).or_insert_with(|| {
             Arc::new(WorkloadRules::build(effective(
                 &self.rules,
                 &self.overrides,
-                workload,
+                workloads,
             )))
         }))
+    }
+
+    /// The effective rules of the workload known by `workloads`, uncompiled (for display).
+    pub fn effective(&self, workloads: &[String]) -> Vec<Rule> {
+        effective(&self.rules, &self.overrides, workloads)
     }
 
     /// Rules whose pattern does not compile (reported in stats and on the rule).
@@ -67,6 +72,8 @@ impl RuleBook {
 pub struct LiveRules {
     book: ArcSwap<RuleBook>,
     version: AtomicU64,
+    // Tails wait on this to reopen their stream when the streams they need change.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl LiveRules {
@@ -75,6 +82,7 @@ impl LiveRules {
         LiveRules {
             book: ArcSwap::from_pointee(RuleBook::new(1, rules, overrides)),
             version: AtomicU64::new(1),
+            changed: tokio::sync::watch::Sender::new(1),
         }
     }
 
@@ -84,6 +92,12 @@ impl LiveRules {
         self.book
             .store(Arc::new(RuleBook::new(v, rules, overrides)));
         self.version.store(v, Ordering::Release);
+        self.changed.send_replace(v);
+    }
+
+    /// A receiver told of every replacement.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The current snapshot.
@@ -92,13 +106,13 @@ impl LiveRules {
     }
 
     /// A tail's view of one workload's rules.
-    pub fn view(self: &Arc<Self>, workload: &str) -> WorkloadView {
+    pub fn view(self: &Arc<Self>, workloads: &[String]) -> WorkloadView {
         let book = self.load();
         WorkloadView {
             live: Arc::clone(self),
-            workload: workload.to_string(),
+            workloads: workloads.to_vec(),
             version: book.version(),
-            rules: book.for_workload(workload),
+            rules: book.for_workload(workloads),
         }
     }
 }
@@ -106,7 +120,7 @@ impl LiveRules {
 /// What one tail holds: its workload's compiled rules, refreshed when the version moves.
 pub struct WorkloadView {
     live: Arc<LiveRules>,
-    workload: String,
+    workloads: Vec<String>,
     version: u64,
     rules: Arc<WorkloadRules>,
 }
@@ -117,7 +131,7 @@ impl WorkloadView {
         if self.live.version.load(Ordering::Acquire) != self.version {
             let book = self.live.load();
             self.version = book.version();
-            self.rules = book.for_workload(&self.workload);
+            self.rules = book.for_workload(&self.workloads);
         }
         &self.rules
     }
@@ -147,7 +161,7 @@ mod tests {
     #[test]
     fn a_swap_applies_from_the_next_line() {
         let live = Arc::new(LiveRules::new(vec![rule(1, "alpha")], Vec::new()));
-        let mut view = live.view("web");
+        let mut view = live.view(&["web".to_string()]);
         assert_eq!(view.current().matches("beta here", Stream::Stdout).len(), 0);
         live.replace(
             vec![rule(1, "alpha"), rule(2, "beta"), rule(3, "(bad")],

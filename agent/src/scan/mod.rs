@@ -1,5 +1,8 @@
 //! Log scanning: rules, their effective set per workload, and the matching engine.
 
+pub mod admin;
 pub mod engine;
 pub mod live;
 pub mod rules;
+pub mod service;
+pub mod worker;

@@ -118,7 +118,7 @@ pub struct Rule {
     /// Severity of its hits.
     pub severity: Severity,
     /// Per container: no second hit within this long.
-    #[serde(with = "humantime_serde_secs")]
+    #[serde(with = "humantime_serde_secs", rename = "cooldown_s")]
     pub cooldown: Duration,
     /// Off rules are kept but not applied.
     pub enabled: bool,
@@ -154,9 +154,15 @@ pub struct Override {
     pub severity: Option<Severity>,
 }
 
-/// The effective rules of `workload`: the globals with its overrides applied, then its own
-/// rules; disabled ones left out. Ordered by rule id so snapshots are reproducible.
-pub fn effective(rules: &[Rule], overrides: &[Override], workload: &str) -> Vec<Rule> {
+/// The effective rules of a workload known by the names in `workloads` (a container's name,
+/// its compose service, its workload label): the globals with its overrides applied, then
+/// its own rules; disabled ones left out. Ordered by rule id so snapshots are reproducible.
+pub fn effective<S: AsRef<str>>(
+    rules: &[Rule],
+    overrides: &[Override],
+    workloads: &[S],
+) -> Vec<Rule> {
+    let named = |w: &str| workloads.iter().any(|n| n.as_ref() == w);
     let mut out: Vec<Rule> = rules
         .iter()
         .filter_map(|r| match &r.scope {
@@ -164,7 +170,7 @@ pub fn effective(rules: &[Rule], overrides: &[Override], workload: &str) -> Vec<
                 let mut r = r.clone();
                 for o in overrides
                     .iter()
-                    .filter(|o| o.rule_id == r.id && o.workload == workload)
+                    .filter(|o| o.rule_id == r.id && named(&o.workload))
                 {
                     if let Some(e) = o.enabled {
                         r.enabled = e;
@@ -175,7 +181,7 @@ pub fn effective(rules: &[Rule], overrides: &[Override], workload: &str) -> Vec<
                 }
                 Some(r)
             }
-            Scope::Workload(w) if w == workload => Some(r.clone()),
+            Scope::Workload(w) if named(w) => Some(r.clone()),
             Scope::Workload(_) => None,
         })
         .filter(|r| r.enabled)
@@ -223,10 +229,10 @@ mod tests {
                 severity: Some(Severity::Critical),
             },
         ];
-        let web = effective(&rules, &overrides, "web");
+        let web = effective(&rules, &overrides, &["web"]);
         assert_eq!(web.iter().map(|r| r.id).collect::<Vec<_>>(), [2, 3]);
         assert_eq!(web[0].severity, Severity::Critical);
-        let db = effective(&rules, &overrides, "db");
+        let db = effective(&rules, &overrides, &["db-1", "db"]);
         assert_eq!(db.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 4]);
         assert_eq!(db[1].severity, Severity::Warning);
     }

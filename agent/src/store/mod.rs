@@ -1,6 +1,8 @@
 //! The DuckDB trail: schema, migrations, the raw database handle and the one writer.
 
+pub mod bus;
 pub mod chunk_appender;
+pub mod cursors;
 pub mod database;
 pub mod gaps;
 pub mod rules;

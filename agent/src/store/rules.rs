@@ -24,6 +24,17 @@ pub enum RuleError {
     /// No rule with this id.
     #[error("no log-scan rule with id {0}")]
     UnknownId(u64),
+    /// No rule with this name (nor this id).
+    #[error("no log-scan rule with id or name {0:?}")]
+    UnknownName(String),
+    /// Several rules have this name.
+    #[error("several log-scan rules are named {name:?} (ids {ids:?}): give the id")]
+    AmbiguousName {
+        /// The name.
+        name: String,
+        /// Their ids.
+        ids: Vec<u64>,
+    },
     /// Overrides apply to global rules only.
     #[error("rule {0} belongs to one workload; only global rules can be overridden")]
     NotGlobal(u64),
@@ -333,7 +344,7 @@ mod tests {
         ));
         let (rules, overrides) = list(&c).unwrap();
         assert_eq!(rules.len(), 2);
-        let web = effective(&rules, &overrides, "web");
+        let web = effective(&rules, &overrides, &["web"]);
         assert_eq!(web.len(), 2);
         assert_eq!(web[0].severity, Severity::Critical);
 

@@ -21,10 +21,15 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "log scan rules and event log",
         include_str!("../../../schemas/duckdb/0003_log_scan.sql"),
     ),
+    (
+        4,
+        "log cursors",
+        include_str!("../../../schemas/duckdb/0004_log_cursors.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Errors of opening or migrating the database.
 #[derive(Debug, thiserror::Error)]

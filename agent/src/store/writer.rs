@@ -14,11 +14,14 @@ use duckdb::{Connection, params};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use tracing::{debug, info, warn};
 
+use super::bus::{EventBus, StoredEvent};
 use super::chunk_appender::{ChunkAppender, Micros};
+use super::cursors;
 use super::database::Database;
 use super::gaps::{GapRecord, RecentGaps};
 use super::schema::{StoreError, db_err};
 use crate::conntrack::event::{Addr, EventKind, FlowEvent, TimeSource, Tuple, now_ns};
+use crate::docker::lines::Pos;
 use crate::pipeline::stage::StageRx;
 
 /// What the writer receives.
@@ -57,8 +60,21 @@ pub enum WriterMsg {
         /// Why.
         reason: &'static str,
     },
-    /// An entry of the event log (a log-rule hit, an agent event).
+    /// An entry of the event log (an agent event).
     Event(LogEvent),
+    /// A container's hits and the log position after the lines that produced them, stored
+    /// in one transaction: a restart resumes after them, never before (repeated hits) nor
+    /// past uncommitted ones (lost hits).
+    LogBatch {
+        /// The container.
+        container_id: String,
+        /// Its hits, in line order.
+        hits: Vec<LogEvent>,
+        /// Where its log was read up to.
+        cursor: Option<Pos>,
+    },
+    /// A container was removed: its cursor is no longer needed.
+    ForgetCursor(String),
     /// Commit now and answer on the channel (tests and orderly shutdown of callers).
     Sync(crossbeam_channel::Sender<()>),
 }
@@ -194,6 +210,7 @@ pub struct Writer {
     pending: usize,
     session_id: u64,
     stats: Arc<WriterStats>,
+    bus: EventBus,
 }
 
 impl Writer {
@@ -245,6 +262,7 @@ impl Writer {
             pending: 0,
             session_id,
             stats,
+            bus: EventBus::default(),
         };
         w.load_open_flows()?;
         let day_ago = (now_ns() / 1_000) as i64 - 86_400_000_000;
@@ -252,6 +270,11 @@ impl Writer {
             w.stats.recent_gaps.push(g);
         }
         Ok(w)
+    }
+
+    /// The bus the writer publishes committed events on.
+    pub fn bus(&self) -> EventBus {
+        self.bus.clone()
     }
 
     /// The database, for read connections (the query service).
@@ -390,27 +413,91 @@ impl Writer {
                 Ok(0)
             }
             WriterMsg::Event(e) => {
-                // Hits are rate-limited upstream (cooldown, bucket): a cached statement is
-                // enough here, no appender.
-                self.conn
-                    .prepare_cached(
-                        "INSERT INTO event_log (ts, source, severity, message, metadata)
-                         VALUES (?, ?, ?, ?, ?::JSON)",
-                    )
-                    .and_then(|mut st| {
-                        st.execute(params![
-                            ts_value(e.ts_ns),
-                            e.source,
-                            e.severity,
-                            e.message,
-                            e.metadata.to_string()
-                        ])
-                    })
-                    .map_err(db_err("writing an event-log row"))?;
-                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                let stored = self.insert_event(e)?;
+                self.bus.publish(stored);
                 Ok(1)
             }
+            WriterMsg::LogBatch {
+                container_id,
+                hits,
+                cursor,
+            } => {
+                let n = hits.len();
+                let stored = self.in_transaction("storing log hits", |w| {
+                    let mut stored = Vec::with_capacity(hits.len());
+                    for h in hits {
+                        stored.push(w.insert_event(h)?);
+                    }
+                    if let Some(pos) = &cursor {
+                        cursors::save(&w.conn, &container_id, pos)?;
+                    }
+                    Ok(stored)
+                })?;
+                for ev in stored {
+                    self.bus.publish(ev);
+                }
+                Ok(n)
+            }
+            WriterMsg::ForgetCursor(id) => {
+                cursors::forget(&self.conn, &id)?;
+                Ok(0)
+            }
             WriterMsg::Sync(_) => Ok(0),
+        }
+    }
+
+    /// Inserts one event-log row (hits are rate-limited upstream: a cached statement does,
+    /// no appender). Counted once committed by the caller's transaction or autocommit.
+    fn insert_event(&mut self, e: LogEvent) -> Result<StoredEvent, StoreError> {
+        let id: u64 = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO event_log (ts, source, severity, message, metadata)
+                 VALUES (?, ?, ?, ?, ?::JSON) RETURNING id",
+            )
+            .and_then(|mut st| {
+                st.query_row(
+                    params![
+                        ts_value(e.ts_ns),
+                        e.source,
+                        e.severity,
+                        e.message,
+                        e.metadata.to_string()
+                    ],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(db_err("writing an event-log row"))?;
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        Ok(StoredEvent {
+            id,
+            ts_ns: e.ts_ns,
+            source: e.source,
+            severity: e.severity,
+            message: e.message,
+            metadata: e.metadata,
+        })
+    }
+
+    /// Runs `f` in one transaction on the writer's connection (the appender's rows are not
+    /// touched: it only flushes in `commit`).
+    fn in_transaction<T>(
+        &mut self,
+        what: &'static str,
+        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.conn
+            .execute_batch("BEGIN TRANSACTION")
+            .map_err(db_err(what))?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT").map_err(db_err(what))?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
         }
     }
 

@@ -27,11 +27,32 @@ impl AgentProcess {
     /// Starts `binary run --config config --db db` in namespace `ns`, logging to `log`, and
     /// waits until it reports that it is running (subscribed and dumped).
     pub fn start(binary: &Path, ns: &str, config: &Path, db: &Path, log: &Path) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(binary);
+        Self::spawn(cmd, binary, config, db, log)
+    }
+
+    /// Starts the agent in the host's own namespaces (the Docker tests: dockerd's socket and
+    /// containers are the host's).
+    pub fn start_on_host(binary: &Path, config: &Path, db: &Path, log: &Path) -> Result<Self> {
+        Self::spawn(Command::new(binary), binary, config, db, log)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        binary: &Path,
+        config: &Path,
+        db: &Path,
+        log: &Path,
+    ) -> Result<Self> {
         let logf =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(binary)
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(config)

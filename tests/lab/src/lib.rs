@@ -10,6 +10,7 @@
 //! leaves the machine. Dropping the lab deletes the namespaces (and with them the veths).
 
 pub mod agent;
+pub mod docker;
 pub mod memory;
 pub mod netns;
 pub mod packages;

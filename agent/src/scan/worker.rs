@@ -1,0 +1,154 @@
+//! Scan workers: each owns a share of the containers (by id), scans their lines against the
+//! rules in force and hands hits and read positions to the writer, in order.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::RecvTimeoutError;
+
+use super::engine::{ContainerScanner, Hit, ScanStats};
+use super::live::{LiveRules, WorkloadView};
+use crate::conntrack::event::now_ns;
+use crate::docker::containers::ContainerInfo;
+use crate::docker::frames::Stream;
+use crate::docker::lines::{Line, Pos};
+use crate::pipeline::stage::{StageRx, StageTx};
+use crate::store::writer::{LogEvent, WriterMsg};
+
+/// Source name of log-rule hits in the event log.
+pub const SOURCE_LOGSCAN: &str = "logscan";
+
+/// What a tail sends to its worker.
+#[derive(Debug)]
+pub enum ScanMsg {
+    /// Lines of one container, in log order, and the position once they are consumed.
+    Lines {
+        /// The container.
+        container: Arc<ContainerInfo>,
+        /// Its lines and their streams.
+        lines: Vec<(Stream, Line)>,
+        /// Where its log stands after them (None: unchanged).
+        cursor: Option<Pos>,
+    },
+    /// The container was removed: drop its state and its saved position.
+    Removed(String),
+}
+
+/// Settings of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Token-bucket rate per container, hits/s.
+    pub hits_per_sec: NonZeroU32,
+    /// Token-bucket burst.
+    pub hits_burst: NonZeroU32,
+    /// A position without hits is saved at most this often per container.
+    pub cursor_interval: Duration,
+}
+
+struct ContainerState {
+    scanner: ContainerScanner,
+    view: WorkloadView,
+    unsaved: Option<Pos>,
+    saved_at: Instant,
+}
+
+/// Runs one worker until every tail's sender is gone; then saves the last positions.
+pub fn run(
+    rx: StageRx<ScanMsg>,
+    writer: StageTx<WriterMsg>,
+    live: Arc<LiveRules>,
+    stats: Arc<ScanStats>,
+    cfg: WorkerConfig,
+) {
+    let mut containers: HashMap<String, ContainerState> = HashMap::new();
+    loop {
+        match rx.recv_timeout(cfg.cursor_interval.min(Duration::from_millis(250))) {
+            Ok(ScanMsg::Lines {
+                container,
+                lines,
+                cursor,
+            }) => {
+                let st = containers
+                    .entry(container.id.clone())
+                    .or_insert_with(|| ContainerState {
+                        scanner: ContainerScanner::new(
+                            container.workload(),
+                            &container.name,
+                            cfg.hits_per_sec,
+                            cfg.hits_burst,
+                        ),
+                        view: live.view(&container.workloads),
+                        unsaved: None,
+                        saved_at: Instant::now(),
+                    });
+                let now = Instant::now();
+                let mut hits = Vec::new();
+                for (stream, line) in &lines {
+                    let rules = st.view.current();
+                    for hit in st.scanner.scan(rules, &line.text, *stream, now, &stats) {
+                        hits.push(log_event(hit, line));
+                    }
+                }
+                if cursor.is_some() {
+                    st.unsaved = cursor;
+                }
+                if !hits.is_empty() || st.saved_at.elapsed() >= cfg.cursor_interval {
+                    st.saved_at = Instant::now();
+                    let msg = WriterMsg::LogBatch {
+                        container_id: container.id.clone(),
+                        hits,
+                        cursor: st.unsaved.take(),
+                    };
+                    if writer.send_wait(msg).is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(ScanMsg::Removed(id)) => {
+                containers.remove(&id);
+                if writer.send_wait(WriterMsg::ForgetCursor(id)).is_err() {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        save_due(&mut containers, &writer, cfg.cursor_interval);
+    }
+    save_due(&mut containers, &writer, Duration::ZERO);
+}
+
+/// Saves the positions of containers that have been quiet for `after`.
+fn save_due(
+    containers: &mut HashMap<String, ContainerState>,
+    writer: &StageTx<WriterMsg>,
+    after: Duration,
+) {
+    for (id, st) in containers.iter_mut() {
+        if st.unsaved.is_some() && st.saved_at.elapsed() >= after {
+            st.saved_at = Instant::now();
+            let _ = writer.send_wait(WriterMsg::LogBatch {
+                container_id: id.clone(),
+                hits: Vec::new(),
+                cursor: st.unsaved.take(),
+            });
+        }
+    }
+}
+
+fn log_event(hit: Hit, line: &Line) -> LogEvent {
+    LogEvent {
+        // Docker's timestamp is when the line was written; ours only when it was read.
+        ts_ns: line
+            .ts
+            .and_then(|t| t.timestamp_nanos_opt())
+            .map(|n| n.max(0) as u64)
+            .unwrap_or_else(now_ns),
+        source: SOURCE_LOGSCAN,
+        severity: hit.severity.as_str(),
+        message: hit.message,
+        metadata: hit.metadata,
+    }
+}
