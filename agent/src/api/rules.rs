@@ -3,7 +3,7 @@
 //! change).
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 
@@ -66,8 +66,9 @@ pub(super) async fn create(
 
 pub(super) async fn get_one(
     State(st): State<ApiState>,
-    Path(id): Path<u64>,
+    id: Result<Path<u64>, PathRejection>,
 ) -> Result<Json<Rule>, ApiError> {
+    let id = id?.0;
     with_conn(&st, move |c| {
         Ok(rules::get(c, id)?.ok_or(RuleError::UnknownId(id))?)
     })
@@ -77,9 +78,10 @@ pub(super) async fn get_one(
 
 pub(super) async fn patch(
     State(st): State<ApiState>,
-    Path(id): Path<u64>,
+    id: Result<Path<u64>, PathRejection>,
     body: Result<Json<RulePatch>, JsonRejection>,
 ) -> Result<Json<Rule>, ApiError> {
+    let id = id?.0;
     let p = body?.0;
     change(&st, move |c| rules::update(c, id, p))
         .await
@@ -88,8 +90,9 @@ pub(super) async fn patch(
 
 pub(super) async fn delete(
     State(st): State<ApiState>,
-    Path(id): Path<u64>,
+    id: Result<Path<u64>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let id = id?.0;
     change(&st, move |c| match rules::delete(c, id)? {
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(RuleError::UnknownId(id)),
@@ -99,9 +102,10 @@ pub(super) async fn delete(
 
 pub(super) async fn put_override(
     State(st): State<ApiState>,
-    Path((id, workload)): Path<(u64, String)>,
+    path: Result<Path<(u64, String)>, PathRejection>,
     body: Result<Json<OverrideRequest>, JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let (id, workload) = path?.0;
     let req = body?.0;
     change(&st, move |c| admin::set_override(c, id, &workload, &req)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -124,4 +128,171 @@ pub(super) async fn effective(
     with_conn(&st, move |c| Ok(admin::effective_rules(c, &workload)?))
         .await
         .map(Json)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::{Method, Request};
+    use serde_json::{Value, json};
+    use tower::ServiceExt;
+
+    use crate::api::routes::{ApiState, Limits, router};
+    use crate::conntrack::reader::ReaderStats;
+    use crate::pipeline::registry::Registry;
+    use crate::scan::service::LogScan;
+    use crate::status::StatusSource;
+    use crate::store::database::Database;
+    use crate::store::writer::WriterStats;
+
+    async fn call(app: &axum::Router, m: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = Request::builder()
+            .method(m)
+            .uri(path)
+            .header("authorization", "Bearer t");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(body.map(|b| Body::from(b.to_string())).unwrap_or_default())
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn crud_round_trip_partial_patch_and_live_reload() {
+        let dir = std::env::temp_dir().join(format!("nattrail-rules-api-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
+        let logscan = Arc::new(LogScan::load(&db.connect().unwrap()).unwrap());
+        let app = router(
+            ApiState {
+                db,
+                status: StatusSource::new(
+                    Arc::new(Registry::default()),
+                    Arc::new(ReaderStats::default()),
+                    Arc::new(WriterStats::default()),
+                    Some(Arc::clone(&logscan)),
+                ),
+                limits: Limits {
+                    max_body_bytes: 4096,
+                    sql_row_limit: 100,
+                    sql_timeout: Duration::from_secs(5),
+                },
+            },
+            Arc::new("t".into()),
+        );
+        let (st, created) = call(
+            &app,
+            Method::POST,
+            "/api/v1/rules",
+            Some(
+                json!({"name": "oom", "pattern": r"out of memory: (?P<proc>\w+)",
+                        "severity": "critical", "cooldown_s": 30}),
+            ),
+        )
+        .await;
+        assert_eq!(st, 201, "{created}");
+        let id = created["id"].as_u64().unwrap();
+        assert_eq!(created["stream"], "both");
+        assert_eq!(logscan.live.load().effective(&["any".into()]).len(), 1);
+
+        // PATCH changes only what was sent.
+        let (st, patched) = call(
+            &app,
+            Method::PATCH,
+            &format!("/api/v1/rules/{id}"),
+            Some(json!({"name": "oom-killer"})),
+        )
+        .await;
+        assert_eq!(st, 200, "{patched}");
+        let mut expected = created.clone();
+        expected["name"] = json!("oom-killer");
+        assert_eq!(patched, expected);
+        // A bad pattern is refused and leaves the rule as it was.
+        let (st, err) = call(
+            &app,
+            Method::PATCH,
+            &format!("/api/v1/rules/{id}"),
+            Some(json!({"pattern": "(x"})),
+        )
+        .await;
+        assert_eq!((st, err["error"].as_str()), (422, Some("bad_pattern")));
+        let (_, now) = call(&app, Method::GET, &format!("/api/v1/rules/{id}"), None).await;
+        assert_eq!(now, expected);
+        // Null for a required field is refused.
+        let (st, _) = call(
+            &app,
+            Method::PATCH,
+            &format!("/api/v1/rules/{id}"),
+            Some(json!({"name": null})),
+        )
+        .await;
+        assert_eq!(st, 400);
+
+        // A workload turns the global rule off; another keeps it.
+        let (st, _) = call(
+            &app,
+            Method::PUT,
+            &format!("/api/v1/rules/{id}/overrides/batch"),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+        assert_eq!(st, 204);
+        let (_, eff) = call(
+            &app,
+            Method::GET,
+            "/api/v1/workloads/batch/effective-rules",
+            None,
+        )
+        .await;
+        assert_eq!(eff, json!([]));
+        let (_, eff) = call(
+            &app,
+            Method::GET,
+            "/api/v1/workloads/web/effective-rules",
+            None,
+        )
+        .await;
+        assert_eq!(eff.as_array().unwrap().len(), 1);
+        assert!(logscan.live.load().effective(&["batch".into()]).is_empty());
+
+        let line = "kernel: out of memory: java";
+        let (_, t) = call(
+            &app,
+            Method::POST,
+            "/api/v1/rules/test",
+            Some(json!({"line": line})),
+        )
+        .await;
+        assert_eq!(t["matched"], true);
+        assert_eq!(t["matches"][0]["captures"]["proc"], "java");
+        assert_eq!(t["matches"][0]["severity"], "critical");
+        let (_, t) = call(
+            &app,
+            Method::POST,
+            "/api/v1/rules/test",
+            Some(json!({"line": line, "workload": "batch"})),
+        )
+        .await;
+        assert_eq!(t["matched"], false);
+
+        let (st, _) = call(&app, Method::DELETE, &format!("/api/v1/rules/{id}"), None).await;
+        assert_eq!(st, 204);
+        let (_, list) = call(&app, Method::GET, "/api/v1/rules", None).await;
+        assert_eq!(list, json!({"rules": [], "overrides": []}));
+        assert!(logscan.live.load().effective(&["web".into()]).is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
