@@ -188,5 +188,79 @@ pub fn render(s: &AgentStatus, db: &DatabaseInfo) -> String {
         family(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {v}");
     }
+    if let Some(l) = &s.logscan {
+        let t = &l.tails;
+        for (name, kind, help, v) in [
+            (
+                "nattrail_logscan_lines_total",
+                "counter",
+                "Log lines scanned.",
+                l.lines_seen,
+            ),
+            (
+                "nattrail_logscan_hits_total",
+                "counter",
+                "Log-rule hits stored.",
+                l.hits,
+            ),
+            (
+                "nattrail_logscan_suppressed_cooldown_total",
+                "counter",
+                "Matches held back by a rule's cooldown.",
+                l.suppressed_cooldown,
+            ),
+            (
+                "nattrail_logscan_suppressed_bucket_total",
+                "counter",
+                "Matches held back by a container's token bucket.",
+                l.suppressed_bucket,
+            ),
+            (
+                "nattrail_logscan_active_tails",
+                "gauge",
+                "Container logs followed now.",
+                l.active_tails,
+            ),
+            (
+                "nattrail_logscan_compile_errors",
+                "gauge",
+                "Rules whose pattern does not compile.",
+                l.compile_errors.len() as u64,
+            ),
+            (
+                "nattrail_logscan_truncated_lines_total",
+                "counter",
+                "Lines cut at the cap.",
+                t.truncated,
+            ),
+            (
+                "nattrail_logscan_skipped_bytes_total",
+                "counter",
+                "Bytes skipped past the line cap or in refused frames.",
+                t.skipped_bytes,
+            ),
+            (
+                "nattrail_logscan_invalid_utf8_total",
+                "counter",
+                "Lines whose invalid UTF-8 was replaced.",
+                t.invalid_utf8,
+            ),
+            (
+                "nattrail_logscan_oversized_frames_total",
+                "counter",
+                "Frames over 16 MiB refused.",
+                t.oversized_frames,
+            ),
+            (
+                "nattrail_logscan_stream_errors_total",
+                "counter",
+                "Log streams that failed (dockerd down, HTTP errors).",
+                t.stream_errors,
+            ),
+        ] {
+            family(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+    }
     out
 }

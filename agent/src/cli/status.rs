@@ -138,6 +138,21 @@ fn print_human(r: &StatusReport) {
             "writer: {} rows in {} commits, {} open flows, {} duplicates skipped, {} closed by reconciliation",
             w.rows, w.commits, w.open_flows, w.duplicates, w.reconciled
         );
+        if let Some(l) = &s.logscan {
+            println!(
+                "log scan: {} tails, {} lines, {} hits, {} held back by cooldown, {} by the bucket, {} lines cut, {} stream errors",
+                l.active_tails,
+                l.lines_seen,
+                l.hits,
+                l.suppressed_cooldown,
+                l.suppressed_bucket,
+                l.tails.truncated,
+                l.tails.stream_errors
+            );
+            for e in &l.compile_errors {
+                println!("rule {} does not compile: {}", e.rule_id, e.error);
+            }
+        }
     }
     if r.gaps_24h.is_empty() {
         println!("gaps in the last 24 h: none");
