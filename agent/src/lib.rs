@@ -11,3 +11,4 @@ pub mod query;
 pub mod scan;
 pub mod status;
 pub mod store;
+pub mod triggers;
