@@ -63,6 +63,40 @@ pub struct Config {
     pub api: ApiConfig,
     /// Container log scanning.
     pub docker: DockerConfig,
+    /// Webhook delivery of triggers.
+    pub webhooks: WebhooksConfig,
+}
+
+/// `[webhooks]`: trigger delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Dispatch triggers at all.
+    pub enabled: bool,
+    /// Networks the SSRF guard lets through despite its rules (e.g. "127.0.0.1/32" for a
+    /// local receiver).
+    pub allow: Vec<ipnet::IpNet>,
+    /// Deliveries waiting before new ones are dropped (and counted).
+    pub queue_capacity: usize,
+    /// Deliveries in flight at once.
+    pub workers: usize,
+    /// Time limit of one attempt, in ms.
+    pub timeout_ms: u64,
+    /// Attempts per delivery.
+    pub max_attempts: u32,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            enabled: true,
+            allow: Vec::new(),
+            queue_capacity: 1024,
+            workers: 4,
+            timeout_ms: 5_000,
+            max_attempts: 5,
+        }
+    }
 }
 
 /// `[docker]`: container discovery, log tails and the scan workers.
@@ -215,6 +249,7 @@ impl Default for Config {
             pipeline: PipelineConfig::default(),
             api: ApiConfig::default(),
             docker: DockerConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }

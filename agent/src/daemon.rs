@@ -16,6 +16,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 use crate::api::routes::{ApiState, Limits};
 use crate::api::server::ApiServer;
 use crate::api::token;
+use crate::api::triggers::TriggerAccess;
 use crate::config::Config;
 use crate::conntrack::reader::{GAP_SOURCE_BACKLOG, Reader, ReaderConfig, ReaderStats};
 use crate::conntrack::sysctl;
@@ -28,6 +29,9 @@ use crate::scan::worker::{self, ScanMsg, WorkerConfig};
 use crate::status::{self, StatusSource};
 use crate::store::cursors;
 use crate::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
+use crate::triggers::delivery::DeliveryConfig;
+use crate::triggers::dispatcher::{self, DispatchConfig};
+use crate::triggers::ssrf::Guard;
 
 /// Runs the agent until SIGINT or SIGTERM; then flushes and closes the database.
 pub fn run(cfg: Config) -> Result<()> {
@@ -42,6 +46,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let writer = Writer::open(&writer_cfg, Arc::clone(&writer_stats))
         .with_context(|| format!("opening the trail {}", cfg.db_path.display()))?;
     let alive_until_ns = writer.previous_session_end_ns();
+    let bus = writer.bus();
     let database = writer.database();
     info!(db = %cfg.db_path.display(), session = writer.session_id(), "trail open");
     let logscan = {
@@ -79,6 +84,28 @@ pub fn run(cfg: Config) -> Result<()> {
         .spawn(move || writer.run(rx, &writer_cfg))
         .context("starting the writer thread")?;
 
+    let dispatch = if cfg.webhooks.enabled {
+        let w = &cfg.webhooks;
+        Some(
+            dispatcher::start(
+                Arc::clone(&database),
+                &bus,
+                Arc::new(Guard::new(w.allow.clone())),
+                DispatchConfig {
+                    queue_capacity: w.queue_capacity,
+                    workers: w.workers,
+                    delivery: DeliveryConfig {
+                        timeout: Duration::from_millis(w.timeout_ms),
+                        max_attempts: w.max_attempts.max(1),
+                        ..DeliveryConfig::default()
+                    },
+                },
+            )
+            .context("starting the trigger dispatcher")?,
+        )
+    } else {
+        None
+    };
     let (docker, scan_workers) = if cfg.docker.enabled {
         start_log_scan(&cfg, &logscan, &database, &tx, &registry)?
     } else {
@@ -132,6 +159,10 @@ pub fn run(cfg: Config) -> Result<()> {
                 sql_row_limit: cfg.api.sql_row_limit,
                 sql_timeout: Duration::from_millis(cfg.api.sql_timeout_ms),
             },
+            triggers: TriggerAccess {
+                guard: Arc::new(Guard::new(cfg.webhooks.allow.clone())),
+                dispatcher: dispatch.as_ref().map(|d| Arc::clone(&d.dispatcher)),
+            },
         };
         Some(ApiServer::start(&cfg.api, state, token)?)
     } else {
@@ -176,6 +207,9 @@ pub fn run(cfg: Config) -> Result<()> {
         }
     }
     drop(tx);
+    if let Some(d) = dispatch {
+        d.stop();
+    }
     if let Some(t) = reader_thread {
         match t.join() {
             Ok(Ok(())) => {}

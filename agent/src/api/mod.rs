@@ -10,3 +10,4 @@ pub mod routes;
 pub mod rules;
 pub mod server;
 pub mod token;
+pub mod triggers;

@@ -20,6 +20,7 @@ use super::auth::require_token;
 use super::error::ApiError;
 use super::metrics;
 use super::rules;
+use super::triggers;
 use crate::query::events::{EventsPage, events};
 use crate::query::flows::{FlowRow, flows};
 use crate::query::request::{EventsRequest, FlowsRequest, SqlRequest, WhoRequest};
@@ -46,6 +47,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("put", "/api/v1/rules/{id}/overrides/{workload}"),
     ("post", "/api/v1/rules/test"),
     ("get", "/api/v1/workloads/{id}/effective-rules"),
+    ("get", "/api/v1/triggers"),
+    ("post", "/api/v1/triggers"),
+    ("get", "/api/v1/triggers/{id}"),
+    ("patch", "/api/v1/triggers/{id}"),
+    ("delete", "/api/v1/triggers/{id}"),
+    ("post", "/api/v1/triggers/{id}/test"),
 ];
 
 /// Limits of the query endpoints.
@@ -68,6 +75,8 @@ pub struct ApiState {
     pub status: StatusSource,
     /// Query limits.
     pub limits: Limits,
+    /// Trigger administration.
+    pub triggers: super::triggers::TriggerAccess,
 }
 
 /// Runs `f` with a fresh connection on a blocking thread.
@@ -195,6 +204,17 @@ pub fn router(state: ApiState, token: Arc<String>) -> Router {
             "/api/v1/workloads/{id}/effective-rules",
             get(rules::effective),
         )
+        .route(
+            "/api/v1/triggers",
+            get(triggers::list).post(triggers::create),
+        )
+        .route(
+            "/api/v1/triggers/{id}",
+            get(triggers::get_one)
+                .patch(triggers::patch)
+                .delete(triggers::delete),
+        )
+        .route("/api/v1/triggers/{id}/test", post(triggers::test))
         .fallback(not_found)
         .layer(from_fn_with_state(token, require_token));
     Router::new()
@@ -258,6 +278,7 @@ mod tests {
                 sql_row_limit: 100,
                 sql_timeout: Duration::from_secs(5),
             },
+            triggers: Default::default(),
         };
         let app = router(state, Arc::new("secret".into()));
         for (method, path) in ROUTES {

@@ -190,6 +190,7 @@ mod tests {
                     sql_row_limit: 100,
                     sql_timeout: Duration::from_secs(5),
                 },
+                triggers: Default::default(),
             },
             Arc::new("t".into()),
         );

@@ -8,6 +8,7 @@ mod remote;
 mod rules;
 mod sql;
 mod status;
+mod triggers;
 mod who;
 
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Log-scan rules: add, list, remove, try a line.
     Rules(rules::RulesArgs),
+    /// Webhook triggers: add, list, remove, send a test payload.
+    Triggers(triggers::TriggersArgs),
     /// Record raw conntrack netlink datagrams to a file (test fixtures, bug reports).
     Capture(capture::CaptureArgs),
 }
@@ -85,6 +88,7 @@ pub fn main() -> Result<()> {
         Command::Status(a) => status::run(&cfg, a),
         Command::Capture(a) => capture::run(&cfg, a),
         Command::Rules(a) => rules::run(&cfg, a),
+        Command::Triggers(a) => triggers::run(&cfg, a),
     }
 }
 

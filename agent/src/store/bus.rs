@@ -3,6 +3,7 @@
 //! `Lagged`), so the writer never waits for a subscriber.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -31,12 +32,16 @@ pub struct StoredEvent {
 #[derive(Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<StoredEvent>>,
+    // Connection events are only built and published while a subscriber wants them: at
+    // full ingest rate they would cost more than the trail itself.
+    flows: Arc<AtomicBool>,
 }
 
 impl Default for EventBus {
     fn default() -> Self {
         EventBus {
             tx: broadcast::channel(BUS_CAPACITY).0,
+            flows: Arc::default(),
         }
     }
 }
@@ -45,6 +50,16 @@ impl EventBus {
     /// Publishes a committed event; with no subscriber it is simply not delivered.
     pub fn publish(&self, ev: StoredEvent) {
         let _ = self.tx.send(Arc::new(ev));
+    }
+
+    /// Whether connection events (source "conntrack") are wanted.
+    pub fn flows_wanted(&self) -> bool {
+        self.flows.load(Ordering::Relaxed)
+    }
+
+    /// Says whether some subscriber matches connection events.
+    pub fn want_flows(&self, on: bool) {
+        self.flows.store(on, Ordering::Relaxed);
     }
 
     /// A new subscription, receiving events published from now on.

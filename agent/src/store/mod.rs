@@ -7,4 +7,5 @@ pub mod database;
 pub mod gaps;
 pub mod rules;
 pub mod schema;
+pub mod triggers;
 pub mod writer;

@@ -26,10 +26,15 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "log cursors",
         include_str!("../../../schemas/duckdb/0004_log_cursors.sql"),
     ),
+    (
+        5,
+        "webhook triggers",
+        include_str!("../../../schemas/duckdb/0005_triggers.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Errors of opening or migrating the database.
 #[derive(Debug, thiserror::Error)]

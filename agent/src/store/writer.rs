@@ -211,6 +211,8 @@ pub struct Writer {
     session_id: u64,
     stats: Arc<WriterStats>,
     bus: EventBus,
+    // Connection events of the open commit, published once it is committed.
+    unpublished: Vec<StoredEvent>,
 }
 
 impl Writer {
@@ -263,6 +265,7 @@ impl Writer {
             session_id,
             stats,
             bus: EventBus::default(),
+            unpublished: Vec::new(),
         };
         w.load_open_flows()?;
         let day_ago = (now_ns() / 1_000) as i64 - 86_400_000_000;
@@ -401,6 +404,24 @@ impl Writer {
                     lost,
                     reason,
                 ));
+                let stored = self.insert_event(LogEvent {
+                    ts_ns: start_ns,
+                    source: "agent",
+                    severity: "warning",
+                    message: format!(
+                        "capture gap in {source}: {} events lost ({reason})",
+                        lost.map(|n| n.to_string())
+                            .unwrap_or_else(|| "unknown".into())
+                    ),
+                    metadata: serde_json::json!({
+                        "kind": "capture_gap",
+                        "source": source,
+                        "lost": lost,
+                        "reason": reason,
+                        "end_ns": end_ns.max(start_ns),
+                    }),
+                })?;
+                self.bus.publish(stored);
                 warn!(
                     source,
                     lost = lost
@@ -531,6 +552,10 @@ impl Writer {
         }
         let (ts, source) = ev.event_time(received_ns);
         self.append(&ev, ts, source, None, false)?;
+        if ev.kind != EventKind::Dump && self.bus.flows_wanted() {
+            self.unpublished
+                .push(flow_event(&ev, self.next_seq - 1, ts));
+        }
         Ok(1)
     }
 
@@ -627,6 +652,9 @@ impl Writer {
 
     fn commit(&mut self) -> Result<(), StoreError> {
         self.app.flush()?;
+        for ev in self.unpublished.drain(..) {
+            self.bus.publish(ev);
+        }
         self.conn
             .execute(
                 "UPDATE capture_sessions SET last_seen = ? WHERE id = ?",
@@ -704,6 +732,40 @@ impl Writer {
             self.handle(m)?;
         }
         self.commit()
+    }
+}
+
+/// A connection event for the bus: the flow's internal, public and destination endpoints.
+fn flow_event(ev: &FlowEvent, seq: u64, ts_ns: u64) -> StoredEvent {
+    let proto = crate::query::proto::Proto::name_of(ev.proto);
+    let (internal, public, dst) = (
+        (ev.orig.src.to_ip(), ev.orig.sport),
+        (ev.reply.dst.to_ip(), ev.reply.dport),
+        (ev.orig.dst.to_ip(), ev.orig.dport),
+    );
+    let sock = |(ip, port): (std::net::IpAddr, u16)| std::net::SocketAddr::new(ip, port);
+    StoredEvent {
+        id: seq,
+        ts_ns,
+        source: "conntrack",
+        severity: "info",
+        message: format!(
+            "{} {proto} flow {} -> {} as {}",
+            ev.kind.name(),
+            sock(internal),
+            sock(dst),
+            sock(public)
+        ),
+        metadata: serde_json::json!({
+            "kind": ev.kind.name(),
+            "proto": proto,
+            "internal_ip": internal.0.to_string(),
+            "internal_port": internal.1,
+            "public_ip": public.0.to_string(),
+            "public_port": public.1,
+            "dst_ip": dst.0.to_string(),
+            "dst_port": dst.1,
+        }),
     }
 }
 

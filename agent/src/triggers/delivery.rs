@@ -49,7 +49,7 @@ impl Default for DeliveryConfig {
 }
 
 /// How a delivery ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     /// A 2xx answer.

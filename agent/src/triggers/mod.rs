@@ -2,6 +2,7 @@
 //! webhooks, guarded against SSRF.
 
 pub mod delivery;
+pub mod dispatcher;
 pub mod filter;
 pub mod signature;
 pub mod ssrf;

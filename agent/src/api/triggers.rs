@@ -1,0 +1,134 @@
+//! `/api/v1/triggers`: webhook triggers, changed in the database and applied by the running
+//! dispatcher at once. Secrets never come back: reads show a placeholder.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+
+use super::error::ApiError;
+use super::routes::{ApiState, with_conn};
+use crate::store::triggers::{self, NewTrigger, Trigger, TriggerError, TriggerPatch};
+use crate::triggers::delivery::Outcome;
+use crate::triggers::dispatcher::Dispatcher;
+use crate::triggers::ssrf::Guard;
+
+/// What the trigger routes need: the SSRF guard (URLs are checked when saved) and the
+/// running dispatcher, if any.
+#[derive(Clone, Default)]
+pub struct TriggerAccess {
+    /// The agent's guard.
+    pub guard: Arc<Guard>,
+    /// The dispatcher, reloaded after each change.
+    pub dispatcher: Option<Arc<Dispatcher>>,
+}
+
+impl From<TriggerError> for ApiError {
+    fn from(e: TriggerError) -> Self {
+        let detail = e.to_string();
+        match e {
+            TriggerError::Filter { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_pattern", detail)
+            }
+            TriggerError::Url(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_url", detail)
+            }
+            TriggerError::UnknownId(_) | TriggerError::UnknownName(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", detail)
+            }
+            TriggerError::NameTaken(_) => ApiError::new(StatusCode::CONFLICT, "conflict", detail),
+            TriggerError::NotNullable(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+            }
+            TriggerError::Store(_) => ApiError::internal(detail),
+        }
+    }
+}
+
+async fn change<T, F>(st: &ApiState, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&duckdb::Connection, &Guard) -> Result<T, TriggerError> + Send + 'static,
+{
+    let access = st.triggers.clone();
+    with_conn(st, move |c| {
+        let out = f(c, &access.guard)?;
+        if let Some(d) = &access.dispatcher {
+            d.reload()?;
+        }
+        Ok(out)
+    })
+    .await
+}
+
+pub(super) async fn list(State(st): State<ApiState>) -> Result<Json<Vec<Trigger>>, ApiError> {
+    with_conn(&st, |c| {
+        Ok(triggers::list(c)?
+            .into_iter()
+            .map(Trigger::redacted)
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+pub(super) async fn create(
+    State(st): State<ApiState>,
+    body: Result<Json<NewTrigger>, JsonRejection>,
+) -> Result<(StatusCode, Json<Trigger>), ApiError> {
+    let n = body?.0;
+    let t = change(&st, move |c, g| triggers::insert(c, &n, g)).await?;
+    Ok((StatusCode::CREATED, Json(t.redacted())))
+}
+
+pub(super) async fn get_one(
+    State(st): State<ApiState>,
+    id: Result<Path<u64>, PathRejection>,
+) -> Result<Json<Trigger>, ApiError> {
+    let id = id?.0;
+    with_conn(&st, move |c| Ok(triggers::get(c, id)?.redacted()))
+        .await
+        .map(Json)
+}
+
+pub(super) async fn patch(
+    State(st): State<ApiState>,
+    id: Result<Path<u64>, PathRejection>,
+    body: Result<Json<TriggerPatch>, JsonRejection>,
+) -> Result<Json<Trigger>, ApiError> {
+    let id = id?.0;
+    let p = body?.0;
+    change(&st, move |c, g| triggers::update(c, id, p, g))
+        .await
+        .map(|t| Json(t.redacted()))
+}
+
+pub(super) async fn delete(
+    State(st): State<ApiState>,
+    id: Result<Path<u64>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = id?.0;
+    change(&st, move |c, _| match triggers::delete(c, id)? {
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(TriggerError::UnknownId(id)),
+    })
+    .await
+}
+
+pub(super) async fn test(
+    State(st): State<ApiState>,
+    id: Result<Path<u64>, PathRejection>,
+) -> Result<Json<Outcome>, ApiError> {
+    let id = id?.0;
+    let Some(d) = st.triggers.dispatcher.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "webhooks are disabled in this agent ([webhooks] enabled = false)",
+        ));
+    };
+    let t = with_conn(&st, move |c| Ok(triggers::get(c, id)?)).await?;
+    Ok(Json(d.test(&t).await))
+}

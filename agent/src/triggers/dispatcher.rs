@@ -1,0 +1,489 @@
+//! The trigger dispatcher: subscribes to the event bus, matches each event against the
+//! enabled triggers, applies each trigger's rate limit and queues a webhook delivery. It
+//! never writes to the event log (a delivery cannot cause an event that causes a delivery);
+//! events it missed by falling behind the bus, and deliveries dropped by its full queue, are
+//! counted.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+
+use arc_swap::ArcSwap;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{info, warn};
+
+use super::delivery::{Deliverer, DeliveryConfig, Outcome, Target};
+use super::filter::CompiledFilter;
+use super::ssrf::Guard;
+use crate::store::bus::{EventBus, StoredEvent};
+use crate::store::database::Database;
+use crate::store::triggers::{self, DeliveryRecord, Trigger, TriggerError};
+
+/// Counters of the dispatcher.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    /// Events read from the bus.
+    pub events: AtomicU64,
+    /// Events the bus dropped before the dispatcher read them.
+    pub missed: AtomicU64,
+    /// (event, trigger) pairs that matched.
+    pub matched: AtomicU64,
+    /// Matches held back by a trigger's rate limit.
+    pub rate_limited: AtomicU64,
+    /// Deliveries dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Deliveries that got a 2xx.
+    pub delivered: AtomicU64,
+    /// Deliveries that failed, were refused, or ended in 410.
+    pub failed: AtomicU64,
+}
+
+/// A copy of the counters for reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[allow(missing_docs)]
+pub struct DispatchCounters {
+    pub events: u64,
+    pub missed: u64,
+    pub matched: u64,
+    pub rate_limited: u64,
+    pub dropped: u64,
+    pub delivered: u64,
+    pub failed: u64,
+}
+
+impl DispatchStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> DispatchCounters {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DispatchCounters {
+            events: g(&self.events),
+            missed: g(&self.missed),
+            matched: g(&self.matched),
+            rate_limited: g(&self.rate_limited),
+            dropped: g(&self.dropped),
+            delivered: g(&self.delivered),
+            failed: g(&self.failed),
+        }
+    }
+}
+
+/// Settings of the dispatcher.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Deliveries waiting to be sent before new ones are dropped.
+    pub queue_capacity: usize,
+    /// Deliveries in flight at once.
+    pub workers: usize,
+    /// Retries and timeouts.
+    pub delivery: DeliveryConfig,
+}
+
+struct Active {
+    trigger: Trigger,
+    filter: CompiledFilter,
+    limiter: Option<DefaultDirectRateLimiter>,
+}
+
+struct Job {
+    trigger: Arc<Active>,
+    event: Arc<StoredEvent>,
+}
+
+/// The webhook body: the event and the trigger that matched it.
+pub fn payload(t: &Trigger, ev: &StoredEvent) -> serde_json::Value {
+    json!({
+        "type": format!("nattrail.{}", ev.source),
+        "trigger": {"id": t.id, "name": t.name},
+        "event": {
+            "id": ev.id,
+            "ts": chrono::DateTime::<chrono::Utc>::from_timestamp_nanos(ev.ts_ns as i64)
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "source": ev.source,
+            "severity": ev.severity,
+            "message": ev.message,
+            "metadata": ev.metadata,
+        }
+    })
+}
+
+/// The shared state of a running dispatcher.
+pub struct Dispatcher {
+    db: Arc<Database>,
+    bus: EventBus,
+    active: ArcSwap<Vec<Arc<Active>>>,
+    deliverer: Deliverer,
+    /// Counters.
+    pub stats: Arc<DispatchStats>,
+}
+
+impl Dispatcher {
+    /// Re-reads the triggers; new events are matched against them at once.
+    pub fn reload(&self) -> Result<(), TriggerError> {
+        let conn = self.db.connect()?;
+        let mut out = Vec::new();
+        for t in triggers::list(&conn)? {
+            if !t.enabled {
+                continue;
+            }
+            let filter = match t.filter.clone().compile() {
+                Ok(f) => f,
+                Err(message) => {
+                    // Refused when saved; a stored bad regex can only come from outside.
+                    warn!(trigger = %t.name, error = %message, "trigger skipped");
+                    continue;
+                }
+            };
+            let limiter =
+                NonZeroU32::new(t.rate_per_min).map(|n| RateLimiter::direct(Quota::per_minute(n)));
+            out.push(Arc::new(Active {
+                trigger: t,
+                filter,
+                limiter,
+            }));
+        }
+        // Connection events are built only while a trigger could match one (info, conntrack).
+        let flows = out.iter().any(|a| {
+            let f = a.filter.filter();
+            (f.sources.is_empty() || f.sources.iter().any(|s| s == "conntrack"))
+                && (f.severities.is_empty()
+                    || f.severities.contains(&crate::scan::rules::Severity::Info))
+        });
+        self.bus.want_flows(flows);
+        self.active.store(Arc::new(out));
+        Ok(())
+    }
+
+    /// Sends a sample delivery of `t` now (the API's and CLI's test), logged like any other.
+    pub async fn test(&self, t: &Trigger) -> Outcome {
+        let ev = StoredEvent {
+            id: 0,
+            ts_ns: crate::conntrack::event::now_ns(),
+            source: "agent",
+            severity: "info",
+            message: format!("test delivery of trigger {}", t.name),
+            metadata: json!({"test": true}),
+        };
+        let id = format!("test_{}_{}", t.id, ev.ts_ns);
+        let body = serde_json::to_vec(&payload(t, &ev)).expect("payloads serialise");
+        let out = self.deliverer.deliver(&target(t), &id, &body).await;
+        self.record(t, None, &id, &out).await;
+        out
+    }
+
+    async fn record(&self, t: &Trigger, event_id: Option<u64>, webhook_id: &str, out: &Outcome) {
+        let (outcome, status, error, attempts) = match out {
+            Outcome::Delivered { status, attempts } => {
+                ("delivered", Some(*status), None, *attempts)
+            }
+            Outcome::Gone { attempts } => ("gone", Some(410), None, *attempts),
+            Outcome::Refused { error } => ("refused", None, Some(error.clone()), 0),
+            Outcome::Failed {
+                status,
+                error,
+                attempts,
+            } => ("failed", *status, Some(error.clone()), *attempts),
+        };
+        match out {
+            Outcome::Delivered { .. } => &self.stats.delivered,
+            _ => &self.stats.failed,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        let rec = DeliveryRecord {
+            trigger_id: t.id,
+            event_id,
+            webhook_id: webhook_id.to_string(),
+            attempts,
+            outcome,
+            status,
+            error,
+        };
+        let db = Arc::clone(&self.db);
+        let gone = matches!(out, Outcome::Gone { .. });
+        let id = t.id;
+        let res = tokio::task::spawn_blocking(move || -> Result<(), TriggerError> {
+            let c = db.connect()?;
+            triggers::log_delivery(&c, &rec)?;
+            if gone {
+                triggers::disable(&c, id, "the receiver answered 410 Gone")?;
+            }
+            Ok(())
+        })
+        .await;
+        if gone {
+            info!(trigger = %t.name, "receiver answered 410 Gone: trigger disabled");
+            if let Err(e) = self.reload() {
+                warn!(error = %e, "could not reload triggers");
+            }
+        }
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not log a webhook delivery"),
+            Err(e) => warn!(error = %e, "the delivery log task failed"),
+        }
+    }
+}
+
+fn target(t: &Trigger) -> Target {
+    Target {
+        url: t.url.clone(),
+        secret: t.secret.clone(),
+        headers: t.headers.clone(),
+    }
+}
+
+/// A running dispatcher thread.
+pub struct DispatchHandle {
+    /// The dispatcher (reload, test, counters).
+    pub dispatcher: Arc<Dispatcher>,
+    stop: watch::Sender<bool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl DispatchHandle {
+    /// Stops matching; deliveries in flight are abandoned (their rows say so if they end).
+    pub fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.thread.join();
+    }
+}
+
+/// Loads the triggers and starts dispatching events from `bus`.
+pub fn start(
+    db: Arc<Database>,
+    bus: &EventBus,
+    guard: Arc<Guard>,
+    cfg: DispatchConfig,
+) -> Result<DispatchHandle, TriggerError> {
+    let deliverer = Deliverer::new(guard, cfg.delivery.clone()).map_err(|e| {
+        TriggerError::Store(crate::store::schema::StoreError::Native {
+            context: "building the webhook client".into(),
+            detail: e.to_string(),
+        })
+    })?;
+    let dispatcher = Arc::new(Dispatcher {
+        db,
+        bus: bus.clone(),
+        active: ArcSwap::from_pointee(Vec::new()),
+        deliverer,
+        stats: Arc::default(),
+    });
+    dispatcher.reload()?;
+    let mut rx = bus.subscribe();
+    let (stop, mut stopped) = watch::channel(false);
+    let d = Arc::clone(&dispatcher);
+    let thread = thread::Builder::new()
+        .name("triggers".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("building the dispatcher's runtime");
+            rt.block_on(async move {
+                let (qtx, qrx) = mpsc::channel::<Job>(cfg.queue_capacity.max(1));
+                let qrx = Arc::new(tokio::sync::Mutex::new(qrx));
+                for _ in 0..cfg.workers.max(1) {
+                    let (d, qrx) = (Arc::clone(&d), Arc::clone(&qrx));
+                    tokio::spawn(async move {
+                        loop {
+                            let job = qrx.lock().await.recv().await;
+                            let Some(job) = job else { break };
+                            let t = &job.trigger.trigger;
+                            // Stable across retries: one event, one trigger, one id.
+                            let id = format!("evt_{}_{}", job.event.id, t.id);
+                            let body = serde_json::to_vec(&payload(t, &job.event))
+                                .expect("payloads serialise");
+                            let out = d.deliverer.deliver(&target(t), &id, &body).await;
+                            d.record(t, Some(job.event.id), &id, &out).await;
+                        }
+                    });
+                }
+                loop {
+                    tokio::select! {
+                        ev = rx.recv() => match ev {
+                            Ok(ev) => d.dispatch(ev, &qtx),
+                            Err(broadcast::error::RecvError::Lagged(n)) => {
+                                d.stats.missed.fetch_add(n, Ordering::Relaxed);
+                                warn!(missed = n, "trigger dispatcher fell behind the event bus");
+                            }
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        },
+                        _ = stopped.wait_for(|s| *s) => break,
+                    }
+                }
+            });
+        })
+        .map_err(|e| {
+            TriggerError::Store(crate::store::schema::StoreError::Native {
+                context: "starting the dispatcher thread".into(),
+                detail: e.to_string(),
+            })
+        })?;
+    Ok(DispatchHandle {
+        dispatcher,
+        stop,
+        thread,
+    })
+}
+
+impl Dispatcher {
+    fn dispatch(&self, ev: Arc<StoredEvent>, queue: &mpsc::Sender<Job>) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        for a in self.active.load().iter() {
+            if !a.filter.matches(&ev) {
+                continue;
+            }
+            self.stats.matched.fetch_add(1, Ordering::Relaxed);
+            if a.limiter.as_ref().is_some_and(|l| l.check().is_err()) {
+                self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let job = Job {
+                trigger: Arc::clone(a),
+                event: Arc::clone(&ev),
+            };
+            if queue.try_send(job).is_err() {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+
+    use super::*;
+    use crate::store::triggers::NewTrigger;
+    use crate::triggers::filter::Filter;
+
+    type Got = Arc<Mutex<Vec<serde_json::Value>>>;
+
+    async fn receiver(status: u16) -> (String, Got) {
+        let got: Got = Arc::default();
+        let app = Router::new()
+            .route(
+                "/h",
+                post(move |State(g): State<Got>, b: Bytes| async move {
+                    g.lock().unwrap().push(serde_json::from_slice(&b).unwrap());
+                    StatusCode::from_u16(status).unwrap()
+                }),
+            )
+            .with_state(Arc::clone(&got));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/h", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        (url, got)
+    }
+
+    fn ev(id: u64, severity: &'static str) -> StoredEvent {
+        StoredEvent {
+            id,
+            ts_ns: 1_795_000_000_000_000_000,
+            source: "logscan",
+            severity,
+            message: format!("line {id}"),
+            metadata: json!({"container": "web"}),
+        }
+    }
+
+    async fn wait(mut f: impl FnMut() -> bool) {
+        for _ in 0..100 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn matching_events_are_delivered_rate_limited_and_logged() {
+        let dir = std::env::temp_dir().join(format!("nattrail-disp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
+        let guard = Arc::new(Guard::new(vec!["127.0.0.1/32".parse().unwrap()]));
+        let (url, got) = receiver(200).await;
+        let (gone_url, gone_got) = receiver(410).await;
+        {
+            let c = db.connect().unwrap();
+            let mk = |name: &str, url: &str, rate: u32| NewTrigger {
+                name: name.into(),
+                url: url.into(),
+                secret: None,
+                filter: Filter {
+                    severities: vec![crate::scan::rules::Severity::Error],
+                    ..Default::default()
+                },
+                rate_per_min: rate,
+                headers: BTreeMap::new(),
+                enabled: true,
+            };
+            triggers::insert(&c, &mk("errors", &url, 2), &guard).unwrap();
+            triggers::insert(&c, &mk("gone", &gone_url, 0), &guard).unwrap();
+        }
+        let bus = EventBus::default();
+        let h = start(
+            Arc::clone(&db),
+            &bus,
+            guard,
+            DispatchConfig {
+                queue_capacity: 16,
+                workers: 2,
+                delivery: DeliveryConfig::default(),
+            },
+        )
+        .unwrap();
+        bus.publish(ev(1, "info"));
+        for i in 2..7 {
+            bus.publish(ev(i, "error"));
+        }
+        let stats = Arc::clone(&h.dispatcher.stats);
+        wait(|| {
+            stats.delivered.load(Ordering::Relaxed) == 2
+                && stats.failed.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        let s = stats.snapshot();
+        // 5 errors match "errors" (2 pass its 2/min limit) and "gone" (first delivery
+        // disables it); the info event matches nothing.
+        assert_eq!(s.events, 6);
+        assert_eq!(s.rate_limited, 3);
+        assert_eq!(s.delivered, 2);
+        let bodies = got.lock().unwrap().clone();
+        assert_eq!(bodies.len(), 2);
+        assert_eq!(bodies[0]["type"], "nattrail.logscan");
+        assert_eq!(bodies[0]["trigger"]["name"], "errors");
+        assert!(bodies[0]["event"]["ts"].as_str().unwrap().ends_with('Z'));
+        assert!(!gone_got.lock().unwrap().is_empty());
+        wait(|| {
+            let c = db.connect().unwrap();
+            triggers::resolve(&c, "gone").is_ok_and(|t| !t.enabled)
+        })
+        .await;
+        let c = db.connect().unwrap();
+        let t = triggers::resolve(&c, "gone").unwrap();
+        assert!(!t.enabled, "410 disables the trigger");
+        let delivered: i64 = c
+            .query_row(
+                "SELECT count(*) FROM webhook_deliveries WHERE outcome = 'delivered'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(delivered, 2);
+        h.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
