@@ -31,7 +31,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `ingest`.
+    /// Benchmarks: `ingest`, `scan`, `alert`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -118,7 +118,13 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 fn bench(root: &Path, name: &str) -> Result<()> {
     match name {
         "ingest" | "scan" => cargo(root, &["bench", "-p", "nattrail", "--bench", name]),
-        other => bail!("unknown benchmark {other:?}; available: ingest, scan"),
+        "alert" => {
+            require_root()?;
+            packages::ensure(packages::NEEDED)?;
+            prepare_host()?;
+            cargo(root, &["bench", "-p", "nattrail", "--bench", name])
+        }
+        other => bail!("unknown benchmark {other:?}; available: ingest, scan, alert"),
     }
 }
 
