@@ -140,12 +140,13 @@ pub fn run(cfg: Config) -> Result<()> {
     };
     let mut failure = None;
     let mut announced = false;
-    let source = StatusSource::new(
+    let mut source = StatusSource::new(
         Arc::clone(&registry),
         Arc::clone(&reader_stats),
         Arc::clone(&writer_stats),
         Some(Arc::clone(&logscan)),
     );
+    source.webhooks = dispatch.as_ref().map(|d| Arc::clone(&d.dispatcher.stats));
     let api = if cfg.api.enabled && !(cfg.api.listen.is_empty() && cfg.api.socket.is_empty()) {
         let token_path = cfg.api.token_path(&cfg.db_path);
         let token = token::load_or_create(&token_path).with_context(|| {

@@ -16,6 +16,7 @@ use crate::pipeline::stage::StageSnapshot;
 use crate::scan::service::{LogScan, LogScanCounters};
 use crate::store::gaps::GapRecord;
 use crate::store::writer::WriterStats;
+use crate::triggers::dispatcher::{DispatchCounters, DispatchStats};
 
 /// Everything `nattrail status` prints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +40,9 @@ pub struct AgentStatus {
     /// Container log scanning, when enabled.
     #[serde(default)]
     pub logscan: Option<LogScanCounters>,
+    /// Trigger dispatch, when enabled.
+    #[serde(default)]
+    pub webhooks: Option<DispatchCounters>,
 }
 
 /// A reading of [`ReaderStats`].
@@ -151,6 +155,8 @@ pub struct StatusSource {
     pub writer: Arc<WriterStats>,
     /// Log scanning, when enabled.
     pub logscan: Option<Arc<LogScan>>,
+    /// Trigger dispatch counters, once the dispatcher runs.
+    pub webhooks: Option<Arc<DispatchStats>>,
 }
 
 impl StatusSource {
@@ -167,6 +173,7 @@ impl StatusSource {
             reader,
             writer,
             logscan,
+            webhooks: None,
         }
     }
 
@@ -185,6 +192,7 @@ impl StatusSource {
                 .recent_gaps
                 .since(Utc::now().timestamp_micros() - DAY_US),
             logscan: self.logscan.as_ref().map(|l| l.counters()),
+            webhooks: self.webhooks.as_ref().map(|w| w.snapshot()),
         }
     }
 }

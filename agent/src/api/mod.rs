@@ -9,5 +9,7 @@ pub mod patch;
 pub mod routes;
 pub mod rules;
 pub mod server;
+#[cfg(test)]
+pub mod test_support;
 pub mod token;
 pub mod triggers;

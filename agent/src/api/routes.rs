@@ -233,9 +233,6 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::conntrack::reader::ReaderStats;
-    use crate::pipeline::registry::Registry;
-    use crate::store::writer::WriterStats;
 
     const OPENAPI: &str = include_str!("../../../schemas/api/openapi.json");
 
@@ -265,21 +262,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nattrail-routes-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
-        let state = ApiState {
-            db,
-            status: StatusSource::new(
-                Arc::new(Registry::default()),
-                Arc::new(ReaderStats::default()),
-                Arc::new(WriterStats::default()),
-                None,
-            ),
-            limits: Limits {
-                max_body_bytes: 4096,
-                sql_row_limit: 100,
-                sql_timeout: Duration::from_secs(5),
-            },
-            triggers: Default::default(),
-        };
+        let state = crate::api::test_support::state(db, None);
         let app = router(state, Arc::new("secret".into()));
         for (method, path) in ROUTES {
             let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();

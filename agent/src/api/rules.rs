@@ -133,42 +133,14 @@ pub(super) async fn effective(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
 
-    use axum::body::Body;
-    use axum::http::{Method, Request};
-    use serde_json::{Value, json};
-    use tower::ServiceExt;
+    use axum::http::Method;
+    use serde_json::json;
 
-    use crate::api::routes::{ApiState, Limits, router};
-    use crate::conntrack::reader::ReaderStats;
-    use crate::pipeline::registry::Registry;
+    use crate::api::routes::router;
+    use crate::api::test_support::{TOKEN, call, state};
     use crate::scan::service::LogScan;
-    use crate::status::StatusSource;
     use crate::store::database::Database;
-    use crate::store::writer::WriterStats;
-
-    async fn call(app: &axum::Router, m: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = Request::builder()
-            .method(m)
-            .uri(path)
-            .header("authorization", "Bearer t");
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let req = req
-            .body(body.map(|b| Body::from(b.to_string())).unwrap_or_default())
-            .unwrap();
-        let resp = app.clone().oneshot(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
 
     #[tokio::test]
     async fn crud_round_trip_partial_patch_and_live_reload() {
@@ -177,22 +149,8 @@ mod tests {
         let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
         let logscan = Arc::new(LogScan::load(&db.connect().unwrap()).unwrap());
         let app = router(
-            ApiState {
-                db,
-                status: StatusSource::new(
-                    Arc::new(Registry::default()),
-                    Arc::new(ReaderStats::default()),
-                    Arc::new(WriterStats::default()),
-                    Some(Arc::clone(&logscan)),
-                ),
-                limits: Limits {
-                    max_body_bytes: 4096,
-                    sql_row_limit: 100,
-                    sql_timeout: Duration::from_secs(5),
-                },
-                triggers: Default::default(),
-            },
-            Arc::new("t".into()),
+            state(db, Some(Arc::clone(&logscan))),
+            Arc::new(TOKEN.into()),
         );
         let (st, created) = call(
             &app,

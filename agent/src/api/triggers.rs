@@ -132,3 +132,73 @@ pub(super) async fn test(
     let t = with_conn(&st, move |c| Ok(triggers::get(c, id)?)).await?;
     Ok(Json(d.test(&t).await))
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Method;
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::routes::router;
+    use crate::api::test_support::{TOKEN, call, state};
+    use crate::store::database::Database;
+    use crate::store::triggers::SECRET_PLACEHOLDER;
+
+    #[tokio::test]
+    async fn crud_partial_patch_and_a_secret_that_never_comes_back() {
+        let dir = std::env::temp_dir().join(format!("nattrail-trig-api-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
+        let app = router(state(Arc::clone(&db), None), Arc::new(TOKEN.into()));
+        let (st, t) = call(
+            &app,
+            Method::POST,
+            "/api/v1/triggers",
+            Some(json!({"name": "ssh", "url": "https://hooks.example.org/a", "secret": "whsec_c2s=",
+                        "filter": {"dst_ports": [22], "sources": ["conntrack"]}, "rate_per_min": 6})),
+        )
+        .await;
+        assert_eq!(st, 201, "{t}");
+        assert_eq!(t["secret"], SECRET_PLACEHOLDER);
+        let id = t["id"].as_u64().unwrap();
+        let path = format!("/api/v1/triggers/{id}");
+        let (_, got) = call(&app, Method::GET, &path, None).await;
+        assert_eq!(got, t);
+        let (_, list) = call(&app, Method::GET, "/api/v1/triggers", None).await;
+        assert_eq!(list, json!([t.clone()]));
+
+        // PATCH changes only what was sent; the placeholder sent back keeps the secret.
+        let (st, p) = call(
+            &app,
+            Method::PATCH,
+            &path,
+            Some(json!({"rate_per_min": 60, "secret": SECRET_PLACEHOLDER})),
+        )
+        .await;
+        assert_eq!(st, 200, "{p}");
+        let mut want = t.clone();
+        want["rate_per_min"] = json!(60);
+        assert_eq!(p, want);
+        let stored = triggers::get(&db.connect().unwrap(), id).unwrap();
+        assert_eq!(stored.secret.as_deref(), Some("whsec_c2s="));
+
+        for (body, status, code) in [
+            (json!({"url": "http://[::ffff:127.0.0.1]/"}), 422, "bad_url"),
+            (json!({"filter": {"message": "(x"}}), 422, "bad_pattern"),
+            (json!({"name": null}), 400, "bad_request"),
+            (json!({"colour": "red"}), 400, "bad_json"),
+        ] {
+            let (st, e) = call(&app, Method::PATCH, &path, Some(body.clone())).await;
+            assert_eq!((st, e["error"].as_str()), (status, Some(code)), "{body}");
+        }
+        let (_, after) = call(&app, Method::GET, &path, None).await;
+        assert_eq!(after, want, "refused patches changed nothing");
+        let (st, _) = call(&app, Method::POST, &format!("{path}/test"), None).await;
+        assert_eq!(st, 409, "no dispatcher in this state");
+        let (st, _) = call(&app, Method::DELETE, &path, None).await;
+        assert_eq!(st, 204);
+        let (st, _) = call(&app, Method::GET, &path, None).await;
+        assert_eq!(st, 404);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

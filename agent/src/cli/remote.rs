@@ -120,3 +120,22 @@ impl Api {
         self.answer::<serde_json::Value>(r).map(|_| ())
     }
 }
+
+/// Where an administrative command (rules, triggers) goes: the running agent, which applies
+/// the change at once, or the database file when no agent runs.
+pub enum Target {
+    /// Through the agent's API.
+    Agent(Api),
+    /// Straight into the file (created and migrated if new).
+    File(duckdb::Connection),
+}
+
+/// The agent serving `cfg`'s database, else the file opened read-write.
+pub fn target(cfg: &Config) -> Result<Target> {
+    if let Some(api) = agent(cfg)? {
+        return Ok(Target::Agent(api));
+    }
+    let db = crate::store::database::Database::open_rw(&cfg.db_path)
+        .with_context(|| format!("opening {}", cfg.db_path.display()))?;
+    Ok(Target::File(db.connect()?))
+}

@@ -1,15 +1,14 @@
 //! `nattrail rules`: log-scan rules, through the running agent (which applies a change at
 //! once) or on the database directly when no agent runs.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use super::output::{Format, pick, print_csv, print_json, print_table};
-use super::remote::Api;
+use super::remote::{Target, target};
 use crate::config::Config;
 use crate::scan::admin::{self, RuleList, RuleRequest, TrialAnswer, TrialRequest};
 use crate::scan::rules::{Rule, Scope, Severity, StreamSel};
-use crate::store::database::Database;
 
 /// Arguments of `rules`.
 #[derive(Debug, Args)]
@@ -88,22 +87,6 @@ struct TestArgs {
     /// Print the answer as JSON.
     #[arg(long)]
     json: bool,
-}
-
-/// Where rule commands go: the agent, or the database file.
-enum Target {
-    Agent(Api),
-    File(duckdb::Connection),
-}
-
-fn target(cfg: &Config) -> Result<Target> {
-    if let Some(api) = super::remote::agent(cfg)? {
-        return Ok(Target::Agent(api));
-    }
-    // No agent: changes go straight into the file (created and migrated if new).
-    let db = Database::open_rw(&cfg.db_path)
-        .with_context(|| format!("opening {}", cfg.db_path.display()))?;
-    Ok(Target::File(db.connect()?))
 }
 
 fn list_rules(t: &Target) -> Result<RuleList> {

@@ -153,6 +153,12 @@ fn print_human(r: &StatusReport) {
                 println!("rule {} does not compile: {}", e.rule_id, e.error);
             }
         }
+        if let Some(w) = &s.webhooks {
+            println!(
+                "webhooks: {} events, {} matched, {} delivered, {} failed, {} rate-limited, {} dropped (queue full), {} missed (behind the bus)",
+                w.events, w.matched, w.delivered, w.failed, w.rate_limited, w.dropped, w.missed
+            );
+        }
     }
     if r.gaps_24h.is_empty() {
         println!("gaps in the last 24 h: none");

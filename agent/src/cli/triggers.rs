@@ -8,10 +8,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
 use super::output::{Format, pick, print_csv, print_json, print_table};
-use super::remote::Api;
+use super::remote::{Target, target};
 use crate::config::Config;
 use crate::scan::rules::Severity;
-use crate::store::database::Database;
 use crate::store::triggers::{self, NewTrigger, Trigger};
 use crate::triggers::delivery::{Deliverer, DeliveryConfig, Outcome};
 use crate::triggers::dispatcher::payload;
@@ -89,20 +88,6 @@ struct AddArgs {
     /// Extra header NAME=VALUE (repeatable).
     #[arg(long = "header")]
     headers: Vec<String>,
-}
-
-enum Target {
-    Agent(Api),
-    File(duckdb::Connection),
-}
-
-fn target(cfg: &Config) -> Result<Target> {
-    if let Some(api) = super::remote::agent(cfg)? {
-        return Ok(Target::Agent(api));
-    }
-    let db = Database::open_rw(&cfg.db_path)
-        .with_context(|| format!("opening {}", cfg.db_path.display()))?;
-    Ok(Target::File(db.connect()?))
 }
 
 fn all(t: &Target) -> Result<Vec<Trigger>> {
