@@ -24,11 +24,12 @@ use crate::docker::source::{DockerSource, SourceConfig};
 use crate::pipeline::registry::Registry;
 use crate::pipeline::stage::StageTx;
 use crate::pipeline::stage::{Overflow, StageConfig, stage};
+use crate::scan::engine::{MAX_MESSAGE, cut_message};
 use crate::scan::service::LogScan;
 use crate::scan::worker::{self, ScanMsg, WorkerConfig};
 use crate::status::{self, StatusSource};
 use crate::store::cursors;
-use crate::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
+use crate::store::writer::{LogEvent, Writer, WriterConfig, WriterMsg, WriterStats};
 use crate::triggers::delivery::DeliveryConfig;
 use crate::triggers::dispatcher::{self, DispatchConfig};
 use crate::triggers::ssrf::Guard;
@@ -106,6 +107,20 @@ pub fn run(cfg: Config) -> Result<()> {
     } else {
         None
     };
+    // Rules stored with a pattern this build cannot compile (written by another version or
+    // by hand) are reported as agent events, once the dispatcher listens.
+    for e in logscan.live.load().errors() {
+        let _ = tx.send_wait(WriterMsg::Event(LogEvent {
+            ts_ns: crate::conntrack::event::now_ns(),
+            source: "agent",
+            severity: "error",
+            message: cut_message(
+                &format!("log-scan rule {} does not compile: {}", e.rule_id, e.error),
+                MAX_MESSAGE,
+            ),
+            metadata: serde_json::json!({"kind": "rule_compile_error", "rule_id": e.rule_id, "error": e.error}),
+        }));
+    }
     let (docker, scan_workers) = if cfg.docker.enabled {
         start_log_scan(&cfg, &logscan, &database, &tx, &registry)?
     } else {
