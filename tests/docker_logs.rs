@@ -112,15 +112,7 @@ fn micros(ts: &str) -> Result<String> {
 }
 
 fn vm_hwm_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
+    nattrail_lab::memory::peak_rss_mib_of(&pid.to_string())
 }
 
 fn cleanup() {

@@ -1,8 +1,8 @@
-//! The process's own memory, for tests and benchmarks that state a budget.
+//! Process memory, for tests and benchmarks that state a budget.
 
-/// Peak resident set size of this process (VmHWM), in MiB; 0 if unreadable.
-pub fn peak_rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Peak resident set size (VmHWM) of process `pid`, in MiB; 0 if unreadable.
+pub fn peak_rss_mib_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -11,4 +11,9 @@ pub fn peak_rss_mib() -> u64 {
         })
         .unwrap_or(0)
         / 1024
+}
+
+/// Peak resident set size of this process, in MiB; 0 if unreadable.
+pub fn peak_rss_mib() -> u64 {
+    peak_rss_mib_of("self")
 }
