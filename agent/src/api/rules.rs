@@ -250,7 +250,10 @@ mod tests {
         let (st, _) = call(&app, Method::DELETE, &format!("/api/v1/rules/{id}"), None).await;
         assert_eq!(st, 204);
         let (_, list) = call(&app, Method::GET, "/api/v1/rules", None).await;
-        assert_eq!(list, json!({"rules": [], "overrides": []}));
+        assert_eq!(
+            list,
+            json!({"rules": [], "overrides": [], "compile_errors": []})
+        );
         assert!(logscan.live.load().effective(&["web".into()]).is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }

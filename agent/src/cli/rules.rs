@@ -150,6 +150,9 @@ pub fn run(cfg: &Config, a: &RulesArgs) -> Result<()> {
                 Format::Csv => print_csv(&header, &rows),
                 Format::Table => {
                     print_table(&header, &rows);
+                    for e in &list.compile_errors {
+                        println!("rule {} does not compile: {}", e.rule_id, e.error);
+                    }
                     for o in &list.overrides {
                         println!(
                             "override: rule {} for {}: enabled={} severity={}",

@@ -7,7 +7,7 @@ use std::time::Duration;
 use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
-use super::engine::{WorkloadRules, compile};
+use super::engine::{CompileError, WorkloadRules, compile};
 use super::rules::{Override, Rule, Scope, Severity, StreamSel, effective};
 use crate::docker::frames::Stream;
 use crate::store::rules::{self, NewRule, RuleError};
@@ -66,6 +66,10 @@ pub struct RuleList {
     pub rules: Vec<Rule>,
     /// Overrides of global rules.
     pub overrides: Vec<Override>,
+    /// Stored rules whose pattern this build cannot compile (written by hand or by another
+    /// version), with the compiler's message: they scan nothing until fixed.
+    #[serde(default)]
+    pub compile_errors: Vec<CompileError>,
 }
 
 /// A workload's change to a global rule, as the API takes it.
@@ -127,7 +131,20 @@ pub fn add(conn: &Connection, req: &RuleRequest) -> Result<Rule, RuleError> {
 /// Every rule and override.
 pub fn list(conn: &Connection) -> Result<RuleList, RuleError> {
     let (rules, overrides) = rules::list(conn)?;
-    Ok(RuleList { rules, overrides })
+    let compile_errors = rules
+        .iter()
+        .filter_map(|r| {
+            compile(&r.pattern).err().map(|error| CompileError {
+                rule_id: r.id,
+                error,
+            })
+        })
+        .collect();
+    Ok(RuleList {
+        rules,
+        overrides,
+        compile_errors,
+    })
 }
 
 /// Sets a workload's override of a global rule.
@@ -220,5 +237,28 @@ pub fn resolve(rules: &[Rule], id_or_name: &str) -> Result<Rule, RuleError> {
             name: id_or_name.to_string(),
             ids: many.iter().map(|r| r.id).collect(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::database::Database;
+
+    #[test]
+    fn a_pattern_stored_by_hand_that_does_not_compile_is_reported_on_the_listing() {
+        let dir = std::env::temp_dir().join(format!("nattrail-admin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Database::open_rw(&dir.join("t.duckdb")).unwrap();
+        let c = db.connect().unwrap();
+        c.execute_batch(
+            "INSERT INTO log_scan_rules (name, pattern, stream, severity, cooldown_s, enabled, updated)
+             VALUES ('hand', '(oops', 'both', 'error', 0, true, now()::TIMESTAMP)",
+        )
+        .unwrap();
+        let l = list(&c).unwrap();
+        assert_eq!(l.compile_errors.len(), 1);
+        assert!(l.compile_errors[0].error.contains("unclosed group"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
