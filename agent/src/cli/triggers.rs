@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 
 use super::output::{Format, pick, print_csv, print_json, print_table};
@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::scan::rules::Severity;
 use crate::store::triggers::{self, NewTrigger, Trigger};
 use crate::triggers::delivery::{Deliverer, DeliveryConfig, Outcome};
-use crate::triggers::dispatcher::payload;
+use crate::triggers::dispatcher::{sample, target as delivery_target};
 use crate::triggers::filter::Filter;
 use crate::triggers::ssrf::Guard;
 
@@ -100,14 +100,6 @@ fn all(t: &Target) -> Result<Vec<Trigger>> {
     })
 }
 
-fn find(list: &[Trigger], id_or_name: &str) -> Result<Trigger> {
-    list.iter()
-        .find(|t| id_or_name.parse::<u64>().is_ok_and(|id| id == t.id))
-        .or_else(|| list.iter().find(|t| t.name == id_or_name))
-        .cloned()
-        .with_context(|| format!("no trigger with id or name {id_or_name:?}"))
-}
-
 /// Runs `triggers`.
 pub fn run(cfg: &Config, a: &TriggersArgs) -> Result<()> {
     let guard = Guard::new(cfg.webhooks.allow.clone());
@@ -172,7 +164,7 @@ pub fn run(cfg: &Config, a: &TriggersArgs) -> Result<()> {
             }
         }
         TriggersCommand::Rm { trigger } => {
-            let tr = find(&all(&t)?, trigger)?;
+            let tr = triggers::pick(&all(&t)?, trigger)?;
             match &t {
                 Target::Agent(api) => api.delete(&format!("/api/v1/triggers/{}", tr.id))?,
                 Target::File(c) => {
@@ -185,35 +177,18 @@ pub fn run(cfg: &Config, a: &TriggersArgs) -> Result<()> {
         TriggersCommand::Test { trigger } => {
             let out: Outcome = match &t {
                 Target::Agent(api) => {
-                    let tr = find(&all(&t)?, trigger)?;
+                    let tr = triggers::pick(&all(&t)?, trigger)?;
                     api.post_json(&format!("/api/v1/triggers/{}/test", tr.id), &())?
                 }
                 Target::File(c) => {
                     // No agent: send from here, through the same guard and signing.
                     let tr = triggers::resolve(c, trigger)?;
                     let d = Deliverer::new(Arc::new(guard), DeliveryConfig::default())?;
-                    let ev = crate::store::bus::StoredEvent {
-                        id: 0,
-                        ts_ns: crate::conntrack::event::now_ns(),
-                        source: "agent",
-                        severity: "info",
-                        message: format!("test delivery of trigger {}", tr.name),
-                        metadata: serde_json::json!({"test": true}),
-                    };
-                    let body = serde_json::to_vec(&payload(&tr, &ev))?;
-                    let id = format!("test_{}_{}", tr.id, ev.ts_ns);
+                    let (id, body) = sample(&tr);
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()?;
-                    rt.block_on(d.deliver(
-                        &crate::triggers::delivery::Target {
-                            url: tr.url.clone(),
-                            secret: tr.secret.clone(),
-                            headers: tr.headers.clone(),
-                        },
-                        &id,
-                        &body,
-                    ))
+                    rt.block_on(d.deliver(&delivery_target(&tr), &id, &body))
                 }
             };
             println!("{}", serde_json::to_string(&out)?);

@@ -327,6 +327,27 @@ async fn open(
     Ok(resp.into_body())
 }
 
+/// Sends lines to the scan worker and, when they end at a safe position, moves `pos` there.
+/// Blocks this runtime while the workers are behind: dockerd keeps the log, so waiting
+/// loses nothing.
+fn hand_over(
+    shard: &StageTx<ScanMsg>,
+    c: &Arc<ContainerInfo>,
+    lines: Vec<(Stream, Line)>,
+    safe: Option<Pos>,
+    pos: &mut Option<Pos>,
+) -> Result<(), TailError> {
+    shard
+        .send(ScanMsg::Lines {
+            container: Arc::clone(c),
+            lines,
+            cursor: safe,
+        })
+        .map_err(|_| TailError::Closed)?;
+    *pos = safe.or(*pos);
+    Ok(())
+}
+
 /// Follows the log of `c` from `pos` with `streams` open, sending lines to `shard`, until
 /// the stream ends or the rules need other streams. `pos` is advanced as lines are handed
 /// over, so a reopen continues exactly after them.
@@ -350,10 +371,7 @@ pub async fn follow(
                         let safe = reading.flush(&mut lines);
                         reading.count(&ctx.stats);
                         if !lines.is_empty() {
-                            shard
-                                .send(ScanMsg::Lines { container: Arc::clone(c), lines, cursor: safe })
-                                .map_err(|_| TailError::Closed)?;
-                            *pos = safe.or(*pos);
+                            hand_over(shard, c, lines, safe, pos)?;
                         }
                         return Ok(FollowEnd::StreamEnded);
                     }
@@ -371,14 +389,7 @@ pub async fn follow(
                 if lines.is_empty() && safe.is_none() {
                     continue;
                 }
-                // Blocks this runtime while the scan workers are behind: dockerd keeps
-                // the log, so waiting loses nothing.
-                shard
-                    .send(ScanMsg::Lines { container: Arc::clone(c), lines, cursor: safe })
-                    .map_err(|_| TailError::Closed)?;
-                if safe.is_some() {
-                    *pos = safe;
-                }
+                hand_over(shard, c, lines, safe, pos)?;
             }
             changed = rules_changed.changed() => {
                 if changed.is_ok() && Streams::wanted(&ctx.live, c) != streams {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
-use super::engine::{CompileError, WorkloadRules, compile};
+use super::engine::{CompileError, WorkloadRules, compile, compile_errors};
 use super::rules::{Override, Rule, Scope, Severity, StreamSel, effective};
 use crate::docker::frames::Stream;
 use crate::store::rules::{self, NewRule, RuleError};
@@ -131,19 +131,10 @@ pub fn add(conn: &Connection, req: &RuleRequest) -> Result<Rule, RuleError> {
 /// Every rule and override.
 pub fn list(conn: &Connection) -> Result<RuleList, RuleError> {
     let (rules, overrides) = rules::list(conn)?;
-    let compile_errors = rules
-        .iter()
-        .filter_map(|r| {
-            compile(&r.pattern).err().map(|error| CompileError {
-                rule_id: r.id,
-                error,
-            })
-        })
-        .collect();
     Ok(RuleList {
+        compile_errors: compile_errors(&rules),
         rules,
         overrides,
-        compile_errors,
     })
 }
 

@@ -40,6 +40,19 @@ pub fn compile(pattern: &str) -> Result<Regex, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The rules of `rules` whose pattern does not compile, with the compiler's message.
+pub fn compile_errors(rules: &[Rule]) -> Vec<CompileError> {
+    rules
+        .iter()
+        .filter_map(|r| {
+            compile(&r.pattern).err().map(|error| CompileError {
+                rule_id: r.id,
+                error,
+            })
+        })
+        .collect()
+}
+
 /// The compiled effective rules of one workload.
 pub struct WorkloadRules {
     set: RegexSet,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use super::engine::{CompileError, WorkloadRules, compile};
+use super::engine::{CompileError, WorkloadRules, compile_errors};
 use super::rules::{Override, Rule, effective};
 
 /// One version of the rules, with each workload's compiled set built on first use.
@@ -22,15 +22,7 @@ pub struct RuleBook {
 
 impl RuleBook {
     fn new(version: u64, rules: Vec<Rule>, overrides: Vec<Override>) -> Self {
-        let errors = rules
-            .iter()
-            .filter_map(|r| {
-                compile(&r.pattern).err().map(|error| CompileError {
-                    rule_id: r.id,
-                    error,
-                })
-            })
-            .collect();
+        let errors = compile_errors(&rules);
         RuleBook {
             version,
             rules,

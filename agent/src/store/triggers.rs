@@ -206,7 +206,11 @@ pub fn get(conn: &Connection, id: u64) -> Result<Trigger, TriggerError> {
 
 /// Finds a trigger by id or name.
 pub fn resolve(conn: &Connection, id_or_name: &str) -> Result<Trigger, TriggerError> {
-    let all = list(conn)?;
+    pick(&list(conn)?, id_or_name)
+}
+
+/// Finds a trigger of `all` by id or name.
+pub fn pick(all: &[Trigger], id_or_name: &str) -> Result<Trigger, TriggerError> {
     all.iter()
         .find(|t| id_or_name.parse::<u64>().is_ok_and(|id| id == t.id))
         .or_else(|| all.iter().find(|t| t.name == id_or_name))

@@ -110,6 +110,20 @@ pub fn payload(t: &Trigger, ev: &StoredEvent) -> serde_json::Value {
     })
 }
 
+/// A test delivery of `t`: its webhook-id and a body of the real shape, for an agent event.
+pub fn sample(t: &Trigger) -> (String, Vec<u8>) {
+    let ev = StoredEvent {
+        id: 0,
+        ts_ns: crate::conntrack::event::now_ns(),
+        source: "agent",
+        severity: "info",
+        message: format!("test delivery of trigger {}", t.name),
+        metadata: json!({"test": true}),
+    };
+    let body = serde_json::to_vec(&payload(t, &ev)).expect("payloads serialise");
+    (format!("test_{}_{}", t.id, ev.ts_ns), body)
+}
+
 /// The shared state of a running dispatcher.
 pub struct Dispatcher {
     db: Arc<Database>,
@@ -159,16 +173,7 @@ impl Dispatcher {
 
     /// Sends a sample delivery of `t` now (the API's and CLI's test), logged like any other.
     pub async fn test(&self, t: &Trigger) -> Outcome {
-        let ev = StoredEvent {
-            id: 0,
-            ts_ns: crate::conntrack::event::now_ns(),
-            source: "agent",
-            severity: "info",
-            message: format!("test delivery of trigger {}", t.name),
-            metadata: json!({"test": true}),
-        };
-        let id = format!("test_{}_{}", t.id, ev.ts_ns);
-        let body = serde_json::to_vec(&payload(t, &ev)).expect("payloads serialise");
+        let (id, body) = sample(t);
         let out = self.deliverer.deliver(&target(t), &id, &body).await;
         self.record(t, None, &id, &out).await;
         out
@@ -227,7 +232,8 @@ impl Dispatcher {
     }
 }
 
-fn target(t: &Trigger) -> Target {
+/// Where and how `t` delivers.
+pub fn target(t: &Trigger) -> Target {
     Target {
         url: t.url.clone(),
         secret: t.secret.clone(),
