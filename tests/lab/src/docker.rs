@@ -1,7 +1,6 @@
 //! The Docker side of the lab: dockerd (Debian's docker.io) started when not running, and a
 //! tiny image imported from a rootfs holding Debian's static busybox (there is no registry).
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -62,6 +61,22 @@ fn dockerd_pid() -> Option<i32> {
         .ok()
 }
 
+/// Whether process `pid` still runs. A dockerd this process (or xtask, which runs the tests)
+/// started stays a zombie after it exits until its parent reaps it, so a zombie counts as
+/// stopped; our own child is reaped here.
+fn alive(pid: i32) -> bool {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let _ = waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold anything.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
 /// Stops dockerd (its containers die with it) and starts it again.
 pub fn restart_dockerd() -> Result<()> {
     let pid = dockerd_pid().context("no dockerd process to restart")?;
@@ -70,7 +85,7 @@ pub fn restart_dockerd() -> Result<()> {
         nix::sys::signal::Signal::SIGTERM,
     )?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Path::new(&format!("/proc/{pid}")).exists() {
+    while alive(pid) {
         if Instant::now() > deadline {
             bail!("dockerd {pid} did not stop within 60 s");
         }
