@@ -243,10 +243,17 @@ fn overflow_burst_records_gaps_and_resyncs() -> Result<()> {
                 live: false,
             },
         )?;
-        ensure!(
-            ans.status == WhoStatus::Incomplete && !ans.holes.is_empty(),
-            "flow {id} (public port {public}, client port {sport}, dst port {dport}): {ans:?}"
-        );
+        if ans.status != WhoStatus::Incomplete || ans.holes.is_empty() {
+            let mut stmt = conn.prepare(
+                "SELECT start::VARCHAR, \"end\"::VARCHAR, lost FROM capture_gaps ORDER BY start",
+            )?;
+            let gaps: Vec<(String, String, Option<u64>)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            bail!(
+                "flow {id} (public port {public}, client port {sport}, dst port {dport}): {ans:?}; gaps {gaps:?}"
+            );
+        }
     }
     Ok(())
 }

@@ -78,6 +78,14 @@ const MAX_DUMPS_PER_RESYNC: u32 = 8;
 const DROP_CHECK_EVERY: Duration = Duration::from_secs(1);
 const RECV_BUF: usize = 1 << 20;
 
+/// One reading of the event socket's drop counter (None when /proc/net/netlink lacks it).
+#[derive(Debug, Clone, Copy)]
+struct DropReading {
+    begun_ns: u64,
+    value: Option<u64>,
+    done_ns: u64,
+}
+
 /// Events dropped by the backlog since the trail was last known complete.
 #[derive(Debug, Clone, Copy)]
 struct BacklogLoss {
@@ -263,7 +271,10 @@ impl Reader {
     /// Closes the holes in the trail: dumps the table (recovering flows whose NEW was lost,
     /// closing flows whose DESTROY was lost with an end bounded by the hole), then records a
     /// gap for the kernel overflow starting at `kernel_since` and one for the backlog's drops.
-    fn resync(&mut self, kernel_since: Option<u64>) -> Result<(), ReaderError> {
+    /// Returns the instant the trail is known complete until: the last reading of the drop
+    /// counter. When drops kept racing every dump, those of the last dump are left
+    /// unaccounted, so the drop-counter check resyncs again from before that dump.
+    fn resync(&mut self, kernel_since: Option<u64>) -> Result<u64, ReaderError> {
         let backlog = self.backlog_loss.take();
         let since = [kernel_since, backlog.map(|b| b.start_ns)]
             .into_iter()
@@ -274,21 +285,34 @@ impl Reader {
         // kernel drops further events without raising ENOBUFS again. A dump that raced such
         // drops may have missed their flows, so dump again until one completes without new
         // drops (bounded; the periodic drop-counter check catches the rest).
-        let mut now = netlink_drops::read(self.port_id());
+        let mut accounted = self.read_drops();
         for attempt in 1..=MAX_DUMPS_PER_RESYNC {
             self.dump(since)?;
-            let after = netlink_drops::read(self.port_id());
-            let raced = matches!((now, after), (Some(b), Some(a)) if a > b);
-            now = after;
+            let after = self.read_drops();
+            let raced = matches!((accounted.value, after.value), (Some(b), Some(a)) if a > b);
             if !raced {
+                accounted = after;
                 break;
             }
+            if attempt == MAX_DUMPS_PER_RESYNC {
+                // The flows of drops during this dump may be missing: leave those drops
+                // unaccounted, so the drop-counter check sees them and resyncs again.
+                warn!(
+                    dumps = attempt,
+                    "events kept being dropped during every resync dump; resyncing again shortly"
+                );
+                break;
+            }
+            accounted = after;
             debug!(
                 attempt,
                 "events were dropped during the resync dump; dumping again"
             );
         }
-        let end_ns = now_ns();
+        let now = accounted.value;
+        // Every drop counted happened before the reading returned; every drop not counted
+        // happened after it began.
+        let (end_ns, complete_until) = (accounted.done_ns, accounted.begun_ns);
         if let Some(start_ns) = kernel_since {
             let lost = match (self.drops_seen, now) {
                 (Some(before), Some(now)) => Some(now.saturating_sub(before)),
@@ -317,7 +341,18 @@ impl Reader {
                 reason: "writer backlog full: newest events dropped; resynced by a table dump",
             });
         }
-        Ok(())
+        Ok(complete_until)
+    }
+
+    /// The kernel's drop counter of the event socket, with when it was read.
+    fn read_drops(&self) -> DropReading {
+        let begun_ns = now_ns();
+        let value = netlink_drops::read(self.port_id());
+        DropReading {
+            begun_ns,
+            value,
+            done_ns: now_ns(),
+        }
     }
 
     /// Runs until `shutdown` is set or the writer goes away; sets `ready` once the start-up
@@ -334,11 +369,20 @@ impl Reader {
         let mut buf = Vec::with_capacity(RECV_BUF);
         // Last instant the event stream was known complete: the lower bound of a loss window.
         let mut last_ok = now_ns();
+        // After a dump the event socket is full and "congested": the kernel drops further
+        // events without raising ENOBUFS until its queue has been read empty, so data read
+        // then does not prove the stream complete.
+        let mut congested = false;
         let mut last_drop_check = std::time::Instant::now();
         while !shutdown.load(Ordering::Relaxed) {
             if last_drop_check.elapsed() >= DROP_CHECK_EVERY {
                 last_drop_check = std::time::Instant::now();
-                let now = netlink_drops::read(self.port_id());
+                let reading = self.read_drops();
+                let now = reading.value;
+                if now.is_some() && now == self.drops_seen {
+                    // No drop so far: complete until the check even while congested.
+                    last_ok = last_ok.max(reading.begun_ns);
+                }
                 if let (Some(seen), Some(now)) = (self.drops_seen, now)
                     && now > seen
                 {
@@ -346,18 +390,20 @@ impl Reader {
                         dropped = now - seen,
                         "the kernel dropped conntrack events without ENOBUFS (socket was congested); resyncing"
                     );
-                    self.resync(Some(last_ok))?;
-                    last_ok = now_ns();
+                    last_ok = self.resync(Some(last_ok))?;
+                    congested = true;
                 }
             }
-            // A drop before this call would make recv report ENOBUFS before any data, so
-            // data returned means the stream was complete at least until now.
+            // Outside congestion a drop before this call would make recv report ENOBUFS
+            // before any data, so data returned means the stream was complete until now.
             let before_recv = now_ns();
             match self.events.recv(&mut buf).map_err(ReaderError::Recv)? {
                 Recv::Data(n) => {
                     self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
                     let received = now_ns();
-                    last_ok = before_recv;
+                    if !congested {
+                        last_ok = before_recv;
+                    }
                     // Split borrow: the buffer is not touched by handle_datagram.
                     let data = std::mem::take(&mut buf);
                     let end = self.handle_datagram(&data[..n], false, received);
@@ -366,7 +412,10 @@ impl Reader {
                         break;
                     }
                 }
-                Recv::Timeout => last_ok = now_ns(),
+                Recv::Timeout => {
+                    congested = false;
+                    last_ok = now_ns();
+                }
                 Recv::Overflow => {
                     let n = self.stats.overflows.fetch_add(1, Ordering::Relaxed) + 1;
                     if let Some(suppressed) = self.overflow_log.allow() {
@@ -376,15 +425,17 @@ impl Reader {
                             "conntrack event socket overflowed (ENOBUFS): events were lost; resyncing"
                         );
                     }
-                    self.resync(Some(last_ok))?;
-                    last_ok = now_ns();
+                    last_ok = self.resync(Some(last_ok))?;
+                    congested = true;
                 }
             }
             // Backlog drops are repaired once the writer has caught up, not while it is
             // still behind (a dump then would only be dropped in turn).
             if self.backlog_loss.is_some() && self.tx.below_mark() {
+                // Kernel drops during these dumps get no gap here: the drop-counter check
+                // finds them, and its gap starts before this resync.
                 self.resync(None)?;
-                last_ok = now_ns();
+                congested = true;
             }
         }
         debug!("conntrack reader stopped");
