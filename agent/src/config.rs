@@ -84,6 +84,8 @@ pub struct WebhooksConfig {
     pub timeout_ms: u64,
     /// Attempts per delivery.
     pub max_attempts: u32,
+    /// How long a stop waits for queued and in-flight deliveries, in ms.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for WebhooksConfig {
@@ -95,6 +97,7 @@ impl Default for WebhooksConfig {
             workers: 4,
             timeout_ms: 5_000,
             max_attempts: 5,
+            shutdown_grace_ms: 5_000,
         }
     }
 }

@@ -100,6 +100,7 @@ pub fn run(cfg: Config) -> Result<()> {
                         max_attempts: w.max_attempts.max(1),
                         ..DeliveryConfig::default()
                     },
+                    grace: Duration::from_millis(w.shutdown_grace_ms),
                 },
             )
             .context("starting the trigger dispatcher")?,
@@ -223,9 +224,6 @@ pub fn run(cfg: Config) -> Result<()> {
         }
     }
     drop(tx);
-    if let Some(d) = dispatch {
-        d.stop();
-    }
     if let Some(t) = reader_thread {
         match t.join() {
             Ok(Ok(())) => {}
@@ -243,6 +241,10 @@ pub fn run(cfg: Config) -> Result<()> {
             failure = Some(anyhow!("writer failed: {e}"));
         }
         Err(_) => failure = Some(anyhow!("writer panicked")),
+    }
+    // After the writer: its last commits are published to the bus and still matched.
+    if let Some(d) = dispatch {
+        d.stop();
     }
     registry.report();
     if let Err(e) = status::write(&cfg.db_path, &source.snapshot(false)) {

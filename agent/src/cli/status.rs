@@ -155,8 +155,15 @@ fn print_human(r: &StatusReport) {
         }
         if let Some(w) = &s.webhooks {
             println!(
-                "webhooks: {} events, {} matched, {} delivered, {} failed, {} rate-limited, {} dropped (queue full), {} missed (behind the bus)",
-                w.events, w.matched, w.delivered, w.failed, w.rate_limited, w.dropped, w.missed
+                "webhooks: {} events, {} matched, {} delivered, {} failed, {} rate-limited, {} dropped (queue full), {} missed (behind the bus), {} abandoned at stop",
+                w.events,
+                w.matched,
+                w.delivered,
+                w.failed,
+                w.rate_limited,
+                w.dropped,
+                w.missed,
+                w.abandoned
             );
         }
     }

@@ -2,12 +2,14 @@
 //! enabled triggers, applies each trigger's rate limit and queues a webhook delivery. It
 //! never writes to the event log (a delivery cannot cause an event that causes a delivery);
 //! events it missed by falling behind the bus, and deliveries dropped by its full queue, are
-//! counted.
+//! counted. At stop it drains what the bus still holds and sends what is queued for a grace
+//! period; deliveries still unsent then are abandoned, counted and logged as such.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -40,6 +42,8 @@ pub struct DispatchStats {
     pub delivered: AtomicU64,
     /// Deliveries that failed, were refused, or ended in 410.
     pub failed: AtomicU64,
+    /// Deliveries still queued or in flight when the stop's grace period ran out.
+    pub abandoned: AtomicU64,
 }
 
 /// A copy of the counters for reports.
@@ -53,6 +57,7 @@ pub struct DispatchCounters {
     pub dropped: u64,
     pub delivered: u64,
     pub failed: u64,
+    pub abandoned: u64,
 }
 
 impl DispatchStats {
@@ -67,6 +72,7 @@ impl DispatchStats {
             dropped: g(&self.dropped),
             delivered: g(&self.delivered),
             failed: g(&self.failed),
+            abandoned: g(&self.abandoned),
         }
     }
 }
@@ -80,6 +86,8 @@ pub struct DispatchConfig {
     pub workers: usize,
     /// Retries and timeouts.
     pub delivery: DeliveryConfig,
+    /// How long a stop waits for queued and in-flight deliveries.
+    pub grace: Duration,
 }
 
 struct Active {
@@ -175,12 +183,26 @@ impl Dispatcher {
     pub async fn test(&self, t: &Trigger) -> Outcome {
         let (id, body) = sample(t);
         let out = self.deliverer.deliver(&target(t), &id, &body).await;
-        self.record(t, None, &id, &out).await;
+        self.record(t, None, &id, Some(&out)).await;
         out
     }
 
-    async fn record(&self, t: &Trigger, event_id: Option<u64>, webhook_id: &str, out: &Outcome) {
-        let (outcome, status, error, attempts) = match out {
+    /// Logs a delivery's end; `None` is one the stop abandoned.
+    async fn record(
+        &self,
+        t: &Trigger,
+        event_id: Option<u64>,
+        webhook_id: &str,
+        out: Option<&Outcome>,
+    ) {
+        let Some(out) = out else {
+            self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+            let error = "the agent stopped before the delivery ended".to_string();
+            self.log_row(t, event_id, webhook_id, ("abandoned", None, Some(error), 0))
+                .await;
+            return;
+        };
+        let row = match out {
             Outcome::Delivered { status, attempts } => {
                 ("delivered", Some(*status), None, *attempts)
             }
@@ -197,6 +219,24 @@ impl Dispatcher {
             _ => &self.stats.failed,
         }
         .fetch_add(1, Ordering::Relaxed);
+        self.log_row(t, event_id, webhook_id, row).await;
+        if matches!(out, Outcome::Gone { .. }) {
+            info!(trigger = %t.name, "receiver answered 410 Gone: trigger disabled");
+            if let Err(e) = self.reload() {
+                warn!(error = %e, "could not reload triggers");
+            }
+        }
+    }
+
+    /// Appends (outcome, status, error, attempts) to the delivery log; "gone" also disables
+    /// the trigger.
+    async fn log_row(
+        &self,
+        t: &Trigger,
+        event_id: Option<u64>,
+        webhook_id: &str,
+        (outcome, status, error, attempts): (&'static str, Option<u16>, Option<String>, u32),
+    ) {
         let rec = DeliveryRecord {
             trigger_id: t.id,
             event_id,
@@ -207,7 +247,7 @@ impl Dispatcher {
             error,
         };
         let db = Arc::clone(&self.db);
-        let gone = matches!(out, Outcome::Gone { .. });
+        let gone = outcome == "gone";
         let id = t.id;
         let res = tokio::task::spawn_blocking(move || -> Result<(), TriggerError> {
             let c = db.connect()?;
@@ -218,12 +258,6 @@ impl Dispatcher {
             Ok(())
         })
         .await;
-        if gone {
-            info!(trigger = %t.name, "receiver answered 410 Gone: trigger disabled");
-            if let Err(e) = self.reload() {
-                warn!(error = %e, "could not reload triggers");
-            }
-        }
         match res {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "could not log a webhook delivery"),
@@ -250,7 +284,8 @@ pub struct DispatchHandle {
 }
 
 impl DispatchHandle {
-    /// Stops matching; deliveries in flight are abandoned (their rows say so if they end).
+    /// Stops matching, sends what is queued within the grace period and logs the rest as
+    /// abandoned.
     pub fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.thread.join();
@@ -292,9 +327,11 @@ pub fn start(
             rt.block_on(async move {
                 let (qtx, qrx) = mpsc::channel::<Job>(cfg.queue_capacity.max(1));
                 let qrx = Arc::new(tokio::sync::Mutex::new(qrx));
+                let (give_up_tx, give_up) = watch::channel(false);
+                let mut workers = tokio::task::JoinSet::new();
                 for _ in 0..cfg.workers.max(1) {
-                    let (d, qrx) = (Arc::clone(&d), Arc::clone(&qrx));
-                    tokio::spawn(async move {
+                    let (d, qrx, mut give_up) = (Arc::clone(&d), Arc::clone(&qrx), give_up.clone());
+                    workers.spawn(async move {
                         loop {
                             let job = qrx.lock().await.recv().await;
                             let Some(job) = job else { break };
@@ -303,8 +340,16 @@ pub fn start(
                             let id = format!("evt_{}_{}", job.event.id, t.id);
                             let body = serde_json::to_vec(&payload(t, &job.event))
                                 .expect("payloads serialise");
-                            let out = d.deliverer.deliver(&target(t), &id, &body).await;
-                            d.record(t, Some(job.event.id), &id, &out).await;
+                            let to = target(t);
+                            let out = if *give_up.borrow() {
+                                None
+                            } else {
+                                tokio::select! {
+                                    out = d.deliverer.deliver(&to, &id, &body) => Some(out),
+                                    _ = give_up.wait_for(|g| *g) => None,
+                                }
+                            };
+                            d.record(t, Some(job.event.id), &id, out.as_ref()).await;
                         }
                     });
                 }
@@ -320,6 +365,28 @@ pub fn start(
                         },
                         _ = stopped.wait_for(|s| *s) => break,
                     }
+                }
+                // Events committed just before the stop are still on the bus.
+                loop {
+                    match rx.try_recv() {
+                        Ok(ev) => d.dispatch(ev, &qtx),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                            d.stats.missed.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                drop(qtx);
+                let drained = async { while workers.join_next().await.is_some() {} };
+                if tokio::time::timeout(cfg.grace, drained).await.is_err() {
+                    let _ = give_up_tx.send(true);
+                    while workers.join_next().await.is_some() {}
+                    let n = d.stats.abandoned.load(Ordering::Relaxed);
+                    warn!(
+                        abandoned = n,
+                        grace = ?cfg.grace,
+                        "webhook deliveries abandoned at stop"
+                    );
                 }
             });
         })
@@ -378,12 +445,18 @@ mod tests {
     type Got = Arc<Mutex<Vec<serde_json::Value>>>;
 
     async fn receiver(status: u16) -> (String, Got) {
+        slow_receiver(status, Duration::ZERO).await
+    }
+
+    /// A receiver that notes each body, then answers `status` after `delay`.
+    async fn slow_receiver(status: u16, delay: Duration) -> (String, Got) {
         let got: Got = Arc::default();
         let app = Router::new()
             .route(
                 "/h",
                 post(move |State(g): State<Got>, b: Bytes| async move {
                     g.lock().unwrap().push(serde_json::from_slice(&b).unwrap());
+                    tokio::time::sleep(delay).await;
                     StatusCode::from_u16(status).unwrap()
                 }),
             )
@@ -448,6 +521,7 @@ mod tests {
                 queue_capacity: 16,
                 workers: 2,
                 delivery: DeliveryConfig::default(),
+                grace: Duration::from_secs(5),
             },
         )
         .unwrap();
@@ -491,5 +565,89 @@ mod tests {
         assert_eq!(delivered, 2);
         h.stop();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Starts a dispatcher with one worker and one trigger on every error event, to `url`.
+    fn one_trigger(
+        name: &str,
+        url: &str,
+        grace: Duration,
+    ) -> (Arc<Database>, EventBus, DispatchHandle) {
+        let dir = std::env::temp_dir().join(format!("nattrail-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
+        let guard = Arc::new(Guard::new(vec!["127.0.0.1/32".parse().unwrap()]));
+        let t = NewTrigger {
+            name: name.into(),
+            url: url.into(),
+            secret: None,
+            filter: Filter {
+                severities: vec![crate::scan::rules::Severity::Error],
+                ..Default::default()
+            },
+            rate_per_min: 0,
+            headers: BTreeMap::new(),
+            enabled: true,
+        };
+        triggers::insert(&db.connect().unwrap(), &t, &guard).unwrap();
+        let bus = EventBus::default();
+        let cfg = DispatchConfig {
+            queue_capacity: 16,
+            workers: 1,
+            delivery: DeliveryConfig::default(),
+            grace,
+        };
+        let h = start(Arc::clone(&db), &bus, guard, cfg).unwrap();
+        (db, bus, h)
+    }
+
+    fn outcomes(db: &Database) -> Vec<(String, i64)> {
+        let c = db.connect().unwrap();
+        let mut st = c
+            .prepare("SELECT outcome, count(*) FROM webhook_deliveries GROUP BY 1 ORDER BY 1")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stop_sends_what_the_bus_and_queue_still_hold() {
+        let (url, got) = slow_receiver(200, Duration::from_millis(200)).await;
+        let (db, bus, h) = one_trigger("drain", &url, Duration::from_secs(10));
+        for i in 1..=3 {
+            bus.publish(ev(i, "error"));
+        }
+        // At once: the events may still be on the bus, and a delivery takes 200 ms.
+        let stats = Arc::clone(&h.dispatcher.stats);
+        tokio::task::spawn_blocking(move || h.stop()).await.unwrap();
+        let s = stats.snapshot();
+        assert_eq!((s.delivered, s.abandoned), (3, 0), "{s:?}");
+        assert_eq!(got.lock().unwrap().len(), 3);
+        assert_eq!(outcomes(&db), vec![("delivered".to_string(), 3)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn deliveries_outliving_the_grace_are_abandoned_and_logged() {
+        let (url, got) = slow_receiver(200, Duration::from_secs(60)).await;
+        let (db, bus, h) = one_trigger("abandon", &url, Duration::from_millis(300));
+        for i in 1..=3 {
+            bus.publish(ev(i, "error"));
+        }
+        wait(|| !got.lock().unwrap().is_empty()).await;
+        let stats = Arc::clone(&h.dispatcher.stats);
+        let t0 = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || h.stop()).await.unwrap();
+        // One in flight (the receiver holds it 60 s) and two queued: none waits past the grace.
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "stop took {:?}",
+            t0.elapsed()
+        );
+        let s = stats.snapshot();
+        assert_eq!((s.delivered, s.abandoned), (0, 3), "{s:?}");
+        assert_eq!(got.lock().unwrap().len(), 1);
+        assert_eq!(outcomes(&db), vec![("abandoned".to_string(), 3)]);
     }
 }
