@@ -389,6 +389,13 @@ impl<T> StageRx<T> {
         self.shared.set_depth(self.rx.len());
         r
     }
+
+    /// The next item if one is waiting.
+    pub fn try_recv(&self) -> Option<T> {
+        let r = self.rx.try_recv().ok();
+        self.shared.set_depth(self.rx.len());
+        r
+    }
 }
 
 #[cfg(test)]

@@ -111,6 +111,8 @@ pub struct WriterStats {
     pub gaps: AtomicU64,
     /// Event-log rows written.
     pub events: AtomicU64,
+    /// Transactions that stored log hits and cursors (several batches share one under load).
+    pub log_commits: AtomicU64,
     /// Gaps of the last day (loaded at open) and those recorded since.
     pub recent_gaps: RecentGaps,
 }
@@ -184,6 +186,9 @@ fn micros(ns: u64) -> Micros {
 }
 
 /// The column types of `conntrack_events`, in table order, as the appender writes them.
+/// Log batches stored in one transaction at most.
+const MAX_LOG_BATCHES_PER_COMMIT: usize = 256;
+
 const CONNTRACK_COLUMNS: [ffi::DUCKDB_TYPE; 29] = {
     use ffi::{
         DUCKDB_TYPE_DUCKDB_TYPE_BOOLEAN as BOOL, DUCKDB_TYPE_DUCKDB_TYPE_TIMESTAMP as TS,
@@ -438,33 +443,49 @@ impl Writer {
                 self.bus.publish(stored);
                 Ok(1)
             }
-            WriterMsg::LogBatch {
-                container_id,
-                hits,
-                cursor,
-            } => {
-                let n = hits.len();
-                let stored = self.in_transaction("storing log hits", |w| {
-                    let mut stored = Vec::with_capacity(hits.len());
-                    for h in hits {
-                        stored.push(w.insert_event(h)?);
-                    }
-                    if let Some(pos) = &cursor {
-                        cursors::save(&w.conn, &container_id, pos)?;
-                    }
-                    Ok(stored)
-                })?;
-                for ev in stored {
-                    self.bus.publish(ev);
-                }
-                Ok(n)
-            }
+            msg @ WriterMsg::LogBatch { .. } => self.log_batches(vec![msg]),
             WriterMsg::ForgetCursor(id) => {
                 cursors::forget(&self.conn, &id)?;
                 Ok(0)
             }
             WriterMsg::Sync(_) => Ok(0),
         }
+    }
+
+    /// Stores the hits and cursors of several `LogBatch`es in one transaction (one commit,
+    /// however many arrived while the last one was written), then publishes the hits.
+    fn log_batches(&mut self, batches: Vec<WriterMsg>) -> Result<usize, StoreError> {
+        let stored = self.in_transaction("storing log hits", |w| {
+            let mut stored = Vec::new();
+            // Only each container's last position matters.
+            let mut last: HashMap<String, Pos> = HashMap::new();
+            for b in batches {
+                let WriterMsg::LogBatch {
+                    container_id,
+                    hits,
+                    cursor,
+                } = b
+                else {
+                    continue;
+                };
+                for h in hits {
+                    stored.push(w.insert_event(h)?);
+                }
+                if let Some(pos) = cursor {
+                    last.insert(container_id, pos);
+                }
+            }
+            for (id, pos) in &last {
+                cursors::save(&w.conn, id, pos)?;
+            }
+            Ok(stored)
+        })?;
+        self.stats.log_commits.fetch_add(1, Ordering::Relaxed);
+        let n = stored.len();
+        for ev in stored {
+            self.bus.publish(ev);
+        }
+        Ok(n)
     }
 
     /// Inserts one event-log row (hits are rate-limited upstream: a cached statement does,
@@ -676,6 +697,8 @@ impl Writer {
     pub fn run(mut self, rx: StageRx<WriterMsg>, cfg: &WriterConfig) -> Result<(), StoreError> {
         let mut deadline = Instant::now() + cfg.commit_interval;
         let mut stall_debt = Duration::ZERO;
+        // A message taken while grouping log batches, handled next.
+        let mut held: Option<WriterMsg> = None;
         loop {
             if !cfg.stall_per_message.is_zero() {
                 stall_debt += cfg.stall_per_message;
@@ -685,7 +708,26 @@ impl Writer {
                 }
             }
             let timeout = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(timeout) {
+            let next = match held.take() {
+                Some(m) => Ok(m),
+                None => rx.recv_timeout(timeout),
+            };
+            match next {
+                Ok(first @ WriterMsg::LogBatch { .. }) => {
+                    // Group commit: batches that queued up behind a commit share the next.
+                    let mut batches = vec![first];
+                    while batches.len() < MAX_LOG_BATCHES_PER_COMMIT {
+                        match rx.try_recv() {
+                            Some(b @ WriterMsg::LogBatch { .. }) => batches.push(b),
+                            Some(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    self.log_batches(batches)?;
+                }
                 Ok(WriterMsg::Sync(ack)) => {
                     self.commit()?;
                     let _ = ack.send(());
@@ -815,6 +857,73 @@ mod tests {
             .unwrap();
         assert_eq!((n, user.as_str(), ids.as_str()), (2, "bob", "1,2"));
         drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn queued_log_batches_share_a_commit_and_keep_order_and_last_cursors() {
+        use crate::pipeline::stage::{Overflow, StageConfig, stage};
+        let dir = std::env::temp_dir().join(format!("nattrail-groupcommit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = WriterConfig {
+            db_path: dir.join("t.duckdb"),
+            ..WriterConfig::from_config(&crate::config::Config::default())
+        };
+        let stats = Arc::new(WriterStats::default());
+        let w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        let mut sub = w.bus().subscribe();
+        let ev = |msg: &str| LogEvent {
+            ts_ns: 1_700_000_000_000_000_000,
+            source: "logscan",
+            severity: "error",
+            message: msg.to_string(),
+            metadata: serde_json::json!({}),
+        };
+        let pos = |ts_ns: i64| Pos {
+            ts_ns,
+            rank: 1,
+            digest: 7,
+        };
+        let batch = |c: &str, msgs: &[&str], at: i64| WriterMsg::LogBatch {
+            container_id: c.to_string(),
+            hits: msgs.iter().map(|m| ev(m)).collect(),
+            cursor: Some(pos(at)),
+        };
+        let (tx, rx, _h) = stage(StageConfig::new("test->writer", 16, Overflow::Wait));
+        // Queued before the writer runs: it takes a1, b1 together, holds the agent event it
+        // met, then stores a2.
+        tx.send_wait(batch("a", &["a1", "a1'"], 10)).unwrap();
+        tx.send_wait(batch("b", &["b1"], 20)).unwrap();
+        tx.send_wait(WriterMsg::Event(LogEvent {
+            source: "agent",
+            ..ev("agent")
+        }))
+        .unwrap();
+        tx.send_wait(batch("a", &["a2"], 30)).unwrap();
+        tx.send_wait(batch("a", &[], 40)).unwrap();
+        drop(tx);
+        let db = w.conn.try_clone().unwrap();
+        w.run(rx, &cfg).unwrap();
+        let mut seen = Vec::new();
+        while let Ok(e) = sub.try_recv() {
+            seen.push((e.id, e.message.clone()));
+        }
+        let msgs: Vec<&str> = seen.iter().map(|(_, m)| m.as_str()).collect();
+        assert_eq!(msgs, ["a1", "a1'", "b1", "agent", "a2"]);
+        assert!(
+            seen.windows(2).all(|p| p[0].0 < p[1].0),
+            "ids in order: {seen:?}"
+        );
+        let cursors = cursors::load(&db).unwrap();
+        assert_eq!(cursors["a"], pos(40));
+        assert_eq!(cursors["b"], pos(20));
+        let n: u64 = db
+            .query_row("SELECT count(*)::UBIGINT FROM event_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 5);
+        // {a1, b1} then, after the held agent event, {a2, a's cursor}.
+        assert_eq!(stats.log_commits.load(Ordering::Relaxed), 2);
+        drop(db);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

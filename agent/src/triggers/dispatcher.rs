@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use super::delivery::{Deliverer, DeliveryConfig, Outcome, Target};
@@ -23,6 +23,7 @@ use super::filter::CompiledFilter;
 use super::ssrf::Guard;
 use crate::store::bus::{EventBus, StoredEvent};
 use crate::store::database::Database;
+use crate::store::schema::db_err;
 use crate::store::triggers::{self, DeliveryRecord, Trigger, TriggerError};
 
 /// Counters of the dispatcher.
@@ -138,6 +139,7 @@ pub struct Dispatcher {
     bus: EventBus,
     active: ArcSwap<Vec<Arc<Active>>>,
     deliverer: Deliverer,
+    log: mpsc::Sender<LogRow>,
     /// Counters.
     pub stats: Arc<DispatchStats>,
 }
@@ -246,22 +248,70 @@ impl Dispatcher {
             status,
             error,
         };
-        let db = Arc::clone(&self.db);
-        let gone = outcome == "gone";
-        let id = t.id;
-        let res = tokio::task::spawn_blocking(move || -> Result<(), TriggerError> {
-            let c = db.connect()?;
-            triggers::log_delivery(&c, &rec)?;
-            if gone {
-                triggers::disable(&c, id, "the receiver answered 410 Gone")?;
+        let (done, written) = oneshot::channel();
+        if self.log.send(LogRow { rec, done }).await.is_err() {
+            warn!(
+                webhook_id,
+                "the delivery log has stopped: a delivery went unlogged"
+            );
+            return;
+        }
+        match written.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not log a webhook delivery"),
+            Err(_) => warn!(
+                webhook_id,
+                "the delivery log stopped before writing a delivery"
+            ),
+        }
+    }
+}
+
+/// A delivery-log row on its way to the database, and who waits for it to be written.
+struct LogRow {
+    rec: DeliveryRecord,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Delivery-log rows at most in one transaction.
+const MAX_LOG_ROWS_PER_COMMIT: usize = 256;
+
+/// Writes delivery-log rows, those that queued up behind a commit together in the next
+/// (a commit costs milliseconds; one per delivery would cap the delivery rate). A "gone"
+/// row also disables its trigger, in the same transaction.
+async fn write_delivery_log(db: Arc<Database>, mut rx: mpsc::Receiver<LogRow>) {
+    while let Some(first) = rx.recv().await {
+        let mut rows = vec![first];
+        while rows.len() < MAX_LOG_ROWS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(r) => rows.push(r),
+                Err(_) => break,
             }
+        }
+        let (recs, waiting): (Vec<_>, Vec<_>) = rows.into_iter().map(|r| (r.rec, r.done)).unzip();
+        let db = Arc::clone(&db);
+        let res = tokio::task::spawn_blocking(move || -> Result<(), TriggerError> {
+            let mut c = db.connect()?;
+            let tx = c
+                .transaction()
+                .map_err(db_err("starting a delivery-log transaction"))?;
+            for rec in &recs {
+                triggers::log_delivery(&tx, rec)?;
+                if rec.outcome == "gone" {
+                    triggers::disable(&tx, rec.trigger_id, "the receiver answered 410 Gone")?;
+                }
+            }
+            tx.commit()
+                .map_err(db_err("committing delivery-log rows"))?;
             Ok(())
         })
         .await;
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "could not log a webhook delivery"),
-            Err(e) => warn!(error = %e, "the delivery log task failed"),
+        let res = match res {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the delivery-log task failed: {e}")),
+        };
+        for done in waiting {
+            let _ = done.send(res.clone());
         }
     }
 }
@@ -305,11 +355,13 @@ pub fn start(
             detail: e.to_string(),
         })
     })?;
+    let (log, log_rx) = mpsc::channel(MAX_LOG_ROWS_PER_COMMIT);
     let dispatcher = Arc::new(Dispatcher {
-        db,
+        db: Arc::clone(&db),
         bus: bus.clone(),
         active: ArcSwap::from_pointee(Vec::new()),
         deliverer,
+        log,
         stats: Arc::default(),
     });
     dispatcher.reload()?;
@@ -325,6 +377,7 @@ pub fn start(
                 .build()
                 .expect("building the dispatcher's runtime");
             rt.block_on(async move {
+                tokio::spawn(write_delivery_log(db, log_rx));
                 let (qtx, qrx) = mpsc::channel::<Job>(cfg.queue_capacity.max(1));
                 let qrx = Arc::new(tokio::sync::Mutex::new(qrx));
                 let (give_up_tx, give_up) = watch::channel(false);
