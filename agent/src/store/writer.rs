@@ -825,16 +825,22 @@ fn hostname() -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn event_log_rows_keep_their_json_metadata() {
-        let dir = std::env::temp_dir().join(format!("nattrail-eventlog-{}", std::process::id()));
+    /// A writer on a fresh database in a scratch folder named after `name`.
+    fn test_writer(name: &str) -> (PathBuf, WriterConfig, Arc<WriterStats>, Writer) {
+        let dir = std::env::temp_dir().join(format!("nattrail-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let cfg = WriterConfig {
             db_path: dir.join("t.duckdb"),
             ..WriterConfig::from_config(&crate::config::Config::default())
         };
         let stats = Arc::new(WriterStats::default());
-        let mut w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        let w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        (dir, cfg, stats, w)
+    }
+
+    #[test]
+    fn event_log_rows_keep_their_json_metadata() {
+        let (dir, _, stats, mut w) = test_writer("eventlog");
         let hit = |n: u64| {
             WriterMsg::Event(LogEvent {
                 ts_ns: 1_700_000_000_000_000_000 + n,
@@ -863,14 +869,7 @@ mod tests {
     #[test]
     fn queued_log_batches_share_a_commit_and_keep_order_and_last_cursors() {
         use crate::pipeline::stage::{Overflow, StageConfig, stage};
-        let dir = std::env::temp_dir().join(format!("nattrail-groupcommit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cfg = WriterConfig {
-            db_path: dir.join("t.duckdb"),
-            ..WriterConfig::from_config(&crate::config::Config::default())
-        };
-        let stats = Arc::new(WriterStats::default());
-        let w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        let (dir, cfg, stats, w) = test_writer("groupcommit");
         let mut sub = w.bus().subscribe();
         let ev = |msg: &str| LogEvent {
             ts_ns: 1_700_000_000_000_000_000,

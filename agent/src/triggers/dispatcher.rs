@@ -550,20 +550,8 @@ mod tests {
         let (gone_url, gone_got) = receiver(410).await;
         {
             let c = db.connect().unwrap();
-            let mk = |name: &str, url: &str, rate: u32| NewTrigger {
-                name: name.into(),
-                url: url.into(),
-                secret: None,
-                filter: Filter {
-                    severities: vec![crate::scan::rules::Severity::Error],
-                    ..Default::default()
-                },
-                rate_per_min: rate,
-                headers: BTreeMap::new(),
-                enabled: true,
-            };
-            triggers::insert(&c, &mk("errors", &url, 2), &guard).unwrap();
-            triggers::insert(&c, &mk("gone", &gone_url, 0), &guard).unwrap();
+            triggers::insert(&c, &error_trigger("errors", &url, 2), &guard).unwrap();
+            triggers::insert(&c, &error_trigger("gone", &gone_url, 0), &guard).unwrap();
         }
         let bus = EventBus::default();
         let h = start(
@@ -620,6 +608,22 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A trigger on every error event, to `url`.
+    fn error_trigger(name: &str, url: &str, rate_per_min: u32) -> NewTrigger {
+        NewTrigger {
+            name: name.into(),
+            url: url.into(),
+            secret: None,
+            filter: Filter {
+                severities: vec![crate::scan::rules::Severity::Error],
+                ..Default::default()
+            },
+            rate_per_min,
+            headers: BTreeMap::new(),
+            enabled: true,
+        }
+    }
+
     /// Starts a dispatcher with one worker and one trigger on every error event, to `url`.
     fn one_trigger(
         name: &str,
@@ -630,18 +634,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
         let guard = Arc::new(Guard::new(vec!["127.0.0.1/32".parse().unwrap()]));
-        let t = NewTrigger {
-            name: name.into(),
-            url: url.into(),
-            secret: None,
-            filter: Filter {
-                severities: vec![crate::scan::rules::Severity::Error],
-                ..Default::default()
-            },
-            rate_per_min: 0,
-            headers: BTreeMap::new(),
-            enabled: true,
-        };
+        let t = error_trigger(name, url, 0);
         triggers::insert(&db.connect().unwrap(), &t, &guard).unwrap();
         let bus = EventBus::default();
         let cfg = DispatchConfig {
