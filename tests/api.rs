@@ -4,7 +4,6 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
@@ -83,21 +82,7 @@ fn unix_get(sock: &Path, path: &str, token: Option<&str>) -> Result<(u16, String
 
 /// The CLI inside the gateway namespace; returns stdout, failing with stderr.
 fn cli(ns: &str, cfg: &Path, db: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(bin())
-        .arg("--config")
-        .arg(cfg)
-        .arg("--db")
-        .arg(db)
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "nattrail {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+    nattrail_lab::agent::cli(&bin(), Some(ns), cfg, db, args)
 }
 
 fn specs(lab: &NatLab, server: &Server, n: usize, tag: &str) -> Vec<FlowSpec> {

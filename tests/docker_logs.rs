@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -30,24 +30,11 @@ struct Env {
 
 impl Env {
     fn run(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(bin())
-            .arg("--config")
-            .arg(&self.cfg)
-            .arg("--db")
-            .arg(&self.db)
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .output()?)
+        nattrail_lab::agent::cli_output(&bin(), None, &self.cfg, &self.db, args)
     }
 
     fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = self.run(args)?;
-        ensure!(
-            out.status.success(),
-            "nattrail {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?)
+        nattrail_lab::agent::cli(&bin(), None, &self.cfg, &self.db, args)
     }
 
     fn start(&self) -> Result<AgentProcess> {
@@ -356,21 +343,20 @@ fn restarts(env: &Env, agent: AgentProcess) -> Result<()> {
         .map(|(s, t)| Ok((micros(&s["stdout ".len()..])?, t)))
         .collect::<Result<_>>()?;
     ensure!(truth.len() > 60, "only {} lines logged", truth.len());
-    let got = wait_until("hits of every SEQ line", Duration::from_secs(30), || {
-        let hits: Vec<(String, String)> = env
+    // (ts, message) of the SEQ container's hits.
+    let seq_hits = || -> Result<Vec<(String, String)>> {
+        Ok(env
             .hits()?
             .into_iter()
             .filter(|h| h.0 == seq && h.1 == "seq")
             .map(|h| (h.2, h.3))
-            .collect();
-        Ok((hits.len() >= truth.len(), hits.len()))
+            .collect())
+    };
+    let got = wait_until("hits of every SEQ line", Duration::from_secs(30), || {
+        let n = seq_hits()?.len();
+        Ok((n >= truth.len(), n))
     });
-    let hits: Vec<(String, String)> = env
-        .hits()?
-        .into_iter()
-        .filter(|h| h.0 == seq && h.1 == "seq")
-        .map(|h| (h.2, h.3))
-        .collect();
+    let hits = seq_hits()?;
     let set: BTreeSet<(String, String)> = hits.iter().cloned().collect();
     let lost: Vec<_> = truth.difference(&set).collect();
     let extra: Vec<_> = set.difference(&truth).collect();

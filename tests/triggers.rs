@@ -97,22 +97,7 @@ fn verify(id: &str, ts: &str, body: &[u8], header: &str) -> bool {
 }
 
 fn cli(ns: &str, cfg: &Path, db: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(bin())
-        .arg("--config")
-        .arg(cfg)
-        .arg("--db")
-        .arg(db)
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "nattrail {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+    nattrail_lab::agent::cli(&bin(), Some(ns), cfg, db, args)
 }
 
 /// Waits for a webhook whose body passes `pred`.

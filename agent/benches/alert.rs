@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -28,19 +28,7 @@ fn bin() -> PathBuf {
 }
 
 fn cli(cfg: &std::path::Path, db: &std::path::Path, args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new(bin())
-        .arg("--config")
-        .arg(cfg)
-        .arg("--db")
-        .arg(db)
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "nattrail {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    nattrail_lab::agent::cli(&bin(), None, cfg, db, args).map(|_| ())
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

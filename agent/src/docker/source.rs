@@ -3,7 +3,7 @@
 //! events stream and the tails reconnect with backoff, resuming from their positions.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -11,13 +11,13 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use futures_util::StreamExt;
-use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use super::containers::ContainerInfo;
 use super::lines::Pos;
 use super::tail::{FollowEnd, Streams, TailCtx, TailError, TailStats, follow};
+use crate::pipeline::counters::counters;
 use crate::pipeline::ratelimit::RateLimitedLog;
 use crate::pipeline::stage::StageTx;
 use crate::scan::live::LiveRules;
@@ -41,38 +41,19 @@ pub struct SourceConfig {
     pub max_line: usize,
 }
 
-/// Counters of discovery.
-#[derive(Debug, Default)]
-pub struct SourceStats {
-    /// Tails running now.
-    pub active_tails: AtomicU64,
-    /// Container events handled.
-    pub events: AtomicU64,
-    /// Times the events stream was (re)opened.
-    pub connects: AtomicU64,
-    /// Tails started.
-    pub tails_started: AtomicU64,
-}
-
-/// A copy of the source's counters for reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[allow(missing_docs)]
-pub struct SourceCounters {
-    pub active_tails: u64,
-    pub events: u64,
-    pub connects: u64,
-    pub tails_started: u64,
-}
-
-impl SourceStats {
-    /// The counters now.
-    pub fn snapshot(&self) -> SourceCounters {
-        SourceCounters {
-            active_tails: self.active_tails.load(Ordering::Relaxed),
-            events: self.events.load(Ordering::Relaxed),
-            connects: self.connects.load(Ordering::Relaxed),
-            tails_started: self.tails_started.load(Ordering::Relaxed),
-        }
+counters! {
+    /// Counters of discovery.
+    pub struct SourceStats =>
+    /// A copy of the source's counters for reports.
+    SourceCounters {
+        /// Tails running now.
+        active_tails,
+        /// Container events handled.
+        events,
+        /// Times the events stream was (re)opened.
+        connects,
+        /// Tails started.
+        tails_started,
     }
 }
 

@@ -4,18 +4,18 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use tokio::net::UnixStream;
 
 use super::containers::ContainerInfo;
 use super::frames::{FrameDecoder, FrameStats, MAX_FRAME, Stream};
 use super::lines::{Line, LineAssembler, LineStats, Pos, RecordCursor};
+use crate::pipeline::counters::counters;
 use crate::pipeline::stage::StageTx;
 use crate::scan::live::LiveRules;
 use crate::scan::worker::ScanMsg;
@@ -86,67 +86,33 @@ impl Streams {
     }
 }
 
-/// Counters over every tail.
-#[derive(Debug, Default)]
-pub struct TailStats {
-    /// Lines read.
-    pub lines: AtomicU64,
-    /// Lines cut at the cap.
-    pub truncated: AtomicU64,
-    /// Bytes skipped (past the line cap, oversized or bad frames).
-    pub skipped_bytes: AtomicU64,
-    /// Lines whose invalid UTF-8 was replaced.
-    pub invalid_utf8: AtomicU64,
-    /// Records without a valid timestamp.
-    pub bad_timestamps: AtomicU64,
-    /// Frames refused for their size.
-    pub oversized_frames: AtomicU64,
-    /// Frames with an unknown stream byte.
-    pub bad_frames: AtomicU64,
-    /// Records skipped on resume (read before).
-    pub resumed_skipped: AtomicU64,
-    /// Resumes whose saved record was not found as saved (log rotated or rewritten).
-    pub resume_mismatches: AtomicU64,
-    /// Log streams opened.
-    pub streams_opened: AtomicU64,
-    /// Log streams that failed (dockerd down, HTTP error).
-    pub stream_errors: AtomicU64,
-}
-
-/// A copy of [`TailStats`] for reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[allow(missing_docs)]
-pub struct TailCounters {
-    pub lines: u64,
-    pub truncated: u64,
-    pub skipped_bytes: u64,
-    pub invalid_utf8: u64,
-    pub bad_timestamps: u64,
-    pub oversized_frames: u64,
-    pub bad_frames: u64,
-    pub resumed_skipped: u64,
-    pub resume_mismatches: u64,
-    pub streams_opened: u64,
-    pub stream_errors: u64,
-}
-
-impl TailStats {
-    /// The counters now.
-    pub fn snapshot(&self) -> TailCounters {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        TailCounters {
-            lines: g(&self.lines),
-            truncated: g(&self.truncated),
-            skipped_bytes: g(&self.skipped_bytes),
-            invalid_utf8: g(&self.invalid_utf8),
-            bad_timestamps: g(&self.bad_timestamps),
-            oversized_frames: g(&self.oversized_frames),
-            bad_frames: g(&self.bad_frames),
-            resumed_skipped: g(&self.resumed_skipped),
-            resume_mismatches: g(&self.resume_mismatches),
-            streams_opened: g(&self.streams_opened),
-            stream_errors: g(&self.stream_errors),
-        }
+counters! {
+    /// Counters over every tail.
+    pub struct TailStats =>
+    /// A copy of [`TailStats`] for reports.
+    TailCounters {
+        /// Lines read.
+        lines,
+        /// Lines cut at the cap.
+        truncated,
+        /// Bytes skipped (past the line cap, oversized or bad frames).
+        skipped_bytes,
+        /// Lines whose invalid UTF-8 was replaced.
+        invalid_utf8,
+        /// Records without a valid timestamp.
+        bad_timestamps,
+        /// Frames refused for their size.
+        oversized_frames,
+        /// Frames with an unknown stream byte.
+        bad_frames,
+        /// Records skipped on resume (read before).
+        resumed_skipped,
+        /// Resumes whose saved record was not found as saved (log rotated or rewritten).
+        resume_mismatches,
+        /// Log streams opened.
+        streams_opened,
+        /// Log streams that failed (dockerd down, HTTP error).
+        stream_errors,
     }
 }
 
@@ -232,40 +198,45 @@ impl Reading {
         let o = self.out.stats();
         let e = self.err.stats();
         let (pf, po, pe, skipped, mismatches) = self.counted;
-        let add = |a: &AtomicU64, now: u64, before: u64| {
-            if now > before {
-                a.fetch_add(now - before, Ordering::Relaxed);
-            }
-        };
-        add(&s.lines, o.lines + e.lines, po.lines + pe.lines);
-        add(
-            &s.truncated,
-            o.truncated + e.truncated,
-            po.truncated + pe.truncated,
-        );
-        add(
-            &s.skipped_bytes,
-            o.skipped_bytes + e.skipped_bytes + f.skipped_bytes,
-            po.skipped_bytes + pe.skipped_bytes + pf.skipped_bytes,
-        );
-        add(
-            &s.invalid_utf8,
-            o.invalid_utf8 + e.invalid_utf8,
-            po.invalid_utf8 + pe.invalid_utf8,
-        );
-        add(
-            &s.bad_timestamps,
-            o.bad_timestamps + e.bad_timestamps,
-            po.bad_timestamps + pe.bad_timestamps,
-        );
-        add(&s.oversized_frames, f.oversized, pf.oversized);
-        add(&s.bad_frames, f.bad_stream, pf.bad_stream);
-        add(&s.resumed_skipped, self.cursor.resumed_skipped, skipped);
-        add(
-            &s.resume_mismatches,
+        // The assemblers' counters are cumulative: add the difference since the last call.
+        let totals =
+            |f: &FrameStats, o: &LineStats, e: &LineStats, skipped: u64, mismatches: u64| {
+                [
+                    o.lines + e.lines,
+                    o.truncated + e.truncated,
+                    o.skipped_bytes + e.skipped_bytes + f.skipped_bytes,
+                    o.invalid_utf8 + e.invalid_utf8,
+                    o.bad_timestamps + e.bad_timestamps,
+                    f.oversized,
+                    f.bad_stream,
+                    skipped,
+                    mismatches,
+                ]
+            };
+        let now = totals(
+            &f,
+            &o,
+            &e,
+            self.cursor.resumed_skipped,
             self.cursor.resume_mismatches,
-            mismatches,
         );
+        let before = totals(&pf, &po, &pe, skipped, mismatches);
+        let into = [
+            &s.lines,
+            &s.truncated,
+            &s.skipped_bytes,
+            &s.invalid_utf8,
+            &s.bad_timestamps,
+            &s.oversized_frames,
+            &s.bad_frames,
+            &s.resumed_skipped,
+            &s.resume_mismatches,
+        ];
+        for ((total, now), before) in into.into_iter().zip(now).zip(before) {
+            if now > before {
+                total.fetch_add(now - before, Ordering::Relaxed);
+            }
+        }
         self.counted = (
             f,
             o,

@@ -7,13 +7,12 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -21,60 +20,33 @@ use tracing::{info, warn};
 use super::delivery::{Deliverer, DeliveryConfig, Outcome, Target};
 use super::filter::CompiledFilter;
 use super::ssrf::Guard;
+use crate::pipeline::counters::counters;
 use crate::store::bus::{EventBus, StoredEvent};
 use crate::store::database::Database;
 use crate::store::schema::db_err;
 use crate::store::triggers::{self, DeliveryRecord, Trigger, TriggerError};
 
-/// Counters of the dispatcher.
-#[derive(Debug, Default)]
-pub struct DispatchStats {
-    /// Events read from the bus.
-    pub events: AtomicU64,
-    /// Events the bus dropped before the dispatcher read them.
-    pub missed: AtomicU64,
-    /// (event, trigger) pairs that matched.
-    pub matched: AtomicU64,
-    /// Matches held back by a trigger's rate limit.
-    pub rate_limited: AtomicU64,
-    /// Deliveries dropped because the queue was full.
-    pub dropped: AtomicU64,
-    /// Deliveries that got a 2xx.
-    pub delivered: AtomicU64,
-    /// Deliveries that failed, were refused, or ended in 410.
-    pub failed: AtomicU64,
-    /// Deliveries still queued or in flight when the stop's grace period ran out.
-    pub abandoned: AtomicU64,
-}
-
-/// A copy of the counters for reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[allow(missing_docs)]
-pub struct DispatchCounters {
-    pub events: u64,
-    pub missed: u64,
-    pub matched: u64,
-    pub rate_limited: u64,
-    pub dropped: u64,
-    pub delivered: u64,
-    pub failed: u64,
-    pub abandoned: u64,
-}
-
-impl DispatchStats {
-    /// The counters now.
-    pub fn snapshot(&self) -> DispatchCounters {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        DispatchCounters {
-            events: g(&self.events),
-            missed: g(&self.missed),
-            matched: g(&self.matched),
-            rate_limited: g(&self.rate_limited),
-            dropped: g(&self.dropped),
-            delivered: g(&self.delivered),
-            failed: g(&self.failed),
-            abandoned: g(&self.abandoned),
-        }
+counters! {
+    /// Counters of the dispatcher.
+    pub struct DispatchStats =>
+    /// A copy of the counters for reports.
+    DispatchCounters {
+        /// Events read from the bus.
+        events,
+        /// Events the bus dropped before the dispatcher read them.
+        missed,
+        /// (event, trigger) pairs that matched.
+        matched,
+        /// Matches held back by a trigger's rate limit.
+        rate_limited,
+        /// Deliveries dropped because the queue was full.
+        dropped,
+        /// Deliveries that got a 2xx.
+        delivered,
+        /// Deliveries that failed, were refused, or ended in 410.
+        failed,
+        /// Deliveries still queued or in flight when the stop's grace period ran out.
+        abandoned,
     }
 }
 

@@ -23,6 +23,52 @@ pub fn built_binary() -> PathBuf {
     target.join("release").join("nattrail")
 }
 
+/// Runs a `binary --config config --db db args` command (in namespace `ns` if given) to its
+/// end. Backtraces are off: a refused command's stderr is its message.
+pub fn cli_output(
+    binary: &Path,
+    ns: Option<&str>,
+    config: &Path,
+    db: &Path,
+    args: &[&str],
+) -> Result<std::process::Output> {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .with_context(|| format!("running nattrail {args:?}"))
+}
+
+/// Like [`cli_output`], for a command that must succeed: its stdout, or an error with its
+/// stderr.
+pub fn cli(
+    binary: &Path,
+    ns: Option<&str>,
+    config: &Path,
+    db: &Path,
+    args: &[&str],
+) -> Result<String> {
+    let out = cli_output(binary, ns, config, db, args)?;
+    if !out.status.success() {
+        bail!(
+            "nattrail {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 impl AgentProcess {
     /// Starts `binary run --config config --db db` in namespace `ns`, logging to `log`, and
     /// waits until it reports that it is running (subscribed and dumped).
