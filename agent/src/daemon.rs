@@ -85,13 +85,15 @@ pub fn run(cfg: Config) -> Result<()> {
         .spawn(move || writer.run(rx, &writer_cfg))
         .context("starting the writer thread")?;
 
+    // One SSRF guard for deliveries and for the API's checks of new trigger URLs.
+    let guard = Arc::new(Guard::new(cfg.webhooks.allow.clone()));
     let dispatch = if cfg.webhooks.enabled {
         let w = &cfg.webhooks;
         Some(
             dispatcher::start(
                 Arc::clone(&database),
                 &bus,
-                Arc::new(Guard::new(w.allow.clone())),
+                Arc::clone(&guard),
                 DispatchConfig {
                     queue_capacity: w.queue_capacity,
                     workers: w.workers,
@@ -177,7 +179,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 sql_timeout: Duration::from_millis(cfg.api.sql_timeout_ms),
             },
             triggers: TriggerAccess {
-                guard: Arc::new(Guard::new(cfg.webhooks.allow.clone())),
+                guard: Arc::clone(&guard),
                 dispatcher: dispatch.as_ref().map(|d| Arc::clone(&d.dispatcher)),
             },
         };

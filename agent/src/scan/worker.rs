@@ -63,8 +63,11 @@ pub fn run(
     cfg: WorkerConfig,
 ) {
     let mut containers: HashMap<String, ContainerState> = HashMap::new();
+    // Quiet containers' positions are swept this often, not after every message.
+    let sweep_every = cfg.cursor_interval.min(Duration::from_millis(250));
+    let mut swept_at = Instant::now();
     loop {
-        match rx.recv_timeout(cfg.cursor_interval.min(Duration::from_millis(250))) {
+        match rx.recv_timeout(sweep_every) {
             Ok(ScanMsg::Lines {
                 container,
                 lines,
@@ -115,7 +118,10 @@ pub fn run(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        save_due(&mut containers, &writer, cfg.cursor_interval);
+        if swept_at.elapsed() >= sweep_every {
+            swept_at = Instant::now();
+            save_due(&mut containers, &writer, cfg.cursor_interval);
+        }
     }
     save_due(&mut containers, &writer, Duration::ZERO);
 }
