@@ -1,5 +1,6 @@
-//! Matching lines against a workload's effective rules: one `RegexSet` pass per line, then
-//! captures only for the rules that matched; a per-rule cooldown and a per-container token
+//! Matching lines against a workload's effective rules: one `RegexSet` pass per line that
+//! holds a literal some rule needs (the literal gate drops the others), then captures only
+//! for the rules that matched; a per-rule cooldown and a per-container token
 //! bucket keep a container gone wild from flooding the event log.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,6 +12,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 use serde::Serialize;
 
+use super::literal_gate::LiteralGate;
 use super::rules::{Rule, Severity};
 use crate::docker::frames::Stream;
 
@@ -55,6 +57,7 @@ pub fn compile_errors(rules: &[Rule]) -> Vec<CompileError> {
 
 /// The compiled effective rules of one workload.
 pub struct WorkloadRules {
+    gate: Option<LiteralGate>,
     set: RegexSet,
     rules: Vec<(Rule, Regex)>,
     /// Rules left out because their pattern does not compile.
@@ -81,6 +84,7 @@ impl WorkloadRules {
             .build()
             .unwrap_or_else(|_| RegexSet::empty());
         WorkloadRules {
+            gate: LiteralGate::build(ok.iter().map(|(r, _)| r.pattern.as_str())),
             set,
             rules: ok,
             errors,
@@ -94,6 +98,9 @@ impl WorkloadRules {
 
     /// The rules matching `line` on `stream`, with their captures.
     pub fn matches<'a>(&'a self, line: &str, stream: Stream) -> Vec<(&'a Rule, Captures)> {
+        if self.gate.as_ref().is_some_and(|g| !g.may_match(line)) {
+            return Vec::new();
+        }
         // Most lines match nothing: a plain search answers that faster than the overlapping
         // one that names every matching rule.
         if !self.set.is_match(line) {
@@ -107,27 +114,31 @@ impl WorkloadRules {
                 if !rule.stream.wants(stream) {
                     return None;
                 }
-                Some((rule, captures(re, line)))
+                Some((rule, captures(re, line)?))
             })
             .collect()
+    }
+
+    /// Whether lines pass the literal gate before the set pass (see [`LiteralGate`]).
+    pub fn gated(&self) -> bool {
+        self.gate.is_some()
     }
 }
 
 /// Named groups by name, unnamed ones as `$N`; one value per distinct key.
 pub type Captures = BTreeMap<String, String>;
 
-fn captures(re: &Regex, line: &str) -> Captures {
+/// The captures of `re`'s first match in `line`, `None` when it does not match.
+fn captures(re: &Regex, line: &str) -> Option<Captures> {
+    let c = re.captures(line)?;
     let mut out = Captures::new();
-    let Some(c) = re.captures(line) else {
-        return out;
-    };
     for (i, name) in re.capture_names().enumerate().skip(1) {
         if let Some(m) = c.get(i) {
             let key = name.map(str::to_string).unwrap_or_else(|| format!("${i}"));
             out.entry(key).or_insert_with(|| m.as_str().to_string());
         }
     }
-    out
+    Some(out)
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary, marking the cut with "…".
@@ -276,6 +287,115 @@ mod tests {
         );
         assert_eq!(w.matches("panic: x", Stream::Stderr).len(), 1);
         assert!(w.wants(Stream::Stderr) && w.wants(Stream::Stdout));
+    }
+
+    /// What a loop over every rule's own regex finds: the oracle for both engine paths.
+    fn by_loop(rules: &[(u64, Regex)], line: &str) -> Vec<(u64, Captures)> {
+        rules
+            .iter()
+            .filter_map(|(id, re)| Some((*id, captures(re, line)?)))
+            .collect()
+    }
+
+    #[test]
+    fn gated_and_ungated_engines_find_what_a_loop_over_the_rules_finds() {
+        use rand::{Rng, SeedableRng, seq::IndexedRandom};
+        let patterns = [
+            "connection refused",
+            "HTTP",
+            r"HTTP/1\.[01]\x22 5\d\d",
+            "ERRORS",
+            "ORSON",
+            r"(?i)sql syntax.*near '(?P<near>[^']{1,40})'",
+            r"(?P<n>\d{4,}) goroutines",
+            r"wget|curl .*\|\s*(?:sh|bash)",
+            r"^\s*FATAL\b",
+            r"\bERROR\b.*\b(?P<code>E\d{4})\b",
+            r"user=(?P<user>root|admin) action=(?:delete|drop)",
+            r"(?P<db>\w+)\.(?P<table>\w+) is locked",
+            "señal perdida",
+            r"abc\d",
+        ];
+        let fragments = [
+            "connection refused",
+            "Connection Refused",
+            "HTTP",
+            "HTTP/1.1\" 503",
+            "HTTP/1.0\" 404",
+            "ERRORSON",
+            "ERRORS",
+            "ORSO",
+            "SQL SYNTAX",
+            "ſql syntax",
+            "near 'x'",
+            "NEAR 'users'",
+            "12345 goroutines",
+            "123 goroutines",
+            "wget",
+            "curl x | sh",
+            "curl",
+            "FATAL",
+            "  FATAL:",
+            "ERROR",
+            "E1234",
+            "user=root",
+            "action=drop",
+            "user=admin action=delete",
+            "db.t",
+            "is locked",
+            "señal perdida",
+            "SEÑAL",
+            "ab1",
+            "abc",
+            "é",
+            "  ",
+            "|",
+            "'",
+            "x",
+        ];
+        let ungated = Rule {
+            pattern: r"\d{3}-\d{4}".into(),
+            ..rule(99, "", StreamSel::Both, 0)
+        };
+        let mut gated: Vec<Rule> = patterns
+            .iter()
+            .enumerate()
+            .map(|(i, p)| rule(i as u64 + 1, p, StreamSel::Both, 0))
+            .collect();
+        let oracle = |rules: &[Rule]| -> Vec<(u64, Regex)> {
+            rules
+                .iter()
+                .map(|r| (r.id, compile(&r.pattern).unwrap()))
+                .collect()
+        };
+        let engines = [(WorkloadRules::build(gated.clone()), oracle(&gated)), {
+            gated.push(ungated);
+            (WorkloadRules::build(gated.clone()), oracle(&gated))
+        }];
+        assert!(engines[0].0.gated(), "every rule has a required literal");
+        assert!(
+            !engines[1].0.gated(),
+            "a rule without one turns the gate off"
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut matched = 0;
+        for _ in 0..20_000 {
+            let n = rng.random_range(0..8);
+            let line: String = (0..n)
+                .map(|_| *fragments.choose(&mut rng).unwrap())
+                .collect::<Vec<_>>()
+                .join(if rng.random_bool(0.5) { " " } else { "" });
+            for (engine, rules) in &engines {
+                let got: Vec<(u64, Captures)> = engine
+                    .matches(&line, Stream::Stdout)
+                    .into_iter()
+                    .map(|(r, c)| (r.id, c))
+                    .collect();
+                assert_eq!(got, by_loop(rules, &line), "line {line:?}");
+                matched += usize::from(!got.is_empty());
+            }
+        }
+        assert!(matched > 10_000, "the lines exercise the rules: {matched}");
     }
 
     #[test]

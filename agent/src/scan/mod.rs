@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod engine;
+pub mod literal_gate;
 pub mod live;
 pub mod rules;
 pub mod service;
