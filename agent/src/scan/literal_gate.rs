@@ -162,4 +162,11 @@ mod tests {
         assert!(!gate.may_match("goroutines: 1234"));
         assert!(LiteralGate::build(["abc", r"\d+"]).is_none());
     }
+
+    #[test]
+    fn more_literals_than_teddy_holds_turn_the_gate_off() {
+        let words: Vec<String> = (0..200).map(|i| format!("word{i:03}")).collect();
+        assert!(LiteralGate::build(words[..100].iter().map(String::as_str)).is_some());
+        assert!(LiteralGate::build(words.iter().map(String::as_str)).is_none());
+    }
 }
