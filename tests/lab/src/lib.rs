@@ -333,6 +333,10 @@ impl NatLab {
     pub fn wait_conntrack_at_most(&self, n: u64, timeout: std::time::Duration) -> Result<()> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
+            // On an idle table the kernel's garbage collector may reap expired entries only
+            // a minute later; a dump evicts them at once (sending their DESTROY events), as
+            // a busy gateway's own lookups would.
+            self.gw_sh(&["conntrack", "-L"])?;
             let c = self.conntrack_count()?;
             if c <= n {
                 return Ok(());
