@@ -98,6 +98,7 @@ fn specs(lab: &NatLab, server: &Server, n: usize, tag: &str) -> Vec<FlowSpec> {
             server: server.addrs[0],
             send_bytes: 100 + i,
             hold: Duration::from_millis(10),
+            client_port: 0,
         })
         .collect()
 }

@@ -224,6 +224,7 @@ fn webhooks_for_a_log_line_a_watched_connection_and_a_capture_gap() -> Result<()
                 server: SocketAddr::new(IpAddr::V4(SERVER_V4), *p),
                 send_bytes: 100,
                 hold: Duration::from_millis(50),
+                client_port: 0,
             })
             .collect();
         let done = make_flows(&lab.client_ns, specs, 1)?;

@@ -197,6 +197,7 @@ fn demo(root: &Path) -> Result<()> {
             server: SocketAddr::new(IpAddr::V4(SERVER_V4), if i % 2 == 0 { 80 } else { 443 }),
             send_bytes: 200 + 37 * i,
             hold: Duration::from_millis(40),
+            client_port: 0,
         })
         .collect();
     let done = make_flows(&lab.client_ns, specs, 4)?;
@@ -345,6 +346,7 @@ fn capture_fixture(root: &Path) -> Result<()> {
             },
             send_bytes: 100 + i * 13,
             hold: Duration::from_millis(10),
+            client_port: 0,
         });
     }
     make_flows(&lab.client_ns, specs, 4)?;

@@ -194,6 +194,8 @@ pub struct FlowSpec {
     pub transport: Transport,
     /// Client source address.
     pub client: IpAddr,
+    /// UDP client source port; 0 lets the kernel pick one, as it always does for TCP.
+    pub client_port: u16,
     /// Server address.
     pub server: SocketAddr,
     /// Payload size sent by the client (at least the token and a newline).
@@ -261,7 +263,7 @@ pub fn make_flow(spec: &FlowSpec) -> Result<FlowDone> {
             })
         }
         Transport::Udp => {
-            let u = UdpSocket::bind(SocketAddr::new(spec.client, 0))?;
+            let u = UdpSocket::bind(SocketAddr::new(spec.client, spec.client_port))?;
             u.connect(spec.server)?;
             u.set_read_timeout(Some(Duration::from_secs(1)))?;
             let mut buf = vec![0u8; 65536];
