@@ -33,7 +33,10 @@ fn required(hir: &Hir) -> Option<Vec<Vec<u8>>> {
     match hir.kind() {
         HirKind::Concat(children) => {
             for i in 0..children.len().min(MAX_CONCAT_POSITIONS) {
-                found.extend(prefixes(&Hir::concat(children[i..].to_vec())));
+                // The whole concatenation's prefixes (i = 0) are taken above.
+                if i > 0 {
+                    found.extend(prefixes(&Hir::concat(children[i..].to_vec())));
+                }
                 found.extend(required(&children[i]));
             }
         }

@@ -15,7 +15,7 @@ use crate::docker::containers::ContainerInfo;
 use crate::docker::frames::Stream;
 use crate::docker::lines::{Line, Pos};
 use crate::pipeline::stage::{StageRx, StageTx};
-use crate::store::writer::{LogEvent, WriterMsg};
+use crate::store::writer::{LogBatch, LogEvent, WriterMsg};
 
 /// Source name of log-rule hits in the event log.
 pub const SOURCE_LOGSCAN: &str = "logscan";
@@ -99,11 +99,11 @@ pub fn run(
                 }
                 if !hits.is_empty() || st.saved_at.elapsed() >= cfg.cursor_interval {
                     st.saved_at = Instant::now();
-                    let msg = WriterMsg::LogBatch {
+                    let msg = WriterMsg::LogBatch(LogBatch {
                         container_id: container.id.clone(),
                         hits,
                         cursor: st.unsaved.take(),
-                    };
+                    });
                     if writer.send_wait(msg).is_err() {
                         return;
                     }
@@ -135,11 +135,11 @@ fn save_due(
     for (id, st) in containers.iter_mut() {
         if st.unsaved.is_some() && st.saved_at.elapsed() >= after {
             st.saved_at = Instant::now();
-            let _ = writer.send_wait(WriterMsg::LogBatch {
+            let _ = writer.send_wait(WriterMsg::LogBatch(LogBatch {
                 container_id: id.clone(),
                 hits: Vec::new(),
                 cursor: st.unsaved.take(),
-            });
+            }));
         }
     }
 }

@@ -62,21 +62,25 @@ pub enum WriterMsg {
     },
     /// An entry of the event log (an agent event).
     Event(LogEvent),
-    /// A container's hits and the log position after the lines that produced them, stored
-    /// in one transaction: a restart resumes after them, never before (repeated hits) nor
-    /// past uncommitted ones (lost hits).
-    LogBatch {
-        /// The container.
-        container_id: String,
-        /// Its hits, in line order.
-        hits: Vec<LogEvent>,
-        /// Where its log was read up to.
-        cursor: Option<Pos>,
-    },
+    /// A container's hits and where its log was read up to.
+    LogBatch(LogBatch),
     /// A container was removed: its cursor is no longer needed.
     ForgetCursor(String),
     /// Commit now and answer on the channel (tests and orderly shutdown of callers).
     Sync(crossbeam_channel::Sender<()>),
+}
+
+/// A container's hits and the log position after the lines that produced them, stored in
+/// one transaction: a restart resumes after them, never before (repeated hits) nor past
+/// uncommitted ones (lost hits).
+#[derive(Debug)]
+pub struct LogBatch {
+    /// The container.
+    pub container_id: String,
+    /// Its hits, in line order.
+    pub hits: Vec<LogEvent>,
+    /// Where its log was read up to.
+    pub cursor: Option<Pos>,
 }
 
 /// A row of `event_log`.
@@ -185,10 +189,10 @@ fn micros(ns: u64) -> Micros {
     Micros((ns / 1_000) as i64)
 }
 
-/// The column types of `conntrack_events`, in table order, as the appender writes them.
 /// Log batches stored in one transaction at most.
 const MAX_LOG_BATCHES_PER_COMMIT: usize = 256;
 
+/// The column types of `conntrack_events`, in table order, as the appender writes them.
 const CONNTRACK_COLUMNS: [ffi::DUCKDB_TYPE; 29] = {
     use ffi::{
         DUCKDB_TYPE_DUCKDB_TYPE_BOOLEAN as BOOL, DUCKDB_TYPE_DUCKDB_TYPE_TIMESTAMP as TS,
@@ -443,7 +447,7 @@ impl Writer {
                 self.bus.publish(stored);
                 Ok(1)
             }
-            msg @ WriterMsg::LogBatch { .. } => self.log_batches(vec![msg]),
+            WriterMsg::LogBatch(b) => self.log_batches(vec![b]),
             WriterMsg::ForgetCursor(id) => {
                 cursors::forget(&self.conn, &id)?;
                 Ok(0)
@@ -454,20 +458,17 @@ impl Writer {
 
     /// Stores the hits and cursors of several `LogBatch`es in one transaction (one commit,
     /// however many arrived while the last one was written), then publishes the hits.
-    fn log_batches(&mut self, batches: Vec<WriterMsg>) -> Result<usize, StoreError> {
+    fn log_batches(&mut self, batches: Vec<LogBatch>) -> Result<usize, StoreError> {
         let stored = self.in_transaction("storing log hits", |w| {
             let mut stored = Vec::new();
             // Only each container's last position matters.
             let mut last: HashMap<String, Pos> = HashMap::new();
-            for b in batches {
-                let WriterMsg::LogBatch {
-                    container_id,
-                    hits,
-                    cursor,
-                } = b
-                else {
-                    continue;
-                };
+            for LogBatch {
+                container_id,
+                hits,
+                cursor,
+            } in batches
+            {
                 for h in hits {
                     stored.push(w.insert_event(h)?);
                 }
@@ -713,12 +714,12 @@ impl Writer {
                 None => rx.recv_timeout(timeout),
             };
             match next {
-                Ok(first @ WriterMsg::LogBatch { .. }) => {
+                Ok(WriterMsg::LogBatch(first)) => {
                     // Group commit: batches that queued up behind a commit share the next.
                     let mut batches = vec![first];
                     while batches.len() < MAX_LOG_BATCHES_PER_COMMIT {
                         match rx.try_recv() {
-                            Some(b @ WriterMsg::LogBatch { .. }) => batches.push(b),
+                            Some(WriterMsg::LogBatch(b)) => batches.push(b),
                             Some(other) => {
                                 held = Some(other);
                                 break;
@@ -883,10 +884,12 @@ mod tests {
             rank: 1,
             digest: 7,
         };
-        let batch = |c: &str, msgs: &[&str], at: i64| WriterMsg::LogBatch {
-            container_id: c.to_string(),
-            hits: msgs.iter().map(|m| ev(m)).collect(),
-            cursor: Some(pos(at)),
+        let batch = |c: &str, msgs: &[&str], at: i64| {
+            WriterMsg::LogBatch(LogBatch {
+                container_id: c.to_string(),
+                hits: msgs.iter().map(|m| ev(m)).collect(),
+                cursor: Some(pos(at)),
+            })
         };
         let (tx, rx, _h) = stage(StageConfig::new("test->writer", 16, Overflow::Wait));
         // Queued before the writer runs: it takes a1, b1 together, holds the agent event it
