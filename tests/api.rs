@@ -118,26 +118,43 @@ fn admin_api_over_http() -> Result<()> {
         &cfg,
         format!(
             "[docker]\nenabled = false\n[store]\ncommit_interval_ms = 100\n[api]\nlisten = \"127.0.0.1:7466\"\nsocket = \"{}\"\nsql_row_limit = 1000\nmax_body_bytes = 4096\n",
-            dir.join("api.sock").display()
+            dir.join("run/api.sock").display()
         ),
     )?;
     let agent = AgentProcess::start(&bin(), &lab.gw_ns, &cfg, &db, &dir.join("agent.log"))?;
     let ns = lab.gw_ns.clone();
-    let token = std::fs::read_to_string(dir.join("api.token"))?
-        .trim()
-        .to_string();
+    // The scratch directory is not private (0755), so the token is in one the agent made.
+    let token_file = nattrail::store::files::private_dir(&db).join("api.token");
+    ensure!(
+        token_file == dir.join("trail.duckdb.private/api.token"),
+        "{}",
+        token_file.display()
+    );
+    let token = std::fs::read_to_string(&token_file)?.trim().to_string();
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("api.token"))?
-            .permissions()
-            .mode()
-            & 0o777;
-        ensure!(mode == 0o600, "token file mode {mode:o}");
+        let mode =
+            |p: &Path| -> Result<u32> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o777) };
+        ensure!(mode(&token_file)? == 0o600, "token file mode");
+        ensure!(
+            mode(token_file.parent().unwrap())? == 0o700,
+            "token dir mode"
+        );
+        ensure!(mode(&dir.join("run"))? == 0o750, "socket dir mode");
+        ensure!(mode(&dir.join("run/api.sock"))? == 0o660, "socket mode");
     }
 
-    // Auth: /health is open, everything else needs the token.
+    // Auth: /health is open and names no path without the token; everything else needs it.
     let (st, body) = http(&ns, "GET", "/health", None, None)?;
-    ensure!(st == 200 && body.contains("ok"), "health: {st} {body}");
+    ensure!(
+        st == 200 && serde_json::from_str::<Value>(&body)? == json!({"status": "ok"}),
+        "health: {st} {body}"
+    );
+    let (st, body) = http(&ns, "GET", "/health", Some(&token), None)?;
+    ensure!(
+        st == 200 && serde_json::from_str::<Value>(&body)?["db"] == db.display().to_string(),
+        "health with the token: {st} {body}"
+    );
     for path in ["/api/v1/stats", "/metrics", "/api/v1/flows"] {
         let (st, body) = http(&ns, "GET", path, None, None)?;
         ensure!(st == 401, "{path} without token: {st} {body}");
@@ -148,11 +165,10 @@ fn admin_api_over_http() -> Result<()> {
     }
     let t = Some(token.as_str());
 
-    // The Unix socket serves the same API, behind the same token.
-    let sock = dir.join("api.sock");
-    let (st, _) = unix_get(&sock, "/api/v1/stats", None)?;
-    ensure!(st == 401, "unix socket without token: {st}");
-    let (st, body) = unix_get(&sock, "/api/v1/stats", t)?;
+    // The Unix socket serves the same API; reaching it (0660 in a 0750 directory of the
+    // agent's) is the authorisation, so its group's members need no token.
+    let sock = dir.join("run/api.sock");
+    let (st, body) = unix_get(&sock, "/api/v1/stats", None)?;
     ensure!(
         st == 200 && body.contains("conntrack->writer"),
         "unix socket stats: {st} {body}"
@@ -346,9 +362,9 @@ fn admin_api_over_http() -> Result<()> {
             "POST",
             "/api/v1/sql",
             sql("SELECT 1; DROP TABLE conntrack_events"),
-            400,
-            "bad_request",
-            "single read-only",
+            403,
+            "read_only",
+            "2 statements",
         ),
         (
             "POST",
@@ -367,6 +383,20 @@ fn admin_api_over_http() -> Result<()> {
             "",
         ),
     ];
+    let count = || -> Result<Value> {
+        let (st, text) = http(
+            &ns,
+            "POST",
+            "/api/v1/sql",
+            t,
+            sql(
+                "SELECT (SELECT count(*) FROM conntrack_events) AS events, (SELECT count(*) FROM capture_gaps) AS gaps",
+            ),
+        )?;
+        ensure!(st == 200, "{text}");
+        Ok(serde_json::from_str::<Value>(&text)?["rows"].clone())
+    };
+    let before = count()?;
     for (method, path, body, want, code, needle) in cases {
         let (st, text) = http(&ns, method, path, t, body)?;
         let e: Value = serde_json::from_str(&text)
@@ -377,14 +407,11 @@ fn admin_api_over_http() -> Result<()> {
         );
     }
     // The refused writes changed nothing.
-    let (_, text) = http(
-        &ns,
-        "POST",
-        "/api/v1/sql",
-        t,
-        sql("SELECT count(*) FROM conntrack_events"),
-    )?;
-    ensure!(text.contains("rows"), "{text}");
+    let after = count()?;
+    ensure!(
+        before == after && before[0][0].as_u64().is_some_and(|n| n > 0),
+        "row counts before {before}, after {after}"
+    );
 
     // The CLI through the agent, then from the file once it stopped: the same answers.
     let d = &done[7];

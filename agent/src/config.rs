@@ -153,14 +153,24 @@ pub struct ApiConfig {
     pub listen: String,
     /// Unix socket path; empty for none.
     pub socket: String,
-    /// Bearer token file; empty means `api.token` beside the database.
+    /// Bearer token file; empty means `api.token` in the database's private directory.
     pub token_file: String,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// Most rows `/sql` returns; more is an error.
     pub sql_row_limit: usize,
-    /// `/sql` queries are interrupted after this long.
+    /// `/sql` queries are interrupted after this long (preparation included).
     pub sql_timeout_ms: u64,
+    /// Largest `/sql` answer, in bytes of JSON; larger is an error, not a silent cut.
+    pub sql_max_result_bytes: usize,
+    /// `/sql` queries running at once; more are answered 429.
+    pub sql_max_concurrent: usize,
+    /// A connection must send its request headers within this long.
+    pub header_timeout_ms: u64,
+    /// Any request is answered 408 after this long.
+    pub request_timeout_ms: u64,
+    /// Open connections per listener; a full house evicts the oldest one that sent nothing.
+    pub max_connections: usize,
 }
 
 impl Default for ApiConfig {
@@ -173,17 +183,11 @@ impl Default for ApiConfig {
             max_body_bytes: 64 * 1024,
             sql_row_limit: 10_000,
             sql_timeout_ms: 10_000,
-        }
-    }
-}
-
-impl ApiConfig {
-    /// The token file: configured, or `api.token` beside the database.
-    pub fn token_path(&self, db: &Path) -> PathBuf {
-        if self.token_file.is_empty() {
-            db.with_file_name("api.token")
-        } else {
-            PathBuf::from(&self.token_file)
+            sql_max_result_bytes: 16 << 20,
+            sql_max_concurrent: 4,
+            header_timeout_ms: 5_000,
+            request_timeout_ms: 60_000,
+            max_connections: 64,
         }
     }
 }

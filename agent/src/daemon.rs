@@ -166,23 +166,19 @@ pub fn run(cfg: Config) -> Result<()> {
     );
     source.webhooks = dispatch.as_ref().map(|d| Arc::clone(&d.dispatcher.stats));
     let api = if cfg.api.enabled && !(cfg.api.listen.is_empty() && cfg.api.socket.is_empty()) {
-        let token_path = cfg.api.token_path(&cfg.db_path);
+        let token_path = token::path(&cfg.api, &cfg.db_path);
         let token = token::load_or_create(&token_path).with_context(|| {
             format!("reading or creating the API token {}", token_path.display())
         })?;
-        let state = ApiState {
-            db: Arc::clone(&database),
-            status: source.clone(),
-            limits: Limits {
-                max_body_bytes: cfg.api.max_body_bytes,
-                sql_row_limit: cfg.api.sql_row_limit,
-                sql_timeout: Duration::from_millis(cfg.api.sql_timeout_ms),
-            },
-            triggers: TriggerAccess {
+        let state = ApiState::new(
+            Arc::clone(&database),
+            source.clone(),
+            Limits::from_config(&cfg.api),
+            TriggerAccess {
                 guard: Arc::clone(&guard),
                 dispatcher: dispatch.as_ref().map(|d| Arc::clone(&d.dispatcher)),
             },
-        };
+        );
         Some(ApiServer::start(&cfg.api, state, token)?)
     } else {
         None

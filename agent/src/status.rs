@@ -127,13 +127,10 @@ pub fn path_for(db: &Path) -> PathBuf {
     db.with_file_name(name)
 }
 
-/// Writes the snapshot atomically (temporary file, then rename).
+/// Writes the snapshot atomically (temporary file, then rename), private like the trail.
 pub fn write(db: &Path, status: &AgentStatus) -> std::io::Result<()> {
-    let path = path_for(db);
-    let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, body)?;
-    std::fs::rename(&tmp, &path)
+    crate::store::files::write_private_atomic(&path_for(db), &body, false)
 }
 
 /// Reads the last snapshot, if any.

@@ -62,6 +62,13 @@ impl From<QueryError> for ApiError {
             QueryError::RowLimit(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "row_limit", detail)
             }
+            QueryError::TooLarge(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "result_too_large", detail)
+            }
+            QueryError::Unavailable(_) => ApiError::internal(detail),
+            QueryError::Refused(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "query_failed", detail)
+            }
             QueryError::Timeout(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", detail),
             // DuckDB refusing the user's SQL (unknown column, type mismatch) is their error.
             QueryError::Db { .. } => ApiError::new(StatusCode::BAD_REQUEST, "query_failed", detail),

@@ -16,7 +16,7 @@ use axum::routing::{get, post, put};
 use chrono::Utc;
 use serde_json::json;
 
-use super::auth::require_token;
+use super::auth::{authorised, require_token};
 use super::error::ApiError;
 use super::metrics;
 use super::rules;
@@ -24,7 +24,7 @@ use super::triggers;
 use crate::query::events::{EventsPage, events};
 use crate::query::flows::{FlowRow, flows};
 use crate::query::request::{EventsRequest, FlowsRequest, SqlRequest, WhoRequest};
-use crate::query::sql::{SqlResult, run_sql};
+use crate::query::sql::{SqlLimits, SqlResult, run_sql};
 use crate::query::who::{WhoAnswer, who};
 use crate::status::{AgentState, DatabaseInfo, StatusReport, StatusSource};
 use crate::store::database::Database;
@@ -64,6 +64,23 @@ pub struct Limits {
     pub sql_row_limit: usize,
     /// `/sql` time limit.
     pub sql_timeout: Duration,
+    /// Largest `/sql` answer in bytes of JSON.
+    pub sql_max_bytes: usize,
+    /// `/sql` queries at once.
+    pub sql_max_concurrent: usize,
+}
+
+impl Limits {
+    /// The limits `[api]` sets.
+    pub fn from_config(cfg: &crate::config::ApiConfig) -> Self {
+        Limits {
+            max_body_bytes: cfg.max_body_bytes,
+            sql_row_limit: cfg.sql_row_limit,
+            sql_timeout: Duration::from_millis(cfg.sql_timeout_ms),
+            sql_max_bytes: cfg.sql_max_result_bytes,
+            sql_max_concurrent: cfg.sql_max_concurrent.max(1),
+        }
+    }
 }
 
 /// What the handlers share.
@@ -77,6 +94,27 @@ pub struct ApiState {
     pub limits: Limits,
     /// Trigger administration.
     pub triggers: super::triggers::TriggerAccess,
+    /// One permit per `/sql` query running; none left answers 429.
+    pub sql_slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl ApiState {
+    /// The handlers' state, with `limits.sql_max_concurrent` query slots.
+    pub fn new(
+        db: Arc<Database>,
+        status: StatusSource,
+        limits: Limits,
+        triggers: super::triggers::TriggerAccess,
+    ) -> Self {
+        let sql_slots = Arc::new(tokio::sync::Semaphore::new(limits.sql_max_concurrent));
+        ApiState {
+            db,
+            status,
+            limits,
+            triggers,
+            sql_slots,
+        }
+    }
 }
 
 /// Runs `f` with a fresh connection on a blocking thread.
@@ -96,8 +134,41 @@ where
     .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
 }
 
-async fn health(State(st): State<ApiState>) -> impl IntoResponse {
-    Json(json!({"status": "ok", "db": st.db.path().display().to_string()}))
+/// Liveness for anyone; the database served only for a caller holding the token (the CLI
+/// checks it is talking to the agent of its database), since paths tell an attacker where
+/// the evidence lies.
+async fn health(State(st): State<ApiState>, req: axum::extract::Request) -> impl IntoResponse {
+    let token = req
+        .extensions()
+        .get::<HealthToken>()
+        .map(|t| Arc::clone(&t.0));
+    if token.is_some_and(|t| authorised(&req, &t)) {
+        Json(json!({"status": "ok", "db": st.db.path().display().to_string()}))
+    } else {
+        Json(json!({"status": "ok"}))
+    }
+}
+
+/// The token, handed to `/health` (the only route outside the token layer).
+#[derive(Clone)]
+struct HealthToken(Arc<String>);
+
+/// Answers 408 when a request takes longer than the API's request timeout (queries have
+/// their own, shorter limits; this bounds everything else a connection may hold).
+async fn request_timeout(
+    State(limit): State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    tokio::time::timeout(limit, next.run(req))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("the request took longer than {limit:?} (api.request_timeout_ms)"),
+            )
+        })
 }
 
 async fn metrics_text(State(st): State<ApiState>) -> impl IntoResponse {
@@ -170,17 +241,42 @@ async fn sql_route(
         .map(Duration::from_millis)
         .unwrap_or(st.limits.sql_timeout)
         .min(st.limits.sql_timeout);
-    with_conn(&st, move |c| Ok(run_sql(c, &req.sql, max_rows, timeout)?))
-        .await
-        .map(Json)
+    // A full house is refused at once: queued queries would hold their callers' connections
+    // open and still pile up behind a slow one.
+    let permit = Arc::clone(&st.sql_slots).try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            format!(
+                "{} SQL queries are running already (api.sql_max_concurrent); try again",
+                st.limits.sql_max_concurrent
+            ),
+        )
+    })?;
+    let limits = SqlLimits {
+        max_rows,
+        max_bytes: st.limits.sql_max_bytes,
+        timeout,
+    };
+    let db = Arc::clone(&st.db);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        run_sql(&db, &req.sql, &limits)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
+    .map(Json)
+    .map_err(ApiError::from)
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
-/// The whole API: `/health` open, everything else behind the token.
-pub fn router(state: ApiState, token: Arc<String>) -> Router {
+/// The whole API: `/health` open, everything else behind the token; every request bounded
+/// by `request_timeout`.
+pub fn router(state: ApiState, token: Arc<String>, request_timeout_after: Duration) -> Router {
+    let health_token = HealthToken(Arc::clone(&token));
     let protected = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/api/v1/stats", get(stats))
@@ -221,6 +317,8 @@ pub fn router(state: ApiState, token: Arc<String>) -> Router {
         .route("/health", get(health))
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(axum::Extension(health_token))
+        .layer(from_fn_with_state(request_timeout_after, request_timeout))
         .with_state(state)
 }
 
@@ -263,7 +361,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
         let state = crate::api::test_support::state(db, None);
-        let app = router(state, Arc::new("secret".into()));
+        let app = router(state, Arc::new("secret".into()), Duration::from_secs(30));
         for (method, path) in ROUTES {
             let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
             let bare = Request::builder()

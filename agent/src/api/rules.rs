@@ -151,6 +151,7 @@ mod tests {
         let app = router(
             state(db, Some(Arc::clone(&logscan))),
             Arc::new(TOKEN.into()),
+            std::time::Duration::from_secs(30),
         );
         let (st, created) = call(
             &app,

@@ -1,11 +1,30 @@
 //! Serving the router on TCP and, optionally, a Unix socket, on a runtime of its own thread.
+//!
+//! The accept loop is ours rather than `axum::serve` because the API faces local users who
+//! may be hostile: every connection must send its request headers within
+//! `[api] header_timeout_ms`, open connections are capped (`max_connections` per listener),
+//! and a full house evicts the oldest connection that has not yet sent a request. A token
+//! holder's connection sends its headers at once, so clients that trickle bytes or sit idle
+//! can neither exhaust the agent nor lock it out.
 
+use std::collections::VecDeque;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{debug, info};
 
+use super::auth::Via;
 use super::routes::{ApiState, router};
 use crate::config::ApiConfig;
 
@@ -20,6 +39,80 @@ pub enum ApiStartError {
         /// OS error.
         source: std::io::Error,
     },
+    /// The socket's directory is not one the agent may serve from.
+    #[error("the API socket's directory {dir}: {reason}")]
+    SocketDir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Connection counters of one listener, exported with the agent's status.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections closed to make room (they had sent no request yet).
+    pub evicted: AtomicU64,
+    /// Connections refused because every open one was serving a request.
+    pub refused: AtomicU64,
+}
+
+/// The open connections of one listener: a cap, and the order in which those that have not
+/// sent a request yet arrived (the ones a full house evicts).
+struct Slots {
+    cap: usize,
+    inner: Mutex<SlotsInner>,
+    stats: Arc<ConnStats>,
+}
+
+#[derive(Default)]
+struct SlotsInner {
+    open: usize,
+    next_id: u64,
+    idle: VecDeque<(u64, Arc<Notify>)>,
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits one more connection, with the signal that evicts it. A full house tells its
+    /// oldest idle connection to go (it closes at once and gives its slot back); with none
+    /// idle, every connection is serving a request and the new one is refused.
+    fn admit(&self) -> Option<(u64, Arc<Notify>)> {
+        let mut s = self.lock();
+        if s.open >= self.cap {
+            let (_, victim) = s.idle.pop_front()?;
+            victim.notify_one();
+            self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        s.open += 1;
+        s.next_id += 1;
+        let (id, evict) = (s.next_id, Arc::new(Notify::new()));
+        s.idle.push_back((id, Arc::clone(&evict)));
+        Some((id, evict))
+    }
+
+    /// The connection sent a request: it is no longer a candidate for eviction.
+    fn busy(&self, id: u64) {
+        self.lock().idle.retain(|(i, _)| *i != id);
+    }
+
+    /// The connection answered its request and waits for another: evictable again.
+    fn rest(&self, id: u64, evict: &Arc<Notify>) {
+        self.lock().idle.push_back((id, Arc::clone(evict)));
+    }
+
+    /// The connection ended.
+    fn close(&self, id: u64) {
+        let mut s = self.lock();
+        s.idle.retain(|(i, _)| *i != id);
+        s.open -= 1;
+    }
 }
 
 /// A running API server; stops when dropped or on `stop`.
@@ -27,12 +120,67 @@ pub struct ApiServer {
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
     socket: Option<PathBuf>,
+    /// Counters of the TCP listener and of the Unix socket.
+    pub stats: Arc<ConnStats>,
+}
+
+/// How long one connection may take, set by `[api]`.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    header_timeout: Duration,
+    max_connections: usize,
+}
+
+/// Makes the socket's directory: created 0750 when absent; when present it must be ours
+/// and closed to others (group members of the agent may reach the socket, nobody else).
+fn socket_dir(p: &std::path::Path) -> Result<(), ApiStartError> {
+    let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let bad = |reason: String| ApiStartError::SocketDir {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(dir)
+            .map_err(|e| bad(e.to_string()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(|e| bad(e.to_string()))?;
+    use std::os::unix::fs::MetadataExt;
+    if m.file_type().is_symlink() {
+        return Err(bad("is a symbolic link".into()));
+    }
+    if m.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(bad(format!(
+            "owned by uid {}, not by the agent; use a directory of the agent's (e.g. /run/nattrail)",
+            m.uid()
+        )));
+    }
+    if m.mode() & 0o007 != 0 {
+        return Err(bad(format!(
+            "mode {:04o} lets every local user reach the socket; it must be 0750 or closer",
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 impl ApiServer {
     /// Binds the configured listeners and serves until stopped.
     pub fn start(cfg: &ApiConfig, state: ApiState, token: String) -> Result<Self, ApiStartError> {
-        let app = router(state, Arc::new(token));
+        let app = router(
+            state,
+            Arc::new(token),
+            Duration::from_millis(cfg.request_timeout_ms),
+        );
+        let limits = ConnLimits {
+            header_timeout: Duration::from_millis(cfg.header_timeout_ms.max(1)),
+            max_connections: cfg.max_connections.max(1),
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("api")
@@ -58,6 +206,7 @@ impl ApiServer {
         let unix = match &socket {
             None => None,
             Some(p) => {
+                socket_dir(p)?;
                 // A socket file left by a crash would make bind fail.
                 let _ = std::fs::remove_file(p);
                 let l = rt
@@ -66,45 +215,58 @@ impl ApiServer {
                         what: p.display().to_string(),
                         source,
                     })?;
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
+                // The agent's group may connect (the CLI of its operators); the directory
+                // keeps everyone else out.
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o660)).map_err(
+                    |source| ApiStartError::Bind {
+                        what: p.display().to_string(),
+                        source,
+                    },
+                )?;
                 info!(socket = %p.display(), "HTTP API listening on a Unix socket");
                 Some(l)
             }
         };
+        let stats = Arc::new(ConnStats::default());
         let (stop, stopped) = watch::channel(false);
+        let thread_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 rt.block_on(async move {
                     let mut tasks = Vec::new();
                     if let Some(l) = tcp {
-                        let mut s = stopped.clone();
-                        let app = app.clone();
-                        tasks.push(tokio::spawn(async move {
-                            axum::serve(l, app)
-                                .with_graceful_shutdown(async move {
-                                    let _ = s.wait_for(|v| *v).await;
-                                })
-                                .await
-                        }));
+                        let slots = slots(limits, &thread_stats);
+                        let l = Arc::new(l);
+                        tasks.push(tokio::spawn(accept_loop(
+                            move || {
+                                let l = Arc::clone(&l);
+                                async move { l.accept().await.map(|(s, _)| s) }
+                            },
+                            app.clone(),
+                            Via::Tcp,
+                            limits,
+                            slots,
+                            stopped.clone(),
+                        )));
                     }
                     if let Some(l) = unix {
-                        let mut s = stopped.clone();
-                        tasks.push(tokio::spawn(async move {
-                            axum::serve(l, app)
-                                .with_graceful_shutdown(async move {
-                                    let _ = s.wait_for(|v| *v).await;
-                                })
-                                .await
-                        }));
+                        let slots = slots(limits, &thread_stats);
+                        let l = Arc::new(l);
+                        tasks.push(tokio::spawn(accept_loop(
+                            move || {
+                                let l = Arc::clone(&l);
+                                async move { l.accept().await.map(|(s, _)| s) }
+                            },
+                            app.clone(),
+                            Via::UnixSocket,
+                            limits,
+                            slots,
+                            stopped.clone(),
+                        )));
                     }
                     for t in tasks {
-                        match t.await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => error!(error = %e, "HTTP API server failed"),
-                            Err(e) => error!(error = %e, "HTTP API task failed"),
-                        }
+                        let _ = t.await;
                     }
                 });
             })
@@ -116,6 +278,7 @@ impl ApiServer {
             stop,
             thread: Some(thread),
             socket,
+            stats,
         })
     }
 
@@ -139,4 +302,96 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+fn slots(limits: ConnLimits, stats: &Arc<ConnStats>) -> Arc<Slots> {
+    Arc::new(Slots {
+        cap: limits.max_connections,
+        inner: Mutex::new(SlotsInner::default()),
+        stats: Arc::clone(stats),
+    })
+}
+
+/// Resolves once a stop is requested (the watch's guard is not held across awaits).
+async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// Accepts connections until `stopped`, serving each on a task of its own; in-flight
+/// requests finish before it returns.
+async fn accept_loop<A, F, S>(
+    mut accept: A,
+    app: Router,
+    via: Via,
+    limits: ConnLimits,
+    slots: Arc<Slots>,
+    mut stopped: watch::Receiver<bool>,
+) where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = std::io::Result<S>>,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            r = accept() => r,
+            () = stop_requested(&mut stopped) => break,
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning on the error.
+                debug!(error = %e, "accepting an API connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        slots.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let Some((id, evict)) = slots.admit() else {
+            slots.stats.refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let (app, conn_slots, mut stop) = (app.clone(), Arc::clone(&slots), stopped.clone());
+        conns.spawn(async move {
+            let hyper_svc = TowerToHyperService::new(app);
+            let (marks, conn_evict) = (Arc::clone(&conn_slots), Arc::clone(&evict));
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                marks.busy(id);
+                req.extensions_mut().insert(via);
+                let answer = hyper::service::Service::call(&hyper_svc, req);
+                let (marks, evict) = (Arc::clone(&marks), Arc::clone(&conn_evict));
+                async move {
+                    let r = answer.await;
+                    // Between requests a kept-alive connection is idle like a new one, so
+                    // a client that was answered (even 401) cannot hold its slot for good.
+                    marks.rest(id, &evict);
+                    r
+                }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        debug!(error = %e, "API connection ended with an error");
+                    }
+                }
+                () = stop_requested(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+                // Evicted before it sent a request: dropping the connection closes it.
+                _ = evict.notified() => {}
+            }
+            conn_slots.close(id);
+        });
+        // Reap finished connections so the set does not grow with every one ever served.
+        while conns.try_join_next().is_some() {}
+    }
+    while conns.join_next().await.is_some() {}
 }

@@ -21,21 +21,23 @@ pub const TOKEN: &str = "t";
 
 /// A state over `db`, with log scanning when given.
 pub fn state(db: Arc<Database>, logscan: Option<Arc<LogScan>>) -> ApiState {
-    ApiState {
+    ApiState::new(
         db,
-        status: StatusSource::new(
+        StatusSource::new(
             Arc::new(Registry::default()),
             Arc::new(ReaderStats::default()),
             Arc::new(WriterStats::default()),
             logscan,
         ),
-        limits: Limits {
+        Limits {
             max_body_bytes: 4096,
             sql_row_limit: 100,
             sql_timeout: Duration::from_secs(5),
+            sql_max_bytes: 1 << 20,
+            sql_max_concurrent: 2,
         },
-        triggers: Default::default(),
-    }
+        Default::default(),
+    )
 }
 
 /// One authorised request; the status and the JSON body (null when there is none).

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 
 use super::error::ApiError;
 use super::routes::{ApiState, with_conn};
+use crate::store::secrets::SecretStore;
 use crate::store::triggers::{self, NewTrigger, Trigger, TriggerError, TriggerPatch};
 use crate::triggers::delivery::Outcome;
 use crate::triggers::dispatcher::Dispatcher;
@@ -42,7 +43,7 @@ impl From<TriggerError> for ApiError {
             TriggerError::NotNullable(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", detail)
             }
-            TriggerError::Store(_) => ApiError::internal(detail),
+            TriggerError::Store(_) | TriggerError::Secrets(_) => ApiError::internal(detail),
         }
     }
 }
@@ -50,11 +51,14 @@ impl From<TriggerError> for ApiError {
 async fn change<T, F>(st: &ApiState, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
-    F: FnOnce(&duckdb::Connection, &Guard) -> Result<T, TriggerError> + Send + 'static,
+    F: FnOnce(&duckdb::Connection, &SecretStore, &Guard) -> Result<T, TriggerError>
+        + Send
+        + 'static,
 {
     let access = st.triggers.clone();
+    let secrets = st.db.secrets();
     with_conn(st, move |c| {
-        let out = f(c, &access.guard)?;
+        let out = f(c, &secrets, &access.guard)?;
         if let Some(d) = &access.dispatcher {
             d.reload()?;
         }
@@ -64,8 +68,9 @@ where
 }
 
 pub(super) async fn list(State(st): State<ApiState>) -> Result<Json<Vec<Trigger>>, ApiError> {
-    with_conn(&st, |c| {
-        Ok(triggers::list(c)?
+    let secrets = st.db.secrets();
+    with_conn(&st, move |c| {
+        Ok(triggers::list(c, &secrets)?
             .into_iter()
             .map(Trigger::redacted)
             .collect())
@@ -79,7 +84,7 @@ pub(super) async fn create(
     body: Result<Json<NewTrigger>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Trigger>), ApiError> {
     let n = body?.0;
-    let t = change(&st, move |c, g| triggers::insert(c, &n, g)).await?;
+    let t = change(&st, move |c, s, g| triggers::insert(c, s, &n, g)).await?;
     Ok((StatusCode::CREATED, Json(t.redacted())))
 }
 
@@ -88,7 +93,8 @@ pub(super) async fn get_one(
     id: Result<Path<u64>, PathRejection>,
 ) -> Result<Json<Trigger>, ApiError> {
     let id = id?.0;
-    with_conn(&st, move |c| Ok(triggers::get(c, id)?.redacted()))
+    let secrets = st.db.secrets();
+    with_conn(&st, move |c| Ok(triggers::get(c, &secrets, id)?.redacted()))
         .await
         .map(Json)
 }
@@ -100,7 +106,7 @@ pub(super) async fn patch(
 ) -> Result<Json<Trigger>, ApiError> {
     let id = id?.0;
     let p = body?.0;
-    change(&st, move |c, g| triggers::update(c, id, p, g))
+    change(&st, move |c, s, g| triggers::update(c, s, id, p, g))
         .await
         .map(|t| Json(t.redacted()))
 }
@@ -110,7 +116,7 @@ pub(super) async fn delete(
     id: Result<Path<u64>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     let id = id?.0;
-    change(&st, move |c, _| match triggers::delete(c, id)? {
+    change(&st, move |c, s, _| match triggers::delete(c, s, id)? {
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(TriggerError::UnknownId(id)),
     })
@@ -129,7 +135,8 @@ pub(super) async fn test(
             "webhooks are disabled in this agent ([webhooks] enabled = false)",
         ));
     };
-    let t = with_conn(&st, move |c| Ok(triggers::get(c, id)?)).await?;
+    let secrets = st.db.secrets();
+    let t = with_conn(&st, move |c| Ok(triggers::get(c, &secrets, id)?)).await?;
     Ok(Json(d.test(&t).await))
 }
 
@@ -149,7 +156,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nattrail-trig-api-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
-        let app = router(state(Arc::clone(&db), None), Arc::new(TOKEN.into()));
+        let app = router(
+            state(Arc::clone(&db), None),
+            Arc::new(TOKEN.into()),
+            std::time::Duration::from_secs(30),
+        );
         let (st, t) = call(
             &app,
             Method::POST,
@@ -179,7 +190,7 @@ mod tests {
         let mut want = t.clone();
         want["rate_per_min"] = json!(60);
         assert_eq!(p, want);
-        let stored = triggers::get(&db.connect().unwrap(), id).unwrap();
+        let stored = triggers::get(&db.connect().unwrap(), &db.secrets(), id).unwrap();
         assert_eq!(stored.secret.as_deref(), Some("whsec_c2s="));
 
         for (body, status, code) in [

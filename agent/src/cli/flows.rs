@@ -67,7 +67,7 @@ pub fn run(cfg: &Config, a: &FlowsArgs) -> Result<()> {
         Some(api) => api.get_json("/api/v1/flows", &req)?,
         None => {
             let q = req.to_query()?;
-            flows(&super::open_for_query(cfg)?, &q)?
+            flows(&super::open_for_query(cfg)?.connect()?, &q)?
         }
     };
     match pick(a.format, a.json) {

@@ -76,6 +76,10 @@ impl Cli {
 
 /// Entry point of the binary.
 pub fn main() -> Result<()> {
+    // Everything nattrail writes (the trail, its WAL and spill files, the token, secrets,
+    // captures) is private, whatever umask it was started under; files it must share are
+    // opened up explicitly.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     let cfg = cli.load_config().context("loading configuration")?;
     init_tracing(matches!(cli.command, Command::Run | Command::Capture(_)));
@@ -107,8 +111,8 @@ fn init_tracing(daemon: bool) {
 }
 
 /// Opens the trail for a query command, explaining the lock held by a running agent.
-fn open_for_query(cfg: &Config) -> Result<duckdb::Connection> {
-    match crate::store::schema::open_ro(&cfg.db_path) {
+fn open_for_query(cfg: &Config) -> Result<crate::store::database::Database> {
+    match crate::store::database::Database::open_ro(&cfg.db_path) {
         Ok(c) => Ok(c),
         Err(e @ crate::store::schema::StoreError::Locked { .. }) => Err(anyhow::anyhow!(
             "{e}\nThe running agent holds the database and its API did not answer on \

@@ -8,12 +8,12 @@ use clap::Args;
 use super::output::{Format, pick, print_csv, print_json, print_table};
 use crate::config::Config;
 use crate::query::request::SqlRequest;
-use crate::query::sql::{SqlResult, run_sql};
+use crate::query::sql::{SqlLimits, SqlResult, run_sql};
 
 /// Arguments of `sql`.
 #[derive(Debug, Args)]
 pub struct SqlArgs {
-    /// The query: one SELECT or WITH ... SELECT.
+    /// The query: exactly one read-only statement (SELECT, WITH, FROM, PIVOT, DESCRIBE...).
     query: String,
     /// At most this many rows; a larger answer is an error (default: api.sql_row_limit).
     #[arg(long)]
@@ -47,8 +47,11 @@ pub fn run(cfg: &Config, a: &SqlArgs) -> Result<()> {
         None => run_sql(
             &super::open_for_query(cfg)?,
             &req.sql,
-            limit,
-            Duration::from_millis(cfg.api.sql_timeout_ms),
+            &SqlLimits {
+                max_rows: limit,
+                max_bytes: cfg.api.sql_max_result_bytes,
+                timeout: Duration::from_millis(cfg.api.sql_timeout_ms),
+            },
         )?,
     };
     let header: Vec<&str> = res.columns.iter().map(String::as_str).collect();

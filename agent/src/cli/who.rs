@@ -59,7 +59,7 @@ pub fn run(cfg: &Config, a: &WhoArgs) -> Result<()> {
         None => {
             // The CLI reads the database itself only when no agent holds it.
             let q = req.to_query(false)?;
-            who(&super::open_for_query(cfg)?, &q)?
+            who(&super::open_for_query(cfg)?.connect()?, &q)?
         }
     };
     if a.json {

@@ -24,9 +24,20 @@ pub enum QueryError {
     /// The request itself is invalid.
     #[error("{0}")]
     Invalid(String),
-    /// The SQL is not a read-only query.
-    #[error("only read-only queries are allowed (SELECT or WITH ... SELECT), not {0}")]
+    /// The SQL is not exactly one read-only query (DuckDB's classification).
+    #[error(
+        "only one read-only query is allowed (SELECT, WITH ... SELECT, FROM ..., PIVOT, DESCRIBE), not {0}"
+    )]
     ReadOnly(String),
+    /// DuckDB refused the SQL (a syntax or binder error, or a disabled feature).
+    #[error("DuckDB refused the query: {0}")]
+    Refused(String),
+    /// No connection to the database could be made.
+    #[error("connecting to the database: {0}")]
+    Unavailable(String),
+    /// The answer's JSON is larger than allowed.
+    #[error("the query's result is larger than {0} bytes: select fewer columns or rows")]
+    TooLarge(usize),
     /// The answer has more rows than allowed.
     #[error("the query returns more than {0} rows: add a LIMIT or narrow it")]
     RowLimit(usize),

@@ -9,7 +9,7 @@ use std::ptr;
 use duckdb::{Connection, ffi};
 
 use super::chunk_appender::ChunkAppender;
-use super::schema::{StoreError, db_err, migrate};
+use super::schema::{StoreError, check_version, db_err, migrate};
 
 /// An open DuckDB database; every connection made from it stays valid after it is dropped
 /// (DuckDB keeps the instance alive while a connection holds it).
@@ -23,11 +23,127 @@ pub struct Database {
 unsafe impl Send for Database {}
 unsafe impl Sync for Database {}
 
+/// DuckDB settings applied to every database the agent or the CLI opens. The agent needs
+/// none of these features, and user SQL reaches every connection of an instance: with them on,
+/// a plain SELECT could read any file on the gateway (`read_text('/etc/shadow')`), fetch or
+/// load extensions, or change the settings back. `lock_configuration` comes last so that no
+/// statement can undo the others.
+const LOCKDOWN: &[(&str, &str)] = &[
+    ("enable_external_access", "false"),
+    ("autoinstall_known_extensions", "false"),
+    ("autoload_known_extensions", "false"),
+    ("allow_community_extensions", "false"),
+    ("allow_unsigned_extensions", "false"),
+    ("lock_configuration", "true"),
+];
+
+/// How to open a database.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Open read-only (the CLI when no agent runs); the file must exist.
+    pub read_only: bool,
+    /// DuckDB's memory limit; None keeps DuckDB's default.
+    pub memory_limit_mb: Option<u64>,
+}
+
+/// The owned result of `duckdb_create_config`, destroyed on drop.
+struct RawConfig(ffi::duckdb_config);
+
+impl RawConfig {
+    fn new(path: &Path) -> Result<Self, StoreError> {
+        let mut raw: ffi::duckdb_config = ptr::null_mut();
+        // SAFETY: out-pointer to a local.
+        if unsafe { ffi::duckdb_create_config(&mut raw) } != ffi::DuckDBSuccess {
+            return Err(native(path, "creating a DuckDB configuration"));
+        }
+        Ok(RawConfig(raw))
+    }
+
+    fn set(&mut self, path: &Path, key: &str, value: &str) -> Result<(), StoreError> {
+        let (k, v) = (
+            CString::new(key).expect("setting names have no NUL"),
+            CString::new(value).expect("setting values have no NUL"),
+        );
+        // SAFETY: a live config and two C strings that outlive the call.
+        if unsafe { ffi::duckdb_set_config(self.0, k.as_ptr(), v.as_ptr()) } != ffi::DuckDBSuccess {
+            return Err(native(
+                path,
+                &format!("setting DuckDB option {key} = {value}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RawConfig {
+    fn drop(&mut self) {
+        // SAFETY: created in new, destroyed once.
+        unsafe { ffi::duckdb_destroy_config(&mut self.0) };
+    }
+}
+
+fn native(path: &Path, context: &str) -> StoreError {
+    StoreError::Native {
+        context: format!("{context} for {}", path.display()),
+        detail: "DuckDB refused".into(),
+    }
+}
+
+/// A connection made through DuckDB's C API, for what duckdb-rs does not expose (statement
+/// extraction and classification); disconnected on drop.
+pub struct RawConnection(ffi::duckdb_connection);
+
+// SAFETY: a duckdb_connection may move between threads; DuckDB serialises its use, and
+// duckdb_interrupt is meant to be called from another thread.
+unsafe impl Send for RawConnection {}
+unsafe impl Sync for RawConnection {}
+
+impl RawConnection {
+    /// The C handle, valid while `self` lives.
+    pub fn handle(&self) -> ffi::duckdb_connection {
+        self.0
+    }
+
+    /// Interrupts whatever runs on this connection (from any thread).
+    pub fn interrupt(&self) {
+        // SAFETY: a live connection; interrupting is thread-safe.
+        unsafe { ffi::duckdb_interrupt(self.0) };
+    }
+}
+
+impl Drop for RawConnection {
+    fn drop(&mut self) {
+        // SAFETY: connected in Database::raw_connection, disconnected once.
+        unsafe { ffi::duckdb_disconnect(&mut self.0) };
+    }
+}
+
 impl Database {
-    /// Opens the database read-write (creating it and its directory) and migrates it.
+    /// Opens the database read-write (creating it and a private directory for it) and
+    /// migrates it.
     pub fn open_rw(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+        Self::open(path, OpenOptions::default())
+    }
+
+    /// Opens an existing database read-only, refusing one written by a newer nattrail.
+    pub fn open_ro(path: &Path) -> Result<Self, StoreError> {
+        Self::open(
+            path,
+            OpenOptions {
+                read_only: true,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// Opens the database with the lockdown settings; read-write opens migrate it.
+    pub fn open(path: &Path, opts: OpenOptions) -> Result<Self, StoreError> {
+        if opts.read_only {
+            if !path.exists() {
+                return Err(StoreError::Missing(path.to_path_buf()));
+            }
+        } else if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crate::store::files::create_private_dir_all(dir).map_err(|source| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source,
             })?;
@@ -37,11 +153,20 @@ impl Database {
                 context: format!("opening database {}", path.display()),
                 detail: "the path contains a NUL byte".into(),
             })?;
+        let mut config = RawConfig::new(path)?;
+        if opts.read_only {
+            config.set(path, "access_mode", "READ_ONLY")?;
+        }
+        if let Some(mb) = opts.memory_limit_mb {
+            config.set(path, "memory_limit", &format!("{}MiB", mb.max(64)))?;
+        }
+        for (k, v) in LOCKDOWN {
+            config.set(path, k, v)?;
+        }
         let mut raw: ffi::duckdb_database = ptr::null_mut();
         let mut err: *mut std::os::raw::c_char = ptr::null_mut();
-        // SAFETY: valid C string, out-pointers to locals; a null config means defaults.
-        let rc =
-            unsafe { ffi::duckdb_open_ext(c_path.as_ptr(), &mut raw, ptr::null_mut(), &mut err) };
+        // SAFETY: valid C string and config, out-pointers to locals.
+        let rc = unsafe { ffi::duckdb_open_ext(c_path.as_ptr(), &mut raw, config.0, &mut err) };
         if rc != ffi::DuckDBSuccess {
             let detail = if err.is_null() {
                 "unknown error".to_string()
@@ -59,7 +184,19 @@ impl Database {
             raw,
             path: path.to_path_buf(),
         };
-        migrate(&db.connect()?, path)?;
+        if opts.read_only {
+            check_version(&db.connect()?, path)?;
+        } else {
+            // DuckDB creates the file and its WAL with 0666 minus the umask: the trail is
+            // evidence, private whatever the umask we were started under.
+            crate::store::files::make_private_files(&[path, wal_path(path).as_path()]).map_err(
+                |source| StoreError::Dir {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            )?;
+            migrate(&db.connect()?, path)?;
+        }
         Ok(db)
     }
 
@@ -75,6 +212,21 @@ impl Database {
             .map_err(db_err(format!("connecting to {}", self.path.display())))
     }
 
+    /// The secrets file of this database's triggers.
+    pub fn secrets(&self) -> super::secrets::SecretStore {
+        super::secrets::SecretStore::for_db(&self.path)
+    }
+
+    /// A connection through the C API (see `RawConnection`).
+    pub fn raw_connection(&self) -> Result<RawConnection, StoreError> {
+        let mut con: ffi::duckdb_connection = ptr::null_mut();
+        // SAFETY: `raw` is an open database until Drop; out-pointer to a local.
+        if unsafe { ffi::duckdb_connect(self.raw, &mut con) } != ffi::DuckDBSuccess {
+            return Err(native(&self.path, "connecting"));
+        }
+        Ok(RawConnection(con))
+    }
+
     /// A raw appender into `table`, on its own connection.
     pub fn appender(&self, table: &str) -> Result<ChunkAppender, StoreError> {
         ChunkAppender::create(self.raw, table)
@@ -86,4 +238,11 @@ impl Drop for Database {
         // SAFETY: opened in open_rw, closed only here.
         unsafe { ffi::duckdb_close(&mut self.raw) };
     }
+}
+
+/// DuckDB's write-ahead log beside `db`.
+pub fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_os_string();
+    name.push(".wal");
+    PathBuf::from(name)
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use duckdb::{AccessMode, Config, Connection};
+use duckdb::Connection;
 
 /// The migrations, in order. Each runs once, in its own transaction; never edit a released one.
 const MIGRATIONS: &[(u32, &str, &str)] = &[
@@ -31,10 +31,24 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "webhook triggers",
         include_str!("../../../schemas/duckdb/0005_triggers.sql"),
     ),
+    (
+        6,
+        "trigger secrets out of the database",
+        include_str!("../../../schemas/duckdb/0006_trigger_secrets.sql"),
+    ),
 ];
 
+/// The migrations up to `version`, for tests that build an old database.
+#[cfg(test)]
+pub(crate) fn migrations_up_to(version: u32) -> impl Iterator<Item = (u32, &'static str)> {
+    MIGRATIONS
+        .iter()
+        .filter(move |m| m.0 <= version)
+        .map(|m| (m.0, m.2))
+}
+
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// Errors of opening or migrating the database.
 #[derive(Debug, thiserror::Error)]
@@ -110,24 +124,22 @@ impl StoreError {
     }
 }
 
-/// Opens an existing database read-only (the CLI when no agent runs).
+/// Opens an existing database read-only (the CLI when no agent runs), locked down like
+/// every database the agent opens.
 pub fn open_ro(path: &Path) -> Result<Connection, StoreError> {
-    if !path.exists() {
-        return Err(StoreError::Missing(path.to_path_buf()));
-    }
-    let config = Config::default()
-        .access_mode(AccessMode::ReadOnly)
-        .map_err(db_err("configuring read-only access"))?;
-    let conn = Connection::open_with_flags(path, config)
-        .map_err(|e| StoreError::from_open_message(path, e.to_string()))?;
-    let v = current_version(&conn)?;
+    crate::store::database::Database::open_ro(path)?.connect()
+}
+
+/// Refuses a database written by a newer nattrail.
+pub(crate) fn check_version(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let v = current_version(conn)?;
     if v > SCHEMA_VERSION {
         return Err(StoreError::TooNew {
             path: path.to_path_buf(),
             found: v,
         });
     }
-    Ok(conn)
+    Ok(())
 }
 
 fn current_version(conn: &Connection) -> Result<u32, StoreError> {
@@ -163,6 +175,16 @@ pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> 
         });
     }
     for &(version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > have) {
+        if version == 6 {
+            // Idempotent: a failed migration leaves the columns, and a retry moves them again.
+            let secrets = crate::store::secrets::SecretStore::for_db(path);
+            crate::store::triggers::move_secrets_out(conn, &secrets).map_err(|e| {
+                StoreError::Native {
+                    context: format!("applying migration {version} ({description})"),
+                    detail: e.to_string(),
+                }
+            })?;
+        }
         let batch = format!(
             "BEGIN TRANSACTION;\n{sql}\nINSERT INTO schema_version VALUES ({version}, now()::TIMESTAMP, '{description}');\nCOMMIT;"
         );

@@ -1,6 +1,7 @@
 //! Webhook triggers in the database (`event_triggers`) and the delivery log
-//! (`webhook_deliveries`). A trigger's secret is write-only: reads show a placeholder, and an
-//! update that sends the placeholder back keeps the stored secret.
+//! (`webhook_deliveries`). A trigger's secret and header values are write-only: they live in
+//! the secrets file (`store/secrets.rs`), never in a table that SQL could read; reads show a
+//! placeholder, and an update that sends the placeholder back keeps the stored value.
 
 use std::collections::BTreeMap;
 
@@ -8,6 +9,7 @@ use duckdb::{Connection, OptionalExt, params};
 use serde::{Deserialize, Serialize};
 
 use super::schema::{StoreError, db_err};
+use super::secrets::{SecretStore, SecretsError, TriggerSecrets};
 use crate::api::patch::{NotNullable, Patch};
 use crate::triggers::filter::Filter;
 use crate::triggers::ssrf::{Guard, SsrfError};
@@ -44,6 +46,9 @@ pub enum TriggerError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The secrets file failed.
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
 }
 
 /// A trigger as stored.
@@ -63,19 +68,30 @@ pub struct Trigger {
     pub url: String,
     /// Signing secret (the placeholder in reads).
     pub secret: Option<String>,
-    /// Extra headers.
+    /// Extra headers (values are placeholders in reads).
     pub headers: BTreeMap<String, String>,
     /// Why the agent turned it off, if it did.
     pub disabled_reason: Option<String>,
 }
 
 impl Trigger {
-    /// The trigger as reads show it: the secret replaced by the placeholder.
+    /// The trigger as reads show it: the secret and every header value replaced by the
+    /// placeholder.
     pub fn redacted(mut self) -> Self {
         if self.secret.is_some() {
             self.secret = Some(SECRET_PLACEHOLDER.into());
         }
+        for v in self.headers.values_mut() {
+            *v = SECRET_PLACEHOLDER.into();
+        }
         self
+    }
+
+    fn secrets(&self) -> TriggerSecrets {
+        TriggerSecrets {
+            secret: self.secret.clone(),
+            headers: self.headers.clone(),
+        }
     }
 }
 
@@ -130,7 +146,7 @@ pub struct TriggerPatch {
     /// New secret; the placeholder keeps the old one, null removes it.
     #[serde(default)]
     pub secret: Patch<String>,
-    /// New extra headers (replaces them all).
+    /// New extra headers (replaces them all; a placeholder value keeps that header's value).
     #[serde(default)]
     pub headers: Patch<BTreeMap<String, String>>,
 }
@@ -147,10 +163,10 @@ fn check(t: &Trigger, guard: &Guard) -> Result<(), TriggerError> {
     Ok(())
 }
 
-const SELECT: &str = "SELECT id, name, enabled, filter::VARCHAR, rate_per_min, url, secret, \
-                      headers::VARCHAR, disabled_reason FROM event_triggers";
+const SELECT: &str = "SELECT id, name, enabled, filter::VARCHAR, rate_per_min, url, \
+                      disabled_reason FROM event_triggers";
 
-fn from_row(r: &duckdb::Row<'_>) -> duckdb::Result<(Trigger, String, String)> {
+fn from_row(r: &duckdb::Row<'_>) -> duckdb::Result<(Trigger, String)> {
     Ok((
         Trigger {
             id: r.get(0)?,
@@ -159,29 +175,32 @@ fn from_row(r: &duckdb::Row<'_>) -> duckdb::Result<(Trigger, String, String)> {
             filter: Filter::default(),
             rate_per_min: r.get(4)?,
             url: r.get(5)?,
-            secret: r.get(6)?,
+            secret: None,
             headers: BTreeMap::new(),
-            disabled_reason: r.get(8)?,
+            disabled_reason: r.get(6)?,
         },
         r.get(3)?,
-        r.get(7)?,
     ))
 }
 
-fn finish((mut t, filter, headers): (Trigger, String, String)) -> Result<Trigger, TriggerError> {
-    let bad = |e: serde_json::Error| {
+fn finish(
+    (mut t, filter): (Trigger, String),
+    secrets: &mut BTreeMap<u64, TriggerSecrets>,
+) -> Result<Trigger, TriggerError> {
+    t.filter = serde_json::from_str(&filter).map_err(|e| {
         TriggerError::Store(StoreError::Native {
             context: format!("reading trigger {}", t.id),
             detail: e.to_string(),
         })
-    };
-    t.filter = serde_json::from_str(&filter).map_err(bad)?;
-    t.headers = serde_json::from_str(&headers).map_err(bad)?;
+    })?;
+    let s = secrets.remove(&t.id).unwrap_or_default();
+    t.secret = s.secret;
+    t.headers = s.headers;
     Ok(t)
 }
 
 /// Every trigger, secrets included (for the dispatcher; redact before showing).
-pub fn list(conn: &Connection) -> Result<Vec<Trigger>, TriggerError> {
+pub fn list(conn: &Connection, secrets: &SecretStore) -> Result<Vec<Trigger>, TriggerError> {
     let mut st = conn
         .prepare(&format!("{SELECT} ORDER BY id"))
         .map_err(db_err("listing triggers"))?;
@@ -190,23 +209,29 @@ pub fn list(conn: &Connection) -> Result<Vec<Trigger>, TriggerError> {
         .map_err(db_err("listing triggers"))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db_err("listing triggers"))?;
-    rows.into_iter().map(finish).collect()
+    let mut all = secrets.load()?;
+    rows.into_iter().map(|r| finish(r, &mut all)).collect()
 }
 
 /// One trigger, secret included.
-pub fn get(conn: &Connection, id: u64) -> Result<Trigger, TriggerError> {
+pub fn get(conn: &Connection, secrets: &SecretStore, id: u64) -> Result<Trigger, TriggerError> {
     let row = conn
         .query_row(&format!("{SELECT} WHERE id = ?"), [id], from_row)
         .optional()
         .map_err(db_err("reading a trigger"))?;
-    row.map(finish)
-        .transpose()?
-        .ok_or(TriggerError::UnknownId(id))
+    let Some(row) = row else {
+        return Err(TriggerError::UnknownId(id));
+    };
+    finish(row, &mut secrets.load()?)
 }
 
 /// Finds a trigger by id or name.
-pub fn resolve(conn: &Connection, id_or_name: &str) -> Result<Trigger, TriggerError> {
-    pick(&list(conn)?, id_or_name)
+pub fn resolve(
+    conn: &Connection,
+    secrets: &SecretStore,
+    id_or_name: &str,
+) -> Result<Trigger, TriggerError> {
+    pick(&list(conn, secrets)?, id_or_name)
 }
 
 /// Finds a trigger of `all` by id or name.
@@ -219,14 +244,26 @@ pub fn pick(all: &[Trigger], id_or_name: &str) -> Result<Trigger, TriggerError> 
 }
 
 fn name_free(conn: &Connection, name: &str, except: u64) -> Result<(), TriggerError> {
-    if list(conn)?.iter().any(|t| t.name == name && t.id != except) {
+    let taken: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM event_triggers WHERE name = ? AND id <> ?",
+            params![name, except],
+            |r| r.get(0),
+        )
+        .map_err(db_err("checking trigger names"))?;
+    if taken {
         return Err(TriggerError::NameTaken(name.to_string()));
     }
     Ok(())
 }
 
 /// Stores a new trigger after checking its filter and URL.
-pub fn insert(conn: &Connection, n: &NewTrigger, guard: &Guard) -> Result<Trigger, TriggerError> {
+pub fn insert(
+    conn: &Connection,
+    secrets: &SecretStore,
+    n: &NewTrigger,
+    guard: &Guard,
+) -> Result<Trigger, TriggerError> {
     let t = Trigger {
         id: 0,
         name: n.name.clone(),
@@ -242,36 +279,36 @@ pub fn insert(conn: &Connection, n: &NewTrigger, guard: &Guard) -> Result<Trigge
     name_free(conn, &t.name, 0)?;
     let id: u64 = conn
         .query_row(
-            "INSERT INTO event_triggers (name, enabled, filter, rate_per_min, url, secret, headers, updated)
-             VALUES (?, ?, ?::JSON, ?, ?, ?, ?::JSON, now()::TIMESTAMP) RETURNING id",
+            "INSERT INTO event_triggers (name, enabled, filter, rate_per_min, url, updated)
+             VALUES (?, ?, ?::JSON, ?, ?, now()::TIMESTAMP) RETURNING id",
             params![
                 t.name,
                 t.enabled,
                 serde_json::to_string(&t.filter).expect("filters serialise"),
                 t.rate_per_min,
                 t.url,
-                t.secret,
-                serde_json::to_string(&t.headers).expect("headers serialise")
             ],
             |r| r.get(0),
         )
         .map_err(db_err("inserting a trigger"))?;
-    get(conn, id)
+    if let Err(e) = secrets.put(id, t.secrets()) {
+        // No trigger without the secret it was given: it would send unsigned.
+        let _ = conn.execute("DELETE FROM event_triggers WHERE id = ?", [id]);
+        return Err(e.into());
+    }
+    get(conn, secrets, id)
 }
 
 fn save(conn: &Connection, t: &Trigger) -> Result<(), TriggerError> {
     conn.execute(
         "UPDATE event_triggers SET name = ?, enabled = ?, filter = ?::JSON, rate_per_min = ?,
-                url = ?, secret = ?, headers = ?::JSON, disabled_reason = ?,
-                updated = now()::TIMESTAMP WHERE id = ?",
+                url = ?, disabled_reason = ?, updated = now()::TIMESTAMP WHERE id = ?",
         params![
             t.name,
             t.enabled,
             serde_json::to_string(&t.filter).expect("filters serialise"),
             t.rate_per_min,
             t.url,
-            t.secret,
-            serde_json::to_string(&t.headers).expect("headers serialise"),
             t.disabled_reason,
             t.id
         ],
@@ -283,11 +320,13 @@ fn save(conn: &Connection, t: &Trigger) -> Result<(), TriggerError> {
 /// Applies a partial update (checked like a new trigger).
 pub fn update(
     conn: &Connection,
+    secrets: &SecretStore,
     id: u64,
     p: TriggerPatch,
     guard: &Guard,
 ) -> Result<Trigger, TriggerError> {
-    let mut t = get(conn, id)?;
+    let mut t = get(conn, secrets, id)?;
+    let old_headers = t.headers.clone();
     p.name.apply("name", &mut t.name)?;
     if matches!(p.enabled, Patch::Set(true)) {
         t.disabled_reason = None;
@@ -301,26 +340,72 @@ pub fn update(
         other => other.apply_opt(&mut t.secret),
     }
     p.headers.apply("headers", &mut t.headers)?;
+    for (name, value) in t.headers.iter_mut() {
+        if value == SECRET_PLACEHOLDER
+            && let Some(old) = old_headers.get(name)
+        {
+            value.clone_from(old);
+        }
+    }
     check(&t, guard)?;
     name_free(conn, &t.name, t.id)?;
     save(conn, &t)?;
+    secrets.put(t.id, t.secrets())?;
     Ok(t)
 }
 
 /// Turns a trigger off, saying why (a 410 from its receiver).
 pub fn disable(conn: &Connection, id: u64, reason: &str) -> Result<(), TriggerError> {
-    let mut t = get(conn, id)?;
-    t.enabled = false;
-    t.disabled_reason = Some(reason.to_string());
-    save(conn, &t)
+    let n = conn
+        .execute(
+            "UPDATE event_triggers SET enabled = false, disabled_reason = ?,
+                    updated = now()::TIMESTAMP WHERE id = ?",
+            params![reason, id],
+        )
+        .map_err(db_err("disabling a trigger"))?;
+    if n == 0 {
+        return Err(TriggerError::UnknownId(id));
+    }
+    Ok(())
 }
 
-/// Deletes a trigger; false if there was none.
-pub fn delete(conn: &Connection, id: u64) -> Result<bool, TriggerError> {
+/// Deletes a trigger and its secrets; false if there was none.
+pub fn delete(conn: &Connection, secrets: &SecretStore, id: u64) -> Result<bool, TriggerError> {
     let n = conn
         .execute("DELETE FROM event_triggers WHERE id = ?", [id])
         .map_err(db_err("deleting a trigger"))?;
+    secrets.remove(id)?;
     Ok(n > 0)
+}
+
+/// Moves secrets and header values of a schema-5 database into the secrets file, before
+/// migration 6 drops their columns.
+pub(crate) fn move_secrets_out(
+    conn: &Connection,
+    secrets: &SecretStore,
+) -> Result<(), TriggerError> {
+    let mut st = conn
+        .prepare("SELECT id, secret, headers::VARCHAR FROM event_triggers")
+        .map_err(db_err("reading trigger secrets to move"))?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(db_err("reading trigger secrets to move"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err("reading trigger secrets to move"))?;
+    for (id, secret, headers) in rows {
+        let headers = serde_json::from_str(&headers).map_err(|e| StoreError::Native {
+            context: format!("reading the headers of trigger {id}"),
+            detail: e.to_string(),
+        })?;
+        secrets.put(id, TriggerSecrets { secret, headers })?;
+    }
+    Ok(())
 }
 
 /// One row of the delivery log.
@@ -367,11 +452,12 @@ mod tests {
     use crate::store::database::Database;
 
     #[test]
-    fn crud_keeps_the_secret_behind_the_placeholder() {
+    fn crud_keeps_the_secret_and_header_values_behind_the_placeholder() {
         let dir = std::env::temp_dir().join(format!("nattrail-trig-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let db = Database::open_rw(&dir.join("t.duckdb")).unwrap();
         let c = db.connect().unwrap();
+        let s = db.secrets();
         let g = Guard::default();
         let n = NewTrigger {
             name: "ssh-out".into(),
@@ -382,43 +468,101 @@ mod tests {
                 ..Default::default()
             },
             rate_per_min: 10,
-            headers: BTreeMap::new(),
+            headers: [("x-api-key".to_string(), "k-123".to_string())].into(),
             enabled: true,
         };
-        let t = insert(&c, &n, &g).unwrap();
-        assert_eq!(
-            t.clone().redacted().secret.as_deref(),
-            Some(SECRET_PLACEHOLDER)
-        );
-        // The placeholder sent back keeps the secret; only the rate changes.
-        let p: TriggerPatch =
-            serde_json::from_str(r#"{"secret": "********", "rate_per_min": 5}"#).unwrap();
-        let u = update(&c, t.id, p, &g).unwrap();
+        let t = insert(&c, &s, &n, &g).unwrap();
+        let shown = t.clone().redacted();
+        assert_eq!(shown.secret.as_deref(), Some(SECRET_PLACEHOLDER));
+        assert_eq!(shown.headers["x-api-key"], SECRET_PLACEHOLDER);
+        // The placeholder sent back keeps the secret and the header value; only the rate
+        // changes.
+        let p: TriggerPatch = serde_json::from_str(
+            r#"{"secret": "********", "rate_per_min": 5, "headers": {"x-api-key": "********"}}"#,
+        )
+        .unwrap();
+        let u = update(&c, &s, t.id, p, &g).unwrap();
         assert_eq!(u.secret.as_deref(), Some("whsec_abc"));
+        assert_eq!(u.headers["x-api-key"], "k-123");
         assert_eq!(u.rate_per_min, 5);
         assert_eq!(u.filter, t.filter);
+        assert_eq!(get(&c, &s, t.id).unwrap(), u);
         let p: TriggerPatch = serde_json::from_str(r#"{"secret": null}"#).unwrap();
-        assert_eq!(update(&c, t.id, p, &g).unwrap().secret, None);
+        assert_eq!(update(&c, &s, t.id, p, &g).unwrap().secret, None);
         // Refused: a bad regex, a loopback URL, a taken name.
         let mut bad = n.clone();
         bad.name = "other".into();
         bad.filter.message = Some("(".into());
         assert!(matches!(
-            insert(&c, &bad, &g),
+            insert(&c, &s, &bad, &g),
             Err(TriggerError::Filter { .. })
         ));
         bad.filter.message = None;
         bad.url = "http://127.1/".into();
-        assert!(matches!(insert(&c, &bad, &g), Err(TriggerError::Url(_))));
         assert!(matches!(
-            insert(&c, &n, &g),
+            insert(&c, &s, &bad, &g),
+            Err(TriggerError::Url(_))
+        ));
+        assert!(matches!(
+            insert(&c, &s, &n, &g),
             Err(TriggerError::NameTaken(_))
         ));
         disable(&c, t.id, "receiver answered 410 Gone").unwrap();
-        let d = get(&c, t.id).unwrap();
+        let d = get(&c, &s, t.id).unwrap();
         assert!(!d.enabled && d.disabled_reason.is_some());
-        assert!(delete(&c, t.id).unwrap());
-        assert!(list(&c).unwrap().is_empty());
+        assert_eq!(
+            d.headers["x-api-key"], "k-123",
+            "disabling keeps the secrets"
+        );
+        assert!(delete(&c, &s, t.id).unwrap());
+        assert!(list(&c, &s).unwrap().is_empty());
+        assert!(s.load().unwrap().is_empty(), "deleting removes the secrets");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_schema_5_database_moves_its_secrets_out_and_drops_the_columns() {
+        let dir = std::env::temp_dir().join(format!("nattrail-trig5-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.duckdb");
+        {
+            // A schema-5 database as the previous release wrote it.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL, description VARCHAR NOT NULL)",
+            )
+            .unwrap();
+            for (v, sql) in crate::store::schema::migrations_up_to(5) {
+                c.execute_batch(sql).unwrap();
+                c.execute(
+                    "INSERT INTO schema_version VALUES (?, now()::TIMESTAMP, 'old')",
+                    [v],
+                )
+                .unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO event_triggers (name, enabled, filter, rate_per_min, url, secret, headers, updated)
+                 VALUES ('old', true, '{}', 0, 'https://hooks.example.org/o', 'whsec_old', '{\"x-k\": \"hv\"}', now()::TIMESTAMP)",
+            )
+            .unwrap();
+        }
+        let db = Database::open_rw(&path).unwrap();
+        let c = db.connect().unwrap();
+        let t = resolve(&c, &db.secrets(), "old").unwrap();
+        assert_eq!(t.secret.as_deref(), Some("whsec_old"));
+        assert_eq!(t.headers["x-k"], "hv");
+        let cols: Vec<String> = c
+            .prepare("SELECT column_name FROM duckdb_columns() WHERE table_name = 'event_triggers' ORDER BY column_index")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !cols.iter().any(|c| c == "secret" || c == "headers"),
+            "{cols:?}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

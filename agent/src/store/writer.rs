@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use super::bus::{EventBus, StoredEvent};
 use super::chunk_appender::{ChunkAppender, Micros};
 use super::cursors;
-use super::database::Database;
+use super::database::{Database, OpenOptions};
 use super::gaps::{GapRecord, RecentGaps};
 use super::schema::{StoreError, db_err};
 use crate::conntrack::event::{Addr, EventKind, FlowEvent, TimeSource, Tuple, now_ns};
@@ -227,13 +227,14 @@ pub struct Writer {
 impl Writer {
     /// Opens (and migrates) the database, loads the open flows and starts a capture session.
     pub fn open(cfg: &WriterConfig, stats: Arc<WriterStats>) -> Result<Self, StoreError> {
-        let db = Database::open_rw(&cfg.db_path)?;
+        let db = Database::open(
+            &cfg.db_path,
+            OpenOptions {
+                read_only: false,
+                memory_limit_mb: Some(cfg.memory_limit_mb),
+            },
+        )?;
         let conn = db.connect()?;
-        conn.execute_batch(&format!(
-            "SET memory_limit = '{}MiB'",
-            cfg.memory_limit_mb.max(64)
-        ))
-        .map_err(db_err("setting DuckDB's memory limit"))?;
         let app = db.appender("conntrack_events")?;
         app.expect_types(&CONNTRACK_COLUMNS)?;
         let next_seq: u64 = conn

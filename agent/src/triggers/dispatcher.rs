@@ -121,7 +121,7 @@ impl Dispatcher {
     pub fn reload(&self) -> Result<(), TriggerError> {
         let conn = self.db.connect()?;
         let mut out = Vec::new();
-        for t in triggers::list(&conn)? {
+        for t in triggers::list(&conn, &self.db.secrets())? {
             if !t.enabled {
                 continue;
             }
@@ -522,8 +522,14 @@ mod tests {
         let (gone_url, gone_got) = receiver(410).await;
         {
             let c = db.connect().unwrap();
-            triggers::insert(&c, &error_trigger("errors", &url, 2), &guard).unwrap();
-            triggers::insert(&c, &error_trigger("gone", &gone_url, 0), &guard).unwrap();
+            triggers::insert(&c, &db.secrets(), &error_trigger("errors", &url, 2), &guard).unwrap();
+            triggers::insert(
+                &c,
+                &db.secrets(),
+                &error_trigger("gone", &gone_url, 0),
+                &guard,
+            )
+            .unwrap();
         }
         let bus = EventBus::default();
         let h = start(
@@ -562,11 +568,11 @@ mod tests {
         assert!(!gone_got.lock().unwrap().is_empty());
         wait(|| {
             let c = db.connect().unwrap();
-            triggers::resolve(&c, "gone").is_ok_and(|t| !t.enabled)
+            triggers::resolve(&c, &db.secrets(), "gone").is_ok_and(|t| !t.enabled)
         })
         .await;
         let c = db.connect().unwrap();
-        let t = triggers::resolve(&c, "gone").unwrap();
+        let t = triggers::resolve(&c, &db.secrets(), "gone").unwrap();
         assert!(!t.enabled, "410 disables the trigger");
         let delivered: i64 = c
             .query_row(
@@ -607,7 +613,7 @@ mod tests {
         let db = Arc::new(Database::open_rw(&dir.join("t.duckdb")).unwrap());
         let guard = Arc::new(Guard::new(vec!["127.0.0.1/32".parse().unwrap()]));
         let t = error_trigger(name, url, 0);
-        triggers::insert(&db.connect().unwrap(), &t, &guard).unwrap();
+        triggers::insert(&db.connect().unwrap(), &db.secrets(), &t, &guard).unwrap();
         let bus = EventBus::default();
         let cfg = DispatchConfig {
             queue_capacity: 16,

@@ -78,6 +78,21 @@ impl AgentProcess {
         Self::spawn(cmd, binary, config, db, log)
     }
 
+    /// Like [`AgentProcess::start`], with the agent run by `wrapper` (e.g. `setpriv` with
+    /// its options, or `sh -c 'umask 000; exec "$0" "$@"'`), which must exec it.
+    pub fn start_wrapped(
+        binary: &Path,
+        ns: &str,
+        wrapper: &[&str],
+        config: &Path,
+        db: &Path,
+        log: &Path,
+    ) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).args(wrapper).arg(binary);
+        Self::spawn(cmd, binary, config, db, log)
+    }
+
     /// Starts the agent in the host's own namespaces (the Docker tests: dockerd's socket and
     /// containers are the host's).
     pub fn start_on_host(binary: &Path, config: &Path, db: &Path, log: &Path) -> Result<Self> {
