@@ -202,6 +202,9 @@ impl Deliverer {
                             error: s.to_string(),
                         };
                     }
+                    // The URL may carry a token in its query; this text goes to the delivery
+                    // log and the agent's log.
+                    let e = e.without_url();
                     last = (None, format!("{e}: {}", source_chain(&e)));
                     None
                 }
@@ -399,6 +402,28 @@ mod tests {
             }
         ));
         assert_eq!(seen.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_delivery_does_not_tell_the_url() {
+        // A port nobody listens on: the connection is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/hook?token=SECRETQ");
+        let out = deliverer(true).deliver(&target(&url), "f", b"{}").await;
+        assert_eq!(
+            out,
+            Outcome::Failed {
+                status: None,
+                error: "error sending request: client error (Connect): tcp connect error: \
+                        Connection refused (os error 111)"
+                    .into(),
+                attempts: 3,
+            }
+        );
     }
 
     #[tokio::test]
