@@ -7,6 +7,22 @@ use serde::Deserialize;
 /// Default database location.
 pub const DEFAULT_DB_PATH: &str = "/var/lib/nattrail/nattrail.duckdb";
 
+// Upper bounds of the values that size what the agent allocates or spawns at start: a typo
+// of a few digits must be refused, not end in an abort or a panic inside a channel.
+
+/// Largest `conntrack.channel_capacity`: the channel allocates every slot at start.
+pub const MAX_CONNTRACK_CHANNEL: usize = 1 << 22;
+/// Largest `docker.channel_capacity`: every scan worker's channel allocates its slots at start.
+pub const MAX_SCAN_CHANNEL: usize = 1 << 16;
+/// Most scan worker threads (`docker.scan_workers`).
+pub const MAX_SCAN_WORKERS: usize = 256;
+/// Largest `docker.max_line_bytes`: what one container stream can make the agent buffer.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+/// Largest `webhooks.queue_capacity` (tokio's channel panics above `usize::MAX >> 3`).
+pub const MAX_WEBHOOK_QUEUE: usize = 1 << 20;
+/// Most webhook delivery tasks (`webhooks.workers`), all spawned at start.
+pub const MAX_WEBHOOK_WORKERS: usize = 1024;
+
 /// Errors of loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -336,6 +352,34 @@ impl Config {
                 });
             }
         }
+        let w = &self.webhooks;
+        for (key, value, max) in [
+            (
+                "conntrack.channel_capacity",
+                self.conntrack.channel_capacity,
+                MAX_CONNTRACK_CHANNEL,
+            ),
+            (
+                "docker.channel_capacity",
+                d.channel_capacity,
+                MAX_SCAN_CHANNEL,
+            ),
+            ("docker.scan_workers", d.scan_workers, MAX_SCAN_WORKERS),
+            ("docker.max_line_bytes", d.max_line_bytes, MAX_LINE_BYTES),
+            (
+                "webhooks.queue_capacity",
+                w.queue_capacity,
+                MAX_WEBHOOK_QUEUE,
+            ),
+            ("webhooks.workers", w.workers, MAX_WEBHOOK_WORKERS),
+        ] {
+            if value > max {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{value} is above the maximum {max}"),
+                });
+            }
+        }
         if self.conntrack.channel_capacity == 0 {
             return Err(ConfigError::Invalid {
                 key: "conntrack.channel_capacity",
@@ -400,6 +444,47 @@ mod tests {
         assert!(e.to_string().contains("rcvbuf"), "{e}");
         let e = Config::parse("colour = \"blue\"\n", "test").unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn sizes_allocated_at_start_are_bounded() {
+        // Found by tests/hostile_bytes.rs: these were accepted, and the agent then panicked
+        // at start (crossbeam: "bounded channel capacity is too large"; tokio: "a semaphore
+        // may not have more than MAX_PERMITS permits") or tried to allocate every slot.
+        for (text, key) in [
+            (
+                "[conntrack]\nchannel_capacity = 9223372036854775807\n",
+                "conntrack.channel_capacity",
+            ),
+            (
+                "[webhooks]\nqueue_capacity = 9223372036854775807\n",
+                "webhooks.queue_capacity",
+            ),
+            (
+                "[docker]\nchannel_capacity = 4000000000\n",
+                "docker.channel_capacity",
+            ),
+            ("[docker]\nscan_workers = 1000000\n", "docker.scan_workers"),
+            (
+                "[docker]\nmax_line_bytes = 1099511627776\n",
+                "docker.max_line_bytes",
+            ),
+            ("[webhooks]\nworkers = 4294967296\n", "webhooks.workers"),
+        ] {
+            let e = Config::parse(text, "test").unwrap_err();
+            assert!(
+                matches!(e, ConfigError::Invalid { key: k, .. } if k == key),
+                "{text}: {e}"
+            );
+        }
+        let at_max = format!("[conntrack]\nchannel_capacity = {MAX_CONNTRACK_CHANNEL}\n");
+        assert_eq!(
+            Config::parse(&at_max, "test")
+                .unwrap()
+                .conntrack
+                .channel_capacity,
+            MAX_CONNTRACK_CHANNEL
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -38,6 +38,16 @@ enum Cmd {
     },
     /// Capture a fresh conntrack fixture from the lab into tests/fixtures/.
     CaptureFixture,
+    /// Long campaign of the hostile-bytes property tests (Docker frames, log lines,
+    /// ctnetlink datagrams, config text); prints cases/s per target.
+    Fuzz {
+        /// Cases per target.
+        #[arg(long, default_value_t = 10_000_000)]
+        cases: u64,
+        /// Base seed (default: from the clock; printed, so a failure can be replayed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +62,7 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&root, &args),
         Cmd::Bench { name } => bench(&root, &name),
         Cmd::CaptureFixture => capture_fixture(&root),
+        Cmd::Fuzz { cases, seed } => fuzz(&root, cases, seed),
     }
 }
 
@@ -126,6 +137,59 @@ fn bench(root: &Path, name: &str) -> Result<()> {
         }
         other => bail!("unknown benchmark {other:?}; available: ingest, scan, alert"),
     }
+}
+
+fn fuzz(root: &Path, cases: u64, seed: Option<u64>) -> Result<()> {
+    // A new seed per campaign explores new cases; `cargo test` keeps its fixed one.
+    let seed = seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    // Built first and run directly, so that the wall time below is the campaign's alone
+    // (a `cargo test` may wait for another build's lock on the shared target directory).
+    let build = [
+        "test",
+        "--release",
+        "-p",
+        "nattrail",
+        "--test",
+        "hostile_bytes",
+        "--no-run",
+        "--message-format=json",
+    ];
+    eprintln!("+ cargo {}", build.join(" "));
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(build)
+        .current_dir(root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!("building the hostile_bytes test failed ({})", out.status);
+    }
+    let json = String::from_utf8_lossy(&out.stdout);
+    let exe = json
+        .lines()
+        .filter(|l| l.contains(r#""name":"hostile_bytes""#))
+        .find_map(|l| l.split(r#""executable":""#).nth(1)?.split('"').next())
+        .context("cargo named no hostile_bytes test executable")?;
+    eprintln!("+ NATTRAIL_FUZZ_CASES={cases} NATTRAIL_FUZZ_SEED={seed} {exe} --nocapture");
+    let start = Instant::now();
+    // The targets' own lines report their rates; the harness's capture would hide them.
+    let st = Command::new(exe)
+        .arg("--nocapture")
+        .env("NATTRAIL_FUZZ_CASES", cases.to_string())
+        .env("NATTRAIL_FUZZ_SEED", seed.to_string())
+        .current_dir(root.join("agent"))
+        .status()
+        .with_context(|| format!("running {exe}"))?;
+    let wall = start.elapsed().as_secs_f64();
+    if !st.success() {
+        bail!("fuzz campaign failed after {wall:.0} s ({st}); its output names the case to replay");
+    }
+    println!("fuzz: 4 targets x {cases} cases, seed {seed}, {wall:.0} s wall time");
+    Ok(())
 }
 
 fn demo(root: &Path) -> Result<()> {

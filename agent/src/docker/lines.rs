@@ -208,6 +208,13 @@ impl LineAssembler {
     /// The stream ended: a line still waiting for its newline is complete as it is (a
     /// container that exits without a final newline).
     pub fn flush(&mut self, cur: &RecordCursor, out: &mut Vec<Line>) {
+        if !self.ts_buf.is_empty() {
+            // The stream ended inside what could have been a timestamp (a TTY read keeps up
+            // to MAX_TS bytes of one): it was not, and its bytes are text like any other.
+            self.stats.bad_timestamps += 1;
+            let prefix = std::mem::take(&mut self.ts_buf);
+            self.append(&prefix);
+        }
         if !cur.skipping && (!self.line.is_empty() || self.truncated) {
             self.finish(cur.rec, out);
         }
@@ -215,7 +222,7 @@ impl LineAssembler {
 
     /// Whether part of a line is waiting for its newline.
     pub fn pending(&self) -> bool {
-        !self.line.is_empty() || self.have_ts || self.truncated
+        !self.line.is_empty() || self.have_ts || self.truncated || !self.ts_buf.is_empty()
     }
 
     /// Counters so far.
@@ -240,13 +247,49 @@ impl LineAssembler {
         }
     }
 
+    /// `String::from_utf8_lossy` within the cap: a replacement character takes 3 bytes where
+    /// the bad sequence may have taken 1, so a line of stray bytes would triple past
+    /// `max_line`. What does not fit is cut like any long line, and counted.
+    fn lossy(&mut self, raw: &[u8]) -> String {
+        let mut text = String::with_capacity(raw.len().min(self.max_line));
+        let mut kept = 0;
+        for chunk in raw.utf8_chunks() {
+            let valid = chunk.valid();
+            let room = self.max_line - text.len();
+            if valid.len() > room {
+                let mut cut = room;
+                while !valid.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.push_str(&valid[..cut]);
+                kept += cut;
+                break;
+            }
+            text.push_str(valid);
+            kept += valid.len();
+            let bad = chunk.invalid().len();
+            if bad > 0 {
+                if self.max_line - text.len() < char::REPLACEMENT_CHARACTER.len_utf8() {
+                    break;
+                }
+                text.push(char::REPLACEMENT_CHARACTER);
+                kept += bad;
+            }
+        }
+        if kept < raw.len() {
+            self.stats.skipped_bytes += (raw.len() - kept) as u64;
+            self.truncated = true;
+        }
+        text
+    }
+
     fn finish(&mut self, end: Option<Pos>, out: &mut Vec<Line>) {
         let bytes = std::mem::take(&mut self.line);
         let text = match String::from_utf8(bytes) {
             Ok(s) => s,
             Err(e) => {
                 self.stats.invalid_utf8 += 1;
-                String::from_utf8_lossy(e.as_bytes()).into_owned()
+                self.lossy(e.as_bytes())
             }
         };
         if self.truncated {
@@ -499,6 +542,40 @@ mod tests {
         let (out, st) = lines(true, MAX_LINE, &[&rec]);
         assert_eq!(out[0].text, "bad \u{fffd}\u{fffd}");
         assert_eq!(st.invalid_utf8, 1);
+    }
+
+    #[test]
+    fn replaced_bytes_stay_within_the_cap() {
+        // Found by tests/hostile_bytes.rs: 8 stray bytes under a cap of 8 became 24 bytes of
+        // U+FFFD. Now 2 replacements fit, the other 6 bytes are cut and counted.
+        let mut rec = format!("{TS} ").into_bytes();
+        rec.extend_from_slice(&[0xff; 8]);
+        rec.push(b'\n');
+        let (out, st) = lines(true, 8, &[&rec]);
+        assert_eq!(out[0].text, "\u{fffd}\u{fffd}");
+        assert!(out[0].truncated);
+        assert_eq!((st.invalid_utf8, st.truncated, st.skipped_bytes), (1, 1, 6));
+        // Valid text before the bad byte is cut on a character boundary.
+        let mut rec = format!("{TS} ab\u{e9}").into_bytes();
+        rec.extend_from_slice(&[0xff, b'c', b'\n']);
+        let (out, st) = lines(true, 5, &[&rec]);
+        assert_eq!(out[0].text, "ab\u{e9}");
+        assert_eq!((st.truncated, st.skipped_bytes), (1, 2));
+    }
+
+    #[test]
+    fn a_tty_stream_ending_inside_a_timestamp_keeps_its_bytes() {
+        // Found by tests/hostile_bytes.rs: a TTY stream whose last bytes held no space were
+        // kept as a possible timestamp prefix and silently lost at the end of the stream.
+        let mut a = LineAssembler::new(false, MAX_LINE);
+        let mut cur = RecordCursor::default();
+        let mut out = Vec::new();
+        a.push(b"tail-without-space", &mut cur, &mut out);
+        assert!(out.is_empty() && a.pending());
+        a.flush(&cur, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].text, "tail-without-space");
+        assert_eq!(a.stats().bad_timestamps, 1);
     }
 
     #[test]
