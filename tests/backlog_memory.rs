@@ -41,7 +41,7 @@ impl Write for Lines {
 fn synthetic(i: u64) -> FlowEvent {
     let (flow, kind) = (
         i / 2,
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             EventKind::New
         } else {
             EventKind::Destroy
