@@ -826,6 +826,15 @@ fn slow_header_clients_do_not_lock_out_a_token_holder() -> Result<()> {
         }
     }
     ensure!(closed == 40, "{closed} of 40 slow connections closed");
+    // The evictions are counted: 41 connections met a cap of 8.
+    let (st, body) = http(&ns, "GET", "/api/v1/stats", Some(&token), None)?;
+    let conns = &serde_json::from_str::<Value>(&body)?["agent"]["api"];
+    ensure!(
+        st == 200
+            && conns["evicted"].as_u64() >= Some(33)
+            && conns["accepted"].as_u64() >= Some(41),
+        "connection counters: {st} {body}"
+    );
     ensure!(agent.stop()?.success(), "agent exit");
     Ok(())
 }

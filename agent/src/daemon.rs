@@ -170,6 +170,8 @@ pub fn run(cfg: Config) -> Result<()> {
         let token = token::load_or_create(&token_path).with_context(|| {
             format!("reading or creating the API token {}", token_path.display())
         })?;
+        let conns = Arc::new(crate::status::ApiConnStats::default());
+        source.api = Some(Arc::clone(&conns));
         let state = ApiState::new(
             Arc::clone(&database),
             source.clone(),
@@ -179,7 +181,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 dispatcher: dispatch.as_ref().map(|d| Arc::clone(&d.dispatcher)),
             },
         );
-        Some(ApiServer::start(&cfg.api, state, token)?)
+        Some(ApiServer::start(&cfg.api, state, token, conns)?)
     } else {
         None
     };

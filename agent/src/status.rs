@@ -11,6 +11,7 @@ use chrono::{SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::reader::ReaderStats;
+use crate::pipeline::counters::counters;
 use crate::pipeline::registry::Registry;
 use crate::pipeline::stage::StageSnapshot;
 use crate::scan::service::{LogScan, LogScanCounters};
@@ -43,6 +44,23 @@ pub struct AgentStatus {
     /// Trigger dispatch, when enabled.
     #[serde(default)]
     pub webhooks: Option<DispatchCounters>,
+    /// Connections of the API's listeners, when it serves.
+    #[serde(default)]
+    pub api: Option<ApiConnCounters>,
+}
+
+counters! {
+    /// Connections of the API's listeners (TCP and the Unix socket together).
+    pub struct ApiConnStats =>
+    /// A copy of the counters for reports.
+    ApiConnCounters {
+        /// Connections accepted.
+        accepted,
+        /// Connections closed to make room: they had not sent a request (slow or idle).
+        evicted,
+        /// Connections refused because every open one was serving a request.
+        refused,
+    }
 }
 
 /// A reading of [`ReaderStats`].
@@ -154,6 +172,8 @@ pub struct StatusSource {
     pub logscan: Option<Arc<LogScan>>,
     /// Trigger dispatch counters, once the dispatcher runs.
     pub webhooks: Option<Arc<DispatchStats>>,
+    /// API connection counters, when the API serves.
+    pub api: Option<Arc<ApiConnStats>>,
 }
 
 impl StatusSource {
@@ -171,6 +191,7 @@ impl StatusSource {
             writer,
             logscan,
             webhooks: None,
+            api: None,
         }
     }
 
@@ -190,6 +211,7 @@ impl StatusSource {
                 .since(Utc::now().timestamp_micros() - DAY_US),
             logscan: self.logscan.as_ref().map(|l| l.counters()),
             webhooks: self.webhooks.as_ref().map(|w| w.snapshot()),
+            api: self.api.as_ref().map(|a| a.snapshot()),
         }
     }
 }

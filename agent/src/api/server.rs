@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use tracing::{debug, info};
 use super::auth::Via;
 use super::routes::{ApiState, router};
 use crate::config::ApiConfig;
+use crate::status::ApiConnStats;
 
 /// Errors of starting the API.
 #[derive(Debug, thiserror::Error)]
@@ -49,23 +50,12 @@ pub enum ApiStartError {
     },
 }
 
-/// Connection counters of one listener, exported with the agent's status.
-#[derive(Debug, Default)]
-pub struct ConnStats {
-    /// Connections accepted.
-    pub accepted: AtomicU64,
-    /// Connections closed to make room (they had sent no request yet).
-    pub evicted: AtomicU64,
-    /// Connections refused because every open one was serving a request.
-    pub refused: AtomicU64,
-}
-
 /// The open connections of one listener: a cap, and the order in which those that have not
 /// sent a request yet arrived (the ones a full house evicts).
 struct Slots {
     cap: usize,
     inner: Mutex<SlotsInner>,
-    stats: Arc<ConnStats>,
+    stats: Arc<ApiConnStats>,
 }
 
 #[derive(Default)]
@@ -120,8 +110,6 @@ pub struct ApiServer {
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
     socket: Option<PathBuf>,
-    /// Counters of the TCP listener and of the Unix socket.
-    pub stats: Arc<ConnStats>,
 }
 
 /// How long one connection may take, set by `[api]`.
@@ -171,7 +159,12 @@ fn socket_dir(p: &std::path::Path) -> Result<(), ApiStartError> {
 
 impl ApiServer {
     /// Binds the configured listeners and serves until stopped.
-    pub fn start(cfg: &ApiConfig, state: ApiState, token: String) -> Result<Self, ApiStartError> {
+    pub fn start(
+        cfg: &ApiConfig,
+        state: ApiState,
+        token: String,
+        stats: Arc<ApiConnStats>,
+    ) -> Result<Self, ApiStartError> {
         let app = router(
             state,
             Arc::new(token),
@@ -227,9 +220,8 @@ impl ApiServer {
                 Some(l)
             }
         };
-        let stats = Arc::new(ConnStats::default());
         let (stop, stopped) = watch::channel(false);
-        let thread_stats = Arc::clone(&stats);
+        let thread_stats = stats;
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -278,7 +270,6 @@ impl ApiServer {
             stop,
             thread: Some(thread),
             socket,
-            stats,
         })
     }
 
@@ -304,7 +295,7 @@ impl Drop for ApiServer {
     }
 }
 
-fn slots(limits: ConnLimits, stats: &Arc<ConnStats>) -> Arc<Slots> {
+fn slots(limits: ConnLimits, stats: &Arc<ApiConnStats>) -> Arc<Slots> {
     Arc::new(Slots {
         cap: limits.max_connections,
         inner: Mutex::new(SlotsInner::default()),
