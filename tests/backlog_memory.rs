@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use nattrail::conntrack::event::{Addr, Counters, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
+use nattrail::pipeline::flow::{Addr, Counters, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
+use nattrail::pipeline::messages::WriterMsg;
 use nattrail::pipeline::stage::{Overflow, Sent, StageConfig, stage};
 use nattrail::store::schema::open_ro;
-use nattrail::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
+use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 use nattrail_lab::memory::peak_rss_mib;
 
 /// The stated budget for the whole agent process under overload.

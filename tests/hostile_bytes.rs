@@ -24,9 +24,10 @@ use rand::{RngCore, SeedableRng};
 use nattrail::config::{self, Config, ConfigError};
 use nattrail::conntrack::capture_file::read_datagrams;
 use nattrail::conntrack::decode::{self, DecodeError, Message};
-use nattrail::conntrack::event::EventKind;
-use nattrail::docker::frames::{Chunk, FrameDecoder, FrameStats, MAX_FRAME, Stream};
-use nattrail::docker::lines::{Line, LineAssembler, LineStats, MAX_LINE, Pos, RecordCursor};
+use nattrail::docker::frames::{Chunk, FrameDecoder, FrameStats, MAX_FRAME};
+use nattrail::docker::lines::{LineAssembler, LineStats, MAX_LINE, RecordCursor};
+use nattrail::pipeline::flow::EventKind;
+use nattrail::pipeline::messages::{Line, Pos, Stream};
 
 /// Cases per target when NATTRAIL_FUZZ_CASES is unset: a few seconds in all on two cores.
 const DEFAULT_CASES: u64 = 100_000;

@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use nattrail::conntrack::capture_file::read_datagrams;
 use nattrail::conntrack::decode::{Message, messages};
-use nattrail::conntrack::event::EventKind;
-use nattrail::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
+use nattrail::pipeline::flow::EventKind;
+use nattrail::pipeline::messages::WriterMsg;
+use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 use nattrail_lab::memory::peak_rss_mib;
 
 const FIXTURE: &[u8] = include_bytes!("../../tests/fixtures/conntrack-lab.bin");

@@ -6,7 +6,7 @@
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
-use nattrail::docker::frames::Stream;
+use nattrail::pipeline::messages::Stream;
 use nattrail::scan::engine::{ContainerScanner, ScanStats, WorkloadRules, compile};
 use nattrail::scan::rules::{Rule, Scope, Severity, StreamSel};
 

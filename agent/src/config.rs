@@ -4,6 +4,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// Default cap on one reassembled container log line: 1 MiB (the config is a leaf of the
+/// module graph, so the Docker source takes its default from here).
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
+
 /// Default database location.
 pub const DEFAULT_DB_PATH: &str = "/var/lib/nattrail/nattrail.duckdb";
 
@@ -153,7 +157,7 @@ impl Default for DockerConfig {
             hits_burst: 50,
             scan_workers: 2,
             channel_capacity: 128,
-            max_line_bytes: crate::docker::lines::MAX_LINE,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             cursor_interval_ms: 1_000,
         }
     }

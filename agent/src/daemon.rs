@@ -20,16 +20,18 @@ use crate::api::triggers::TriggerAccess;
 use crate::config::Config;
 use crate::conntrack::reader::{GAP_SOURCE_BACKLOG, Reader, ReaderConfig, ReaderStats};
 use crate::conntrack::sysctl;
+use crate::docker::logscan::LogScan;
 use crate::docker::source::{DockerSource, SourceConfig};
+use crate::pipeline::messages::ScanMsg;
+use crate::pipeline::messages::{LogEvent, WriterMsg};
 use crate::pipeline::registry::Registry;
 use crate::pipeline::stage::StageTx;
 use crate::pipeline::stage::{Overflow, StageConfig, stage};
 use crate::scan::engine::{MAX_MESSAGE, cut_message};
-use crate::scan::service::LogScan;
-use crate::scan::worker::{self, ScanMsg, WorkerConfig};
+use crate::scan::worker::{self, WorkerConfig};
 use crate::status::{self, StatusSource};
 use crate::store::cursors;
-use crate::store::writer::{LogEvent, Writer, WriterConfig, WriterMsg, WriterStats};
+use crate::store::writer::{Writer, WriterConfig, WriterStats};
 use crate::triggers::delivery::DeliveryConfig;
 use crate::triggers::dispatcher::{self, DispatchConfig};
 use crate::triggers::ssrf::Guard;
@@ -114,7 +116,7 @@ pub fn run(cfg: Config) -> Result<()> {
     // by hand) are reported as agent events, once the dispatcher listens.
     for e in logscan.live.load().errors() {
         let _ = tx.send_wait(WriterMsg::Event(LogEvent {
-            ts_ns: crate::conntrack::event::now_ns(),
+            ts_ns: crate::pipeline::clock::now_ns(),
             source: "agent",
             severity: "error",
             message: cut_message(

@@ -11,10 +11,10 @@ use chrono::{SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::reader::ReaderStats;
+use crate::docker::logscan::{LogScan, LogScanCounters};
 use crate::pipeline::counters::counters;
 use crate::pipeline::registry::Registry;
 use crate::pipeline::stage::StageSnapshot;
-use crate::scan::service::{LogScan, LogScanCounters};
 use crate::store::gaps::GapRecord;
 use crate::store::writer::WriterStats;
 use crate::triggers::dispatcher::{DispatchCounters, DispatchStats};

@@ -5,7 +5,6 @@
 pub mod auth;
 pub mod error;
 pub mod metrics;
-pub mod patch;
 pub mod routes;
 pub mod rules;
 pub mod server;

@@ -10,8 +10,8 @@ use axum::http::StatusCode;
 use super::error::ApiError;
 use super::routes::{ApiState, with_conn};
 use crate::scan::admin::{self, OverrideRequest, RuleList, RuleRequest, TrialAnswer, TrialRequest};
+use crate::scan::rule_store::{self as rules, RuleError, RulePatch};
 use crate::scan::rules::Rule;
-use crate::store::rules::{self, RuleError, RulePatch};
 
 impl From<RuleError> for ApiError {
     fn from(e: RuleError) -> Self {
@@ -139,7 +139,7 @@ mod tests {
 
     use crate::api::routes::router;
     use crate::api::test_support::{TOKEN, call, state};
-    use crate::scan::service::LogScan;
+    use crate::docker::logscan::LogScan;
     use crate::store::database::Database;
 
     #[tokio::test]

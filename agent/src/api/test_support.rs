@@ -10,8 +10,8 @@ use tower::ServiceExt;
 
 use super::routes::{ApiState, Limits};
 use crate::conntrack::reader::ReaderStats;
+use crate::docker::logscan::LogScan;
 use crate::pipeline::registry::Registry;
-use crate::scan::service::LogScan;
 use crate::status::StatusSource;
 use crate::store::database::Database;
 use crate::store::writer::WriterStats;

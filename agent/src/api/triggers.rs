@@ -11,10 +11,12 @@ use axum::http::StatusCode;
 use super::error::ApiError;
 use super::routes::{ApiState, with_conn};
 use crate::store::secrets::SecretStore;
-use crate::store::triggers::{self, NewTrigger, Trigger, TriggerError, TriggerPatch};
 use crate::triggers::delivery::Outcome;
 use crate::triggers::dispatcher::Dispatcher;
 use crate::triggers::ssrf::Guard;
+use crate::triggers::trigger_store::{
+    self as triggers, NewTrigger, Trigger, TriggerError, TriggerPatch,
+};
 
 /// What the trigger routes need: the SSRF guard (URLs are checked when saved) and the
 /// running dispatcher, if any.
@@ -149,7 +151,7 @@ mod tests {
     use crate::api::routes::router;
     use crate::api::test_support::{TOKEN, call, state};
     use crate::store::database::Database;
-    use crate::store::triggers::SECRET_PLACEHOLDER;
+    use crate::triggers::trigger_store::SECRET_PLACEHOLDER;
 
     #[tokio::test]
     async fn crud_partial_patch_and_a_secret_that_never_comes_back() {

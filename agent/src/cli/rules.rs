@@ -172,7 +172,7 @@ pub fn run(cfg: &Config, a: &RulesArgs) -> Result<()> {
             match &t {
                 Target::Agent(api) => api.delete(&format!("/api/v1/rules/{}", r.id))?,
                 Target::File(c) => {
-                    crate::store::rules::delete(c, r.id)?;
+                    crate::scan::rule_store::delete(c, r.id)?;
                 }
             }
             println!("rule {} ({}) removed", r.id, r.name);

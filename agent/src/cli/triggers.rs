@@ -15,11 +15,11 @@ use super::remote::{Target, target};
 use crate::config::Config;
 use crate::scan::rules::Severity;
 use crate::store::secrets::SecretStore;
-use crate::store::triggers::{self, NewTrigger, Trigger};
 use crate::triggers::delivery::{Deliverer, DeliveryConfig, Outcome};
 use crate::triggers::dispatcher::{sample, target as delivery_target};
 use crate::triggers::filter::Filter;
 use crate::triggers::ssrf::Guard;
+use crate::triggers::trigger_store::{self as triggers, NewTrigger, Trigger};
 
 /// Arguments of `triggers`.
 #[derive(Debug, Args)]

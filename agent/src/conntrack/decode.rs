@@ -11,7 +11,7 @@ use netlink_packet_core::{NLM_F_CREATE, NetlinkBuffer};
 use netlink_packet_netfilter::NetfilterSubsystem;
 use netlink_packet_netfilter::conntrack::ConntrackMessageType;
 
-use super::event::{Addr, Counters, EventKind, FlowEvent, Tuple};
+use crate::pipeline::flow::{Addr, Counters, EventKind, FlowEvent, Tuple};
 
 /// Size of `struct nlmsghdr`.
 const NLMSG_HDRLEN: usize = 16;

@@ -2,7 +2,6 @@
 
 pub mod capture_file;
 pub mod decode;
-pub mod event;
 pub mod netlink_drops;
 pub mod reader;
 pub mod socket;

@@ -7,13 +7,14 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use super::decode::{self, Message};
-use super::event::{EventKind, FlowEvent, now_ns};
 use super::netlink_drops;
 use super::socket::{NfSocket, Recv, SocketError};
 use crate::config::CaptureFilter;
+use crate::pipeline::clock::now_ns;
+use crate::pipeline::flow::{EventKind, FlowEvent};
+use crate::pipeline::messages::WriterMsg;
 use crate::pipeline::ratelimit::RateLimitedLog;
 use crate::pipeline::stage::{Sent, StageTx};
-use crate::store::writer::WriterMsg;
 
 /// Source name of gaps caused by the kernel dropping events on our socket.
 pub const GAP_SOURCE_KERNEL: &str = "conntrack";

@@ -4,26 +4,11 @@
 use std::collections::HashMap;
 
 use bollard::models::ContainerInspectResponse;
-use serde::Serialize;
+
+use crate::pipeline::messages::ContainerInfo;
 
 /// Docker compose's label naming a container's service.
 pub const COMPOSE_SERVICE_LABEL: &str = "com.docker.compose.service";
-
-/// One container, as inspected.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ContainerInfo {
-    /// Full id.
-    pub id: String,
-    /// Name, without Docker's leading '/'.
-    pub name: String,
-    /// Names of its workload, most specific first: the values of the workload labels, the
-    /// compose service, the container name. A rule scoped to any of them applies.
-    pub workloads: Vec<String>,
-    /// Started with a TTY: its output is one raw stream, counted as stdout.
-    pub tty: bool,
-    /// Running when inspected.
-    pub running: bool,
-}
 
 impl ContainerInfo {
     /// Builds it from `docker inspect`; `workload_labels` are the configured labels whose

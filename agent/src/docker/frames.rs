@@ -3,14 +3,7 @@
 //! the raw body is framed here: an oversized frame is refused, counted and skipped without
 //! being buffered. TTY containers send no headers; their bytes are stdout.
 
-/// Which stream a payload belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stream {
-    /// Standard output (and all of a TTY container's output).
-    Stdout,
-    /// Standard error.
-    Stderr,
-}
+use crate::pipeline::messages::Stream;
 
 /// Default cap on one frame's payload: 16 MiB.
 pub const MAX_FRAME: usize = 16 << 20;

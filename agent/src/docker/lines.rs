@@ -5,50 +5,13 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::pipeline::messages::{Line, Pos};
+
 /// Default cap on one reassembled line: 1 MiB.
-pub const MAX_LINE: usize = 1 << 20;
+pub const MAX_LINE: usize = crate::config::DEFAULT_MAX_LINE_BYTES;
 
 /// Longest timestamp prefix accepted ("2006-01-02T15:04:05.999999999+07:00" is 35 bytes).
 const MAX_TS: usize = 40;
-
-/// One complete line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Line {
-    /// Docker's timestamp of its first record; None when it was missing or invalid.
-    pub ts: Option<DateTime<Utc>>,
-    /// The text, valid UTF-8, without the newline.
-    pub text: String,
-    /// The line was longer than the cap and was cut.
-    pub truncated: bool,
-    /// Where the stream stands once this line is consumed: resuming from here neither
-    /// repeats nor skips a line. None until a record with a valid timestamp was read.
-    pub end: Option<Pos>,
-}
-
-/// A position in a container's log: the last record consumed, by Docker's timestamp and its
-/// rank among the records carrying that same timestamp, with a digest of its text to check
-/// the log was not rewritten under us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct Pos {
-    /// Docker's timestamp, ns since the epoch.
-    pub ts_ns: i64,
-    /// 1 for the first record with this timestamp, 2 for the next, ...
-    pub rank: u32,
-    /// FNV-1a of the record's text (after the timestamp, without the newline).
-    pub digest: u64,
-}
-
-impl Pos {
-    /// Docker's `since` for resuming here: records at this very instant are sent again and
-    /// skipped by rank.
-    pub fn since_param(&self) -> String {
-        format!(
-            "{}.{:09}",
-            self.ts_ns.div_euclid(1_000_000_000),
-            self.ts_ns.rem_euclid(1_000_000_000)
-        )
-    }
-}
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;

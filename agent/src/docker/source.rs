@@ -14,14 +14,13 @@ use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use super::containers::ContainerInfo;
-use super::lines::Pos;
 use super::tail::{FollowEnd, Streams, TailCtx, TailError, TailStats, follow};
 use crate::pipeline::counters::counters;
+use crate::pipeline::messages::Pos;
+use crate::pipeline::messages::{ContainerInfo, ScanMsg};
 use crate::pipeline::ratelimit::RateLimitedLog;
 use crate::pipeline::stage::StageTx;
 use crate::scan::live::LiveRules;
-use crate::scan::worker::ScanMsg;
 
 /// First wait after a failure; doubled up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);

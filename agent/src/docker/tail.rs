@@ -12,13 +12,13 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use super::containers::ContainerInfo;
-use super::frames::{FrameDecoder, FrameStats, MAX_FRAME, Stream};
-use super::lines::{Line, LineAssembler, LineStats, Pos, RecordCursor};
+use super::frames::{FrameDecoder, FrameStats, MAX_FRAME};
+use super::lines::{LineAssembler, LineStats, RecordCursor};
 use crate::pipeline::counters::counters;
+use crate::pipeline::messages::Pos;
+use crate::pipeline::messages::{ContainerInfo, Line, ScanMsg, Stream};
 use crate::pipeline::stage::StageTx;
 use crate::scan::live::LiveRules;
-use crate::scan::worker::ScanMsg;
 
 /// Why following a log failed.
 #[derive(Debug, thiserror::Error)]

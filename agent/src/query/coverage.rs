@@ -5,7 +5,7 @@ use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::QueryError;
-use super::who::rfc3339_us;
+use crate::pipeline::clock::rfc3339_us;
 
 /// Why the trail is incomplete over an interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

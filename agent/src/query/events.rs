@@ -7,9 +7,8 @@ use duckdb::{Connection, ToSql};
 use serde::{Deserialize, Serialize};
 
 use super::QueryError;
-use super::proto::Proto;
-use super::who::rfc3339_us;
-use crate::conntrack::event::Addr;
+use crate::pipeline::clock::rfc3339_us;
+use crate::pipeline::flow::{Addr, proto_name};
 
 /// Filters of an events page.
 #[derive(Debug, Clone, Default)]
@@ -131,7 +130,7 @@ pub fn events(conn: &Connection, q: &EventsQuery) -> Result<EventsPage, QueryErr
                     _ => "dump",
                 }
                 .to_string(),
-                proto: Proto::name_of(r.get(4)?),
+                proto: proto_name(r.get(4)?),
                 internal_ip: Addr(r.get(5)?).to_string(),
                 internal_port: r.get(6)?,
                 public_ip: Addr(r.get(7)?).to_string(),

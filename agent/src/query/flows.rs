@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::QueryError;
 use super::proto::Proto;
-use super::who::rfc3339_us;
-use crate::conntrack::event::Addr;
+use crate::pipeline::clock::rfc3339_us;
+use crate::pipeline::flow::{Addr, proto_name};
 
 /// One flow as shown to operators.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -74,7 +74,7 @@ impl FlowRow {
             end_not_before: r.get::<_, Option<i64>>(2)?.map(rfc3339_us),
             end_inexact: r.get(3)?,
             found_by_dump: r.get(4)?,
-            proto: Proto::name_of(proto),
+            proto: proto_name(proto),
             internal_ip: Addr(r.get(6)?).to_string(),
             internal_port: r.get(7)?,
             public_ip: Addr(r.get(8)?).to_string(),

@@ -22,21 +22,6 @@ impl Proto {
             Proto::Icmp => "1, 58",
         }
     }
-
-    /// Name of a protocol number.
-    pub fn name_of(num: u8) -> String {
-        match num {
-            6 => "tcp".into(),
-            17 => "udp".into(),
-            1 => "icmp".into(),
-            58 => "icmpv6".into(),
-            132 => "sctp".into(),
-            136 => "udplite".into(),
-            33 => "dccp".into(),
-            47 => "gre".into(),
-            n => n.to_string(),
-        }
-    }
 }
 
 impl FromStr for Proto {

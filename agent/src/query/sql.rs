@@ -10,7 +10,7 @@ use duckdb::{Connection, ffi};
 use serde::{Deserialize, Serialize};
 
 use super::QueryError;
-use super::who::rfc3339_us;
+use crate::pipeline::clock::rfc3339_us;
 use crate::store::database::{Database, RawConnection};
 
 /// A result set.

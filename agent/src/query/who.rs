@@ -10,7 +10,7 @@ use super::QueryError;
 use super::coverage::{Hole, holes};
 use super::flows::FlowRow;
 use super::proto::Proto;
-use crate::conntrack::event::Addr;
+use crate::pipeline::flow::Addr;
 
 /// A forensic lookup.
 #[derive(Debug, Clone)]
@@ -74,13 +74,6 @@ pub struct WhoAnswer {
     /// Holes in the trail overlapping the window; any hole containing the instant makes the
     /// status "incomplete".
     pub holes: Vec<Hole>,
-}
-
-/// Renders microseconds since the epoch as RFC 3339 UTC.
-pub fn rfc3339_us(us: i64) -> String {
-    DateTime::from_timestamp_micros(us)
-        .map(|d| d.to_rfc3339_opts(SecondsFormat::AutoSi, true))
-        .unwrap_or_else(|| us.to_string())
 }
 
 const SQL: &str = "
@@ -194,9 +187,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::conntrack::event::{Counters, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
+    use crate::pipeline::flow::{Counters, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
+    use crate::pipeline::messages::WriterMsg;
     use crate::query::coverage::HoleKind;
-    use crate::store::writer::{Writer, WriterConfig, WriterMsg, WriterStats};
+    use crate::store::writer::{Writer, WriterConfig, WriterStats};
 
     const T0: u64 = 1_700_000_000_000_000_000;
     const SEC: u64 = 1_000_000_000;

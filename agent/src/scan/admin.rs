@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::engine::{CompileError, WorkloadRules, compile, compile_errors};
 use super::rules::{Override, Rule, Scope, Severity, StreamSel, effective};
-use crate::docker::frames::Stream;
-use crate::store::rules::{self, NewRule, RuleError};
+use crate::pipeline::messages::Stream;
+use crate::scan::rule_store::{self as rules, NewRule, RuleError};
 
 /// A rule to create, as the API and the CLI take it.
 #[derive(Debug, Clone, Serialize, Deserialize)]

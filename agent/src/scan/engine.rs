@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::literal_gate::LiteralGate;
 use super::rules::{Rule, Severity};
-use crate::docker::frames::Stream;
+use crate::pipeline::messages::Stream;
 
 /// Largest compiled program one rule may produce (regex's size limit), so a pathological
 /// pattern is refused when saved instead of eating the agent's memory.

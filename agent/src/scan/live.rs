@@ -134,7 +134,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::docker::frames::Stream;
+    use crate::pipeline::messages::Stream;
     use crate::scan::rules::{Scope, Severity, StreamSel};
 
     fn rule(id: u64, pattern: &str) -> Rule {

@@ -4,6 +4,6 @@ pub mod admin;
 pub mod engine;
 pub mod literal_gate;
 pub mod live;
+pub mod rule_store;
 pub mod rules;
-pub mod service;
 pub mod worker;

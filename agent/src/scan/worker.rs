@@ -10,31 +10,14 @@ use crossbeam_channel::RecvTimeoutError;
 
 use super::engine::{ContainerScanner, Hit, ScanStats};
 use super::live::{LiveRules, WorkloadView};
-use crate::conntrack::event::now_ns;
-use crate::docker::containers::ContainerInfo;
-use crate::docker::frames::Stream;
-use crate::docker::lines::{Line, Pos};
+use crate::pipeline::clock::now_ns;
+use crate::pipeline::messages::Pos;
+use crate::pipeline::messages::{Line, ScanMsg};
+use crate::pipeline::messages::{LogBatch, LogEvent, WriterMsg};
 use crate::pipeline::stage::{StageRx, StageTx};
-use crate::store::writer::{LogBatch, LogEvent, WriterMsg};
 
 /// Source name of log-rule hits in the event log.
 pub const SOURCE_LOGSCAN: &str = "logscan";
-
-/// What a tail sends to its worker.
-#[derive(Debug)]
-pub enum ScanMsg {
-    /// Lines of one container, in log order, and the position once they are consumed.
-    Lines {
-        /// The container.
-        container: Arc<ContainerInfo>,
-        /// Its lines and their streams.
-        lines: Vec<(Stream, Line)>,
-        /// Where its log stands after them (None: unchanged).
-        cursor: Option<Pos>,
-    },
-    /// The container was removed: drop its state and its saved position.
-    Removed(String),
-}
 
 /// Settings of a worker.
 #[derive(Debug, Clone)]

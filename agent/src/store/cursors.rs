@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use duckdb::{Connection, params};
 
 use super::schema::{StoreError, db_err};
-use crate::docker::lines::Pos;
+use crate::pipeline::messages::Pos;
 
 /// Every saved cursor, by container id.
 pub fn load(conn: &Connection) -> Result<HashMap<String, Pos>, StoreError> {

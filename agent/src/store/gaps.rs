@@ -7,7 +7,7 @@ use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::schema::{StoreError, db_err};
-use crate::query::who::rfc3339_us;
+use crate::pipeline::clock::rfc3339_us;
 
 /// How many recent gaps the writer keeps in memory for status snapshots.
 const KEEP: usize = 1_000;

@@ -178,7 +178,7 @@ pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> 
         if version == 6 {
             // Idempotent: a failed migration leaves the columns, and a retry moves them again.
             let secrets = crate::store::secrets::SecretStore::for_db(path);
-            crate::store::triggers::move_secrets_out(conn, &secrets).map_err(|e| {
+            crate::store::secrets::move_secrets_out(conn, &secrets).map_err(|e| {
                 StoreError::Native {
                     context: format!("applying migration {version} ({description})"),
                     detail: e.to_string(),

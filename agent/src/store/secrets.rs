@@ -10,7 +10,10 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use duckdb::Connection;
+
 use super::files::{self, PrivateFileError};
+use super::schema::{StoreError, db_err};
 
 /// What one trigger keeps out of the database.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +49,17 @@ pub enum SecretsError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// Why secrets could not be moved out of a schema-5 database.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// Reading the old columns failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing the secrets file failed.
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
 }
 
 /// The secrets file of one database.
@@ -125,6 +139,35 @@ impl SecretStore {
             source,
         })
     }
+}
+
+/// Moves secrets and header values of a schema-5 database into the secrets file, before
+/// migration 6 drops their columns.
+pub(crate) fn move_secrets_out(conn: &Connection, secrets: &SecretStore) -> Result<(), MoveError> {
+    let mut st = conn
+        .prepare("SELECT id, secret, headers::VARCHAR FROM event_triggers")
+        .map_err(db_err("reading trigger secrets to move"))?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(db_err("reading trigger secrets to move"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err("reading trigger secrets to move"))?;
+    for (id, secret, headers) in rows {
+        let headers = serde_json::from_str(&headers).map_err(|e| {
+            MoveError::Store(StoreError::Native {
+                context: format!("reading the headers of trigger {id}"),
+                detail: e.to_string(),
+            })
+        })?;
+        secrets.put(id, TriggerSecrets { secret, headers })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

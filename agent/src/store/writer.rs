@@ -20,83 +20,10 @@ use super::cursors;
 use super::database::{Database, OpenOptions};
 use super::gaps::{GapRecord, RecentGaps};
 use super::schema::{StoreError, db_err};
-use crate::conntrack::event::{Addr, EventKind, FlowEvent, TimeSource, Tuple, now_ns};
-use crate::docker::lines::Pos;
+use crate::pipeline::clock::now_ns;
+use crate::pipeline::flow::{Addr, EventKind, FlowEvent, TimeSource, Tuple, proto_name};
+use crate::pipeline::messages::{LogBatch, LogEvent, Pos, WriterMsg};
 use crate::pipeline::stage::StageRx;
-
-/// What the writer receives.
-#[derive(Debug)]
-// Flows are the common case and move by value: boxing them would cost an allocation per event.
-#[allow(clippy::large_enum_variant)]
-pub enum WriterMsg {
-    /// A conntrack event and the receive clock's reading (ns since the epoch).
-    Flow {
-        /// The decoded event.
-        ev: FlowEvent,
-        /// When the datagram was read.
-        received_ns: u64,
-    },
-    /// A table dump starts: flows open in the trail before this point and absent from the
-    /// dump ended while nobody was watching.
-    DumpBegin,
-    /// The dump is complete. Flows it did not contain are closed with an inexact end in
-    /// `[alive_until_ns, at_ns]`.
-    DumpEnd {
-        /// When the dump finished.
-        at_ns: u64,
-        /// The last instant those flows were known alive, when known (else their start).
-        alive_until_ns: Option<u64>,
-    },
-    /// A hole in the trail: events lost between `start_ns` and `end_ns`.
-    Gap {
-        /// Where the loss happened: "conntrack" (kernel socket) or a stage name.
-        source: &'static str,
-        /// Last instant the stream was known complete.
-        start_ns: u64,
-        /// When the resync that closed the hole finished.
-        end_ns: u64,
-        /// Events lost, as counted; None when the count is unknown.
-        lost: Option<u64>,
-        /// Why.
-        reason: &'static str,
-    },
-    /// An entry of the event log (an agent event).
-    Event(LogEvent),
-    /// A container's hits and where its log was read up to.
-    LogBatch(LogBatch),
-    /// A container was removed: its cursor is no longer needed.
-    ForgetCursor(String),
-    /// Commit now and answer on the channel (tests and orderly shutdown of callers).
-    Sync(crossbeam_channel::Sender<()>),
-}
-
-/// A container's hits and the log position after the lines that produced them, stored in
-/// one transaction: a restart resumes after them, never before (repeated hits) nor past
-/// uncommitted ones (lost hits).
-#[derive(Debug)]
-pub struct LogBatch {
-    /// The container.
-    pub container_id: String,
-    /// Its hits, in line order.
-    pub hits: Vec<LogEvent>,
-    /// Where its log was read up to.
-    pub cursor: Option<Pos>,
-}
-
-/// A row of `event_log`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogEvent {
-    /// When it happened, ns since the epoch.
-    pub ts_ns: u64,
-    /// "logscan", "conntrack" or "agent".
-    pub source: &'static str,
-    /// info, warning, error or critical.
-    pub severity: &'static str,
-    /// At most 500 bytes.
-    pub message: String,
-    /// Structured details.
-    pub metadata: serde_json::Value,
-}
 
 /// Counters of the writer, readable from other threads.
 #[derive(Debug, Default)]
@@ -781,7 +708,7 @@ impl Writer {
 
 /// A connection event for the bus: the flow's internal, public and destination endpoints.
 fn flow_event(ev: &FlowEvent, seq: u64, ts_ns: u64) -> StoredEvent {
-    let proto = crate::query::proto::Proto::name_of(ev.proto);
+    let proto = proto_name(ev.proto);
     let (internal, public, dst) = (
         (ev.orig.src.to_ip(), ev.orig.sport),
         (ev.reply.dst.to_ip(), ev.reply.dport),

@@ -24,7 +24,7 @@ use crate::pipeline::counters::counters;
 use crate::store::bus::{EventBus, StoredEvent};
 use crate::store::database::Database;
 use crate::store::schema::db_err;
-use crate::store::triggers::{self, DeliveryRecord, Trigger, TriggerError};
+use crate::triggers::trigger_store::{self as triggers, DeliveryRecord, Trigger, TriggerError};
 
 counters! {
     /// Counters of the dispatcher.
@@ -95,7 +95,7 @@ pub fn payload(t: &Trigger, ev: &StoredEvent) -> serde_json::Value {
 pub fn sample(t: &Trigger) -> (String, Vec<u8>) {
     let ev = StoredEvent {
         id: 0,
-        ts_ns: crate::conntrack::event::now_ns(),
+        ts_ns: crate::pipeline::clock::now_ns(),
         source: "agent",
         severity: "info",
         message: format!("test delivery of trigger {}", t.name),
@@ -464,8 +464,8 @@ mod tests {
     use axum::routing::post;
 
     use super::*;
-    use crate::store::triggers::NewTrigger;
     use crate::triggers::filter::Filter;
+    use crate::triggers::trigger_store::NewTrigger;
 
     type Got = Arc<Mutex<Vec<serde_json::Value>>>;
 

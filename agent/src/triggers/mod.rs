@@ -6,3 +6,4 @@ pub mod dispatcher;
 pub mod filter;
 pub mod signature;
 pub mod ssrf;
+pub mod trigger_store;

@@ -7,11 +7,11 @@ use std::sync::atomic::Ordering;
 use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
-use super::engine::{CompileError, ScanStats};
-use super::live::LiveRules;
-use crate::docker::source::{SourceCounters, SourceStats};
-use crate::docker::tail::{TailCounters, TailStats};
-use crate::store::rules::{self, RuleError};
+use super::source::{SourceCounters, SourceStats};
+use super::tail::{TailCounters, TailStats};
+use crate::scan::engine::{CompileError, ScanStats};
+use crate::scan::live::LiveRules;
+use crate::scan::rule_store::{self as rules, RuleError};
 
 /// The log-scan side of a running agent.
 pub struct LogScan {

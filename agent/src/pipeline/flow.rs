@@ -110,12 +110,19 @@ impl TimeSource {
     }
 }
 
-/// The receive clock: ns since the Unix epoch (0 if the clock is before it).
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+/// The name operators use for a protocol number ("tcp", "udp", ...; the number otherwise).
+pub fn proto_name(num: u8) -> String {
+    match num {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        33 => "dccp".into(),
+        47 => "gre".into(),
+        n => n.to_string(),
+    }
 }
 
 /// One direction of a flow.

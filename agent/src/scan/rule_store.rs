@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use duckdb::{Connection, OptionalExt, params};
 
-use super::schema::{StoreError, db_err};
-use crate::api::patch::{NotNullable, Patch};
 use crate::scan::engine::compile;
 use crate::scan::rules::{Override, Rule, Scope, Severity, StreamSel};
+use crate::store::patch::{NotNullable, Patch};
+use crate::store::schema::{StoreError, db_err};
 
 /// Why a rule change was refused.
 #[derive(Debug, thiserror::Error)]

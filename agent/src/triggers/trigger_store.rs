@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use duckdb::{Connection, OptionalExt, params};
 use serde::{Deserialize, Serialize};
 
-use super::schema::{StoreError, db_err};
-use super::secrets::{SecretStore, SecretsError, TriggerSecrets};
-use crate::api::patch::{NotNullable, Patch};
+use crate::store::patch::{NotNullable, Patch};
+use crate::store::schema::{StoreError, db_err};
+use crate::store::secrets::{SecretStore, SecretsError, TriggerSecrets};
 use crate::triggers::filter::Filter;
 use crate::triggers::ssrf::{Guard, SsrfError};
 
@@ -376,36 +376,6 @@ pub fn delete(conn: &Connection, secrets: &SecretStore, id: u64) -> Result<bool,
         .map_err(db_err("deleting a trigger"))?;
     secrets.remove(id)?;
     Ok(n > 0)
-}
-
-/// Moves secrets and header values of a schema-5 database into the secrets file, before
-/// migration 6 drops their columns.
-pub(crate) fn move_secrets_out(
-    conn: &Connection,
-    secrets: &SecretStore,
-) -> Result<(), TriggerError> {
-    let mut st = conn
-        .prepare("SELECT id, secret, headers::VARCHAR FROM event_triggers")
-        .map_err(db_err("reading trigger secrets to move"))?;
-    let rows = st
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, u64>(0)?,
-                r.get::<_, Option<String>>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })
-        .map_err(db_err("reading trigger secrets to move"))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(db_err("reading trigger secrets to move"))?;
-    for (id, secret, headers) in rows {
-        let headers = serde_json::from_str(&headers).map_err(|e| StoreError::Native {
-            context: format!("reading the headers of trigger {id}"),
-            detail: e.to_string(),
-        })?;
-        secrets.put(id, TriggerSecrets { secret, headers })?;
-    }
-    Ok(())
 }
 
 /// One row of the delivery log.
