@@ -66,7 +66,18 @@ pub struct DispatchConfig {
 struct Active {
     trigger: Trigger,
     filter: CompiledFilter,
-    limiter: Option<DefaultDirectRateLimiter>,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+}
+
+/// The rate limiter of trigger `t`: the one it had before a reload when its rate is
+/// unchanged, so that a change to any trigger refills no bucket (keyed by trigger id).
+fn limiter_for(before: &[Arc<Active>], t: &Trigger) -> Option<Arc<DefaultDirectRateLimiter>> {
+    let rate = NonZeroU32::new(t.rate_per_min)?;
+    before
+        .iter()
+        .find(|a| a.trigger.id == t.id && a.trigger.rate_per_min == t.rate_per_min)
+        .and_then(|a| a.limiter.clone())
+        .or_else(|| Some(Arc::new(RateLimiter::direct(Quota::per_minute(rate)))))
 }
 
 struct Job {
@@ -120,6 +131,7 @@ impl Dispatcher {
     /// Re-reads the triggers; new events are matched against them at once.
     pub fn reload(&self) -> Result<(), TriggerError> {
         let conn = self.db.connect()?;
+        let before = self.active.load_full();
         let mut out = Vec::new();
         for t in triggers::list(&conn, &self.db.secrets())? {
             if !t.enabled {
@@ -133,8 +145,7 @@ impl Dispatcher {
                     continue;
                 }
             };
-            let limiter =
-                NonZeroU32::new(t.rate_per_min).map(|n| RateLimiter::direct(Quota::per_minute(n)));
+            let limiter = limiter_for(&before, &t);
             out.push(Arc::new(Active {
                 trigger: t,
                 filter,
@@ -584,6 +595,42 @@ mod tests {
         assert_eq!(delivered, 2);
         h.stop();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_reload_keeps_each_triggers_rate_limit_by_id() {
+        let trigger = |id, rate| Trigger {
+            id,
+            name: format!("t{id}"),
+            enabled: true,
+            filter: Filter::default(),
+            rate_per_min: rate,
+            url: "https://hooks.example.org/x".into(),
+            secret: None,
+            headers: BTreeMap::new(),
+            disabled_reason: None,
+        };
+        let active = |t: Trigger, before: &[Arc<Active>]| {
+            Arc::new(Active {
+                limiter: limiter_for(before, &t),
+                filter: Filter::default().compile().unwrap(),
+                trigger: t,
+            })
+        };
+        let first = vec![active(trigger(1, 1), &[]), active(trigger(2, 5), &[])];
+        let spent = first[0].limiter.as_ref().unwrap();
+        assert!(spent.check().is_ok());
+        assert!(spent.check().is_err(), "one delivery a minute");
+        // Trigger 2 changes (its rate): trigger 1's bucket stays empty, trigger 2 gets a new one.
+        let second = [active(trigger(1, 1), &first), active(trigger(2, 6), &first)];
+        let kept = second[0].limiter.as_ref().unwrap();
+        assert!(Arc::ptr_eq(kept, spent) && kept.check().is_err(), "bucket refilled");
+        assert!(!Arc::ptr_eq(
+            second[1].limiter.as_ref().unwrap(),
+            first[1].limiter.as_ref().unwrap()
+        ));
+        // A rate of 0 has no limiter.
+        assert!(limiter_for(&second, &trigger(3, 0)).is_none());
     }
 
     /// A trigger on every error event, to `url`.
