@@ -123,7 +123,41 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    cargo(root, &args)
+    cargo(root, &args)?;
+    if extra.is_empty() {
+        contracts(root)?;
+    }
+    Ok(())
+}
+
+/// Real clients accept our published contracts: the OpenAPI document validates with
+/// openapi-spec-validator (from PyPI, installed when missing).
+fn contracts(root: &Path) -> Result<()> {
+    let have = Command::new("python3")
+        .args(["-c", "import openapi_spec_validator"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        let st = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "openapi-spec-validator"])
+            .status()
+            .context("running pip")?;
+        if !st.success() {
+            bail!("pip install openapi-spec-validator failed ({st})");
+        }
+    }
+    let doc = root.join("schemas/api/openapi.json");
+    eprintln!("+ python3 -m openapi_spec_validator {}", doc.display());
+    let st = Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&doc)
+        .status()
+        .context("running openapi-spec-validator")?;
+    if !st.success() {
+        bail!("{} does not validate ({st})", doc.display());
+    }
+    Ok(())
 }
 
 fn bench(root: &Path, name: &str) -> Result<()> {

@@ -10,7 +10,7 @@ type StageMetric = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&StageSnapshot) -> u64,
+    fn(&StageSnapshot) -> f64,
 );
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -32,43 +32,43 @@ pub fn render(s: &AgentStatus, db: &DatabaseInfo) -> String {
             "nattrail_stage_received_total",
             "counter",
             "Items offered to the stage by its producers.",
-            |s| s.received,
+            |s| s.received as f64,
         ),
         (
             "nattrail_stage_forwarded_total",
             "counter",
             "Items that entered the stage's channel.",
-            |s| s.forwarded,
+            |s| s.forwarded as f64,
         ),
         (
             "nattrail_stage_dropped_total",
             "counter",
             "Items dropped because the channel stayed full.",
-            |s| s.dropped,
+            |s| s.dropped as f64,
         ),
         (
-            "nattrail_stage_throttled_milliseconds_total",
+            "nattrail_stage_throttled_seconds_total",
             "counter",
-            "Time producers spent throttled.",
-            |s| s.throttled_ms,
+            "Time producers spent throttled, in seconds (Prometheus base unit).",
+            |s| s.throttled_ms as f64 / 1000.0,
         ),
         (
             "nattrail_stage_depth",
             "gauge",
             "Items in the channel now.",
-            |s| s.depth,
+            |s| s.depth as f64,
         ),
         (
             "nattrail_stage_peak_depth",
             "gauge",
             "Highest depth seen.",
-            |s| s.peak_depth,
+            |s| s.peak_depth as f64,
         ),
         (
             "nattrail_stage_capacity",
             "gauge",
             "Channel capacity.",
-            |s| s.capacity,
+            |s| s.capacity as f64,
         ),
     ];
     for (name, kind, help, get) in stage_metrics {

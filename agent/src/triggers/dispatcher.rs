@@ -624,7 +624,10 @@ mod tests {
         // Trigger 2 changes (its rate): trigger 1's bucket stays empty, trigger 2 gets a new one.
         let second = [active(trigger(1, 1), &first), active(trigger(2, 6), &first)];
         let kept = second[0].limiter.as_ref().unwrap();
-        assert!(Arc::ptr_eq(kept, spent) && kept.check().is_err(), "bucket refilled");
+        assert!(
+            Arc::ptr_eq(kept, spent) && kept.check().is_err(),
+            "bucket refilled"
+        );
         assert!(!Arc::ptr_eq(
             second[1].limiter.as_ref().unwrap(),
             first[1].limiter.as_ref().unwrap()
