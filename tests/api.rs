@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use nattrail_lab::agent::AgentProcess;
-use nattrail_lab::netns::run_in;
 use nattrail_lab::scratch::Scratch;
 use nattrail_lab::traffic::{FlowSpec, Server, Transport, make_flows};
 use nattrail_lab::{LabOptions, NatLab, SERVER_V4};
@@ -38,20 +37,7 @@ fn http(
     token: Option<&str>,
     body: Option<String>,
 ) -> Result<(u16, String)> {
-    let (method, url) = (method.to_string(), format!("{BASE}{path}"));
-    let token = token.map(str::to_string);
-    run_in(ns, move || {
-        let client = reqwest::blocking::Client::builder().no_proxy().build()?;
-        let mut req = client.request(method.parse()?, &url);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
-        }
-        let r = req.send()?;
-        Ok((r.status().as_u16(), r.text()?))
-    })
+    nattrail_lab::http::request(ns, method, &format!("{BASE}{path}"), token, body)
 }
 
 /// A GET over the Unix socket, HTTP/1.1 by hand: (status, body).

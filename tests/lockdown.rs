@@ -33,23 +33,8 @@ fn http(
     token: Option<&str>,
     body: Option<Value>,
 ) -> Result<(u16, String)> {
-    let (method, url) = (method.to_string(), format!("{BASE}{path}"));
-    let token = token.map(str::to_string);
-    run_in(ns, move || {
-        let client = reqwest::blocking::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(30))
-            .build()?;
-        let mut req = client.request(method.parse()?, &url);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send()?;
-        Ok((r.status().as_u16(), r.text()?))
-    })
+    let body = body.map(|b| b.to_string());
+    nattrail_lab::http::request(ns, method, &format!("{BASE}{path}"), token, body)
 }
 
 fn mode(p: &Path) -> Result<u32> {

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod docker;
+pub mod http;
 pub mod memory;
 pub mod netns;
 pub mod packages;
