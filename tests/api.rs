@@ -188,6 +188,30 @@ fn admin_api_over_http() -> Result<()> {
     // /metrics parses as Prometheus text and carries the stage counters.
     let (st, text) = http(&ns, "GET", "/metrics", t, None)?;
     ensure!(st == 200, "metrics: {st}");
+    // Prometheus' own linter accepts the exposition (base units, suffixes, help texts).
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running promtool (Debian package prometheus)")?;
+    {
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .context("promtool stdin")?
+            .write_all(text.as_bytes())?;
+    }
+    let lint = promtool.wait_with_output()?;
+    ensure!(
+        lint.status.success() && lint.stdout.is_empty() && lint.stderr.is_empty(),
+        "promtool check metrics: {:?}\n{}{}",
+        lint.status,
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
     let received = scrape
         .samples

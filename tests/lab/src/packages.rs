@@ -13,6 +13,8 @@ pub const NEEDED: &[&str] = &[
     "conntrack",
     "docker.io",
     "busybox-static",
+    // promtool, which lints the agent's /metrics in the API test.
+    "prometheus",
 ];
 
 fn installed(pkg: &str) -> bool {
