@@ -82,9 +82,18 @@ pub fn run(cfg: Config) -> Result<()> {
         )
     });
     registry.add(handle);
+    // Log hits and agent events have a stage of their own: it waits when full (dockerd keeps
+    // the logs), and the writer serves conntrack first, so a burst of hits never turns into
+    // conntrack loss, and each stage's counters are its own source's.
+    let (log_tx, log_rx, log_handle) = stage(StageConfig {
+        max_wait: Duration::from_millis(cfg.pipeline.max_wait_ms),
+        warn_interval: Duration::from_secs(cfg.pipeline.warn_interval_secs),
+        ..StageConfig::new("logs->writer", cfg.docker.channel_capacity, Overflow::Wait)
+    });
+    registry.add(log_handle);
     let writer_thread = thread::Builder::new()
         .name("writer".into())
-        .spawn(move || writer.run(rx, &writer_cfg))
+        .spawn(move || writer.serve(&[rx, log_rx], &writer_cfg))
         .context("starting the writer thread")?;
 
     // One SSRF guard for deliveries and for the API's checks of new trigger URLs.
@@ -115,7 +124,7 @@ pub fn run(cfg: Config) -> Result<()> {
     // Rules stored with a pattern this build cannot compile (written by another version or
     // by hand) are reported as agent events, once the dispatcher listens.
     for e in logscan.live.load().errors() {
-        let _ = tx.send_wait(WriterMsg::Event(LogEvent {
+        let _ = log_tx.send_wait(WriterMsg::Event(LogEvent {
             ts_ns: crate::pipeline::clock::now_ns(),
             source: "agent",
             severity: "error",
@@ -127,7 +136,7 @@ pub fn run(cfg: Config) -> Result<()> {
         }));
     }
     let (docker, scan_workers) = if cfg.docker.enabled {
-        start_log_scan(&cfg, &logscan, &database, &tx, &registry)?
+        start_log_scan(&cfg, &logscan, &database, &log_tx, &registry)?
     } else {
         (None, Vec::new())
     };
@@ -226,6 +235,7 @@ pub fn run(cfg: Config) -> Result<()> {
         }
     }
     drop(tx);
+    drop(log_tx);
     if let Some(t) = reader_thread {
         match t.join() {
             Ok(Ok(())) => {}

@@ -414,8 +414,28 @@ impl Reader {
                     }
                 }
                 Recv::Timeout => {
-                    congested = false;
-                    last_ok = now_ns();
+                    // The queue ran empty. Outside congestion a drop would have raised
+                    // ENOBUFS, so the stream was complete until now. While congested (after a
+                    // dump) the kernel drops silently: the drop counter decides, or a gap
+                    // found later would start after the flows it lost.
+                    let reading = congested.then(|| self.read_drops());
+                    match (self.drops_seen, reading.and_then(|r| r.value)) {
+                        (Some(seen), Some(now)) if now > seen => {
+                            warn!(
+                                dropped = now - seen,
+                                "the kernel dropped conntrack events while the socket was congested; resyncing"
+                            );
+                            last_ok = self.resync(Some(last_ok))?;
+                        }
+                        (_, Some(_)) => {
+                            congested = false;
+                            last_ok = last_ok.max(reading.map_or(0, |r| r.begun_ns));
+                        }
+                        _ => {
+                            congested = false;
+                            last_ok = now_ns();
+                        }
+                    }
                 }
                 Recv::Overflow => {
                     let n = self.stats.overflows.fetch_add(1, Ordering::Relaxed) + 1;

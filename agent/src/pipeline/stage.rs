@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use serde::Serialize;
 use tracing::{debug, warn};
 
@@ -392,9 +392,19 @@ impl<T> StageRx<T> {
 
     /// The next item if one is waiting.
     pub fn try_recv(&self) -> Option<T> {
-        let r = self.rx.try_recv().ok();
+        self.poll().ok()
+    }
+
+    /// The next item, or why there is none: empty now, or every sender gone.
+    pub fn poll(&self) -> Result<T, TryRecvError> {
+        let r = self.rx.try_recv();
         self.shared.set_depth(self.rx.len());
         r
+    }
+
+    /// The channel, for waiting on several stages at once (`crossbeam_channel::Select`).
+    pub fn receiver(&self) -> &Receiver<T> {
+        &self.rx
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::TryRecvError;
 use duckdb::ffi;
 // The open-flow map is touched for every event; SipHash showed up at 3% of ingest.
 use duckdb::types::{TimeUnit, Value};
@@ -622,12 +622,25 @@ impl Writer {
         Ok(())
     }
 
-    /// Runs until every sender is gone, then commits and marks the session stopped.
-    pub fn run(mut self, rx: StageRx<WriterMsg>, cfg: &WriterConfig) -> Result<(), StoreError> {
+    /// Serves one stage until its senders are gone; then commits and closes the session.
+    pub fn run(self, rx: StageRx<WriterMsg>, cfg: &WriterConfig) -> Result<(), StoreError> {
+        self.serve(&[rx], cfg)
+    }
+
+    /// Serves several stages, first to last in priority, until every sender is gone; then
+    /// commits and closes the session. A message of an earlier stage is always taken before
+    /// one of a later stage, so a burst on a later stage (log hits, which wait when their
+    /// stage is full) never fills an earlier one (conntrack, which drops when full).
+    pub fn serve(
+        mut self,
+        sources: &[StageRx<WriterMsg>],
+        cfg: &WriterConfig,
+    ) -> Result<(), StoreError> {
         let mut deadline = Instant::now() + cfg.commit_interval;
         let mut stall_debt = Duration::ZERO;
         // A message taken while grouping log batches, handled next.
         let mut held: Option<WriterMsg> = None;
+        let mut live: Vec<usize> = (0..sources.len()).collect();
         loop {
             if !cfg.stall_per_message.is_zero() {
                 stall_debt += cfg.stall_per_message;
@@ -636,17 +649,16 @@ impl Writer {
                     stall_debt = Duration::ZERO;
                 }
             }
-            let timeout = deadline.saturating_duration_since(Instant::now());
             let next = match held.take() {
-                Some(m) => Ok(m),
-                None => rx.recv_timeout(timeout),
+                Some(m) => Some((usize::MAX, m)),
+                None => next_message(sources, &mut live),
             };
             match next {
-                Ok(WriterMsg::LogBatch(first)) => {
+                Some((from, WriterMsg::LogBatch(first))) => {
                     // Group commit: batches that queued up behind a commit share the next.
                     let mut batches = vec![first];
-                    while batches.len() < MAX_LOG_BATCHES_PER_COMMIT {
-                        match rx.try_recv() {
+                    while from != usize::MAX && batches.len() < MAX_LOG_BATCHES_PER_COMMIT {
+                        match sources[from].try_recv() {
                             Some(WriterMsg::LogBatch(b)) => batches.push(b),
                             Some(other) => {
                                 held = Some(other);
@@ -657,19 +669,26 @@ impl Writer {
                     }
                     self.log_batches(batches)?;
                 }
-                Ok(WriterMsg::Sync(ack)) => {
+                Some((_, WriterMsg::Sync(ack))) => {
                     self.commit()?;
                     let _ = ack.send(());
                 }
-                Ok(msg) => {
+                Some((_, msg)) => {
                     self.handle(msg)?;
                     if self.pending >= cfg.batch_rows {
                         self.commit()?;
                         deadline = Instant::now() + cfg.commit_interval;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                None if live.is_empty() => break,
+                None => {
+                    // Nothing waiting: sleep until a stage has something, or the commit is due.
+                    let mut sel = crossbeam_channel::Select::new();
+                    for &i in &live {
+                        sel.recv(sources[i].receiver());
+                    }
+                    let _ = sel.ready_timeout(deadline.saturating_duration_since(Instant::now()));
+                }
             }
             if Instant::now() >= deadline {
                 self.commit()?;
@@ -748,6 +767,25 @@ fn hostname() -> String {
             warn!("could not read the hostname");
             String::new()
         })
+}
+
+/// The first message waiting on `sources`, in the order of `live` (their priority); stages
+/// whose senders are all gone leave `live`.
+fn next_message(
+    sources: &[StageRx<WriterMsg>],
+    live: &mut Vec<usize>,
+) -> Option<(usize, WriterMsg)> {
+    let mut k = 0;
+    while k < live.len() {
+        match sources[live[k]].poll() {
+            Ok(m) => return Some((live[k], m)),
+            Err(TryRecvError::Empty) => k += 1,
+            Err(TryRecvError::Disconnected) => {
+                live.remove(k);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
