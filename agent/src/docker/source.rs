@@ -241,7 +241,8 @@ impl Shared {
                     t.task.abort();
                 }
                 self.positions.lock().expect("positions lock").remove(id);
-                let _ = self.shard(id).send(ScanMsg::Removed(id.to_string()));
+                let shard = self.shard(id);
+                let _ = shard.send_async(ScanMsg::Removed(id.to_string())).await;
             }
             "rename" => {
                 // The workload names changed: restart the tail with the new ones, from the

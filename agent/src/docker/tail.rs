@@ -299,9 +299,9 @@ async fn open(
 }
 
 /// Sends lines to the scan worker and, when they end at a safe position, moves `pos` there.
-/// Blocks this runtime while the workers are behind: dockerd keeps the log, so waiting
-/// loses nothing.
-fn hand_over(
+/// Waits (yielding to the runtime) while the workers are behind: dockerd keeps the log, so
+/// waiting loses nothing.
+async fn hand_over(
     shard: &StageTx<ScanMsg>,
     c: &Arc<ContainerInfo>,
     lines: Vec<(Stream, Line)>,
@@ -309,11 +309,12 @@ fn hand_over(
     pos: &mut Option<Pos>,
 ) -> Result<(), TailError> {
     shard
-        .send(ScanMsg::Lines {
+        .send_async(ScanMsg::Lines {
             container: Arc::clone(c),
             lines,
             cursor: safe,
         })
+        .await
         .map_err(|_| TailError::Closed)?;
     *pos = safe.or(*pos);
     Ok(())
@@ -342,7 +343,7 @@ pub async fn follow(
                         let safe = reading.flush(&mut lines);
                         reading.count(&ctx.stats);
                         if !lines.is_empty() {
-                            hand_over(shard, c, lines, safe, pos)?;
+                            hand_over(shard, c, lines, safe, pos).await?;
                         }
                         return Ok(FollowEnd::StreamEnded);
                     }
@@ -360,7 +361,7 @@ pub async fn follow(
                 if lines.is_empty() && safe.is_none() {
                     continue;
                 }
-                hand_over(shard, c, lines, safe, pos)?;
+                hand_over(shard, c, lines, safe, pos).await?;
             }
             changed = rules_changed.changed() => {
                 if changed.is_ok() && Streams::wanted(&ctx.live, c) != streams {

@@ -285,48 +285,104 @@ impl<T> StageTx<T> {
     /// Offers an item under the stage's policy: throttle above the mark (within the episode's
     /// budget), then wait or drop.
     pub fn send(&self, item: T) -> Result<Sent, Closed> {
-        let sh = &*self.shared;
-        sh.stats.received.fetch_add(1, Ordering::Relaxed);
-        let ep = &*self.episode;
         let mut throttled = Duration::ZERO;
-        if self.tx.len() < sh.cfg.high_water {
-            ep.end();
-        } else if !ep.over_limit.load(Ordering::Relaxed) {
-            let budget = sh.cfg.max_wait.as_nanos() as u64;
+        if self.throttle_needed() {
             loop {
                 let start = Instant::now();
                 std::thread::sleep(THROTTLE_STEP);
-                let step = start.elapsed();
-                throttled += step;
-                let waited = ep
-                    .waited_ns
-                    .fetch_add(step.as_nanos() as u64, Ordering::Relaxed)
-                    + step.as_nanos() as u64;
-                if self.tx.len() < sh.cfg.high_water {
-                    ep.end();
-                    break;
-                }
-                if waited >= budget {
-                    ep.over_limit.store(true, Ordering::Relaxed);
+                if self.throttle_step(start.elapsed(), &mut throttled) {
                     break;
                 }
             }
         }
-        let outcome = match sh.cfg.overflow {
+        let outcome = match self.shared.cfg.overflow {
             Overflow::Wait => {
                 let start = Instant::now();
                 self.tx.send(item).map_err(|_| Closed)?;
                 throttled += start.elapsed();
                 Sent::Forwarded
             }
-            Overflow::DropNewest => match self.tx.try_send(item) {
-                Ok(()) => Sent::Forwarded,
-                Err(TrySendError::Full(_)) => Sent::Dropped,
-                Err(TrySendError::Disconnected(_)) => return Err(Closed),
-            },
+            Overflow::DropNewest => self.try_forward(item)?,
         };
         self.account(outcome, throttled);
         Ok(outcome)
+    }
+
+    /// [`StageTx::send`] for async producers: the throttle and a full `Wait` stage yield to
+    /// the runtime (tokio sleeps) instead of blocking its thread, so one slow consumer cannot
+    /// stall the other tasks of the runtime (dockerd's events stream among them).
+    pub async fn send_async(&self, item: T) -> Result<Sent, Closed> {
+        let mut throttled = Duration::ZERO;
+        if self.throttle_needed() {
+            loop {
+                let start = Instant::now();
+                tokio::time::sleep(THROTTLE_STEP).await;
+                if self.throttle_step(start.elapsed(), &mut throttled) {
+                    break;
+                }
+            }
+        }
+        let outcome = match self.shared.cfg.overflow {
+            Overflow::Wait => {
+                let mut item = item;
+                loop {
+                    match self.tx.try_send(item) {
+                        Ok(()) => break Sent::Forwarded,
+                        Err(TrySendError::Full(back)) => {
+                            item = back;
+                            let start = Instant::now();
+                            tokio::time::sleep(THROTTLE_STEP).await;
+                            throttled += start.elapsed();
+                        }
+                        Err(TrySendError::Disconnected(_)) => return Err(Closed),
+                    }
+                }
+            }
+            Overflow::DropNewest => self.try_forward(item)?,
+        };
+        self.account(outcome, throttled);
+        Ok(outcome)
+    }
+
+    /// Counts the item as received; true when the producer should throttle (above the
+    /// high-water mark, and this overload episode has not used up its budget).
+    fn throttle_needed(&self) -> bool {
+        let sh = &*self.shared;
+        sh.stats.received.fetch_add(1, Ordering::Relaxed);
+        if self.tx.len() < sh.cfg.high_water {
+            self.episode.end();
+            return false;
+        }
+        !self.episode.over_limit.load(Ordering::Relaxed)
+    }
+
+    /// Records one throttle step; true when throttling is over (below the mark again, or the
+    /// episode's budget is spent).
+    fn throttle_step(&self, step: Duration, throttled: &mut Duration) -> bool {
+        let (sh, ep) = (&*self.shared, &*self.episode);
+        *throttled += step;
+        let waited = ep
+            .waited_ns
+            .fetch_add(step.as_nanos() as u64, Ordering::Relaxed)
+            + step.as_nanos() as u64;
+        if self.tx.len() < sh.cfg.high_water {
+            ep.end();
+            return true;
+        }
+        if waited >= sh.cfg.max_wait.as_nanos() as u64 {
+            ep.over_limit.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Forwards the item if there is room, else drops it (the DropNewest policy).
+    fn try_forward(&self, item: T) -> Result<Sent, Closed> {
+        match self.tx.try_send(item) {
+            Ok(()) => Ok(Sent::Forwarded),
+            Err(TrySendError::Full(_)) => Ok(Sent::Dropped),
+            Err(TrySendError::Disconnected(_)) => Err(Closed),
+        }
     }
 
     /// Sends an item that must not be lost (control messages, dump entries), waiting as long
@@ -417,6 +473,38 @@ mod tests {
             max_wait: Duration::from_millis(5),
             ..StageConfig::new("test", 10, overflow)
         }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_async_send_to_a_full_wait_stage_yields_to_the_runtime() {
+        use std::sync::atomic::AtomicU32;
+        let (tx, rx, h) = stage::<u32>(cfg(Overflow::Wait));
+        for i in 0..10 {
+            tx.send(i).unwrap();
+        }
+        // The runtime has one thread: the ticker advances only if the send yields.
+        let ticks = Arc::new(AtomicU32::new(0));
+        let t = Arc::clone(&ticks);
+        let ticker = tokio::spawn(async move {
+            for _ in 0..30 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                t.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let consumer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            (0..11)
+                .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+                .collect::<Vec<_>>()
+        });
+        assert!(matches!(tx.send_async(10).await, Ok(Sent::Forwarded)));
+        let during = ticks.load(Ordering::Relaxed);
+        assert!(during >= 10, "only {during} ticks while the send waited");
+        assert_eq!(consumer.join().unwrap(), (0..11).collect::<Vec<u32>>());
+        ticker.await.unwrap();
+        let snap = h.snapshot();
+        assert_eq!((snap.received, snap.forwarded, snap.dropped), (11, 11, 0));
+        assert!(snap.throttled_ms >= 50, "{snap:?}");
     }
 
     #[test]
