@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, ensure};
 use nattrail_lab::agent::AgentProcess;
 use nattrail_lab::scratch::Scratch;
-use nattrail_lab::traffic::{FlowSpec, Server, Transport, make_flows};
+use nattrail_lab::traffic::{Server, alternating, make_flows};
 use nattrail_lab::{LabOptions, NatLab, SERVER_V4};
 use serde_json::{Value, json};
 
@@ -69,24 +69,6 @@ fn unix_get(sock: &Path, path: &str, token: Option<&str>) -> Result<(u16, String
 /// The CLI inside the gateway namespace; returns stdout, failing with stderr.
 fn cli(ns: &str, cfg: &Path, db: &Path, args: &[&str]) -> Result<String> {
     nattrail_lab::agent::cli(&bin(), Some(ns), cfg, db, args)
-}
-
-fn specs(lab: &NatLab, server: &Server, n: usize, tag: &str) -> Vec<FlowSpec> {
-    (0..n)
-        .map(|i| FlowSpec {
-            token: format!("{tag}-{i}"),
-            transport: if i % 2 == 0 {
-                Transport::Tcp
-            } else {
-                Transport::Udp
-            },
-            client: IpAddr::V4(lab.clients_v4[i % lab.clients_v4.len()]),
-            server: server.addrs[0],
-            send_bytes: 100 + i,
-            hold: Duration::from_millis(10),
-            client_port: 0,
-        })
-        .collect()
 }
 
 #[test]
@@ -163,7 +145,7 @@ fn admin_api_over_http() -> Result<()> {
     // Queries answer while ingestion runs.
     let lab_client_ns = lab.client_ns.clone();
     let traffic = {
-        let specs = specs(&lab, &server, 120, "busy");
+        let specs = alternating(&lab, &server, 120, "busy");
         std::thread::spawn(move || make_flows(&lab_client_ns, specs, 4))
     };
     let mut answered = 0;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use nattrail_lab::agent::{AgentProcess, cli};
 use nattrail_lab::scratch::Scratch;
-use nattrail_lab::traffic::{FlowSpec, Server, Transport, make_flows};
+use nattrail_lab::traffic::{Server, alternating, make_flows};
 use nattrail_lab::{LabOptions, NatLab, SERVER_V4, docker, sh};
 use serde_json::Value;
 
@@ -158,21 +158,7 @@ fn an_agent_with_only_cap_net_admin_keeps_the_trail_and_the_log_scanner() -> Res
     );
 
     // A NAT flow is found by `who`.
-    let specs: Vec<FlowSpec> = (0..4)
-        .map(|i| FlowSpec {
-            token: format!("lp-{i}"),
-            transport: if i % 2 == 0 {
-                Transport::Tcp
-            } else {
-                Transport::Udp
-            },
-            client: IpAddr::V4(lab.clients_v4[i % 2]),
-            server: server.addrs[0],
-            send_bytes: 40,
-            hold: Duration::from_millis(10),
-            client_port: 0,
-        })
-        .collect();
+    let specs = alternating(&lab, &server, 4, "lp");
     let done = make_flows(&lab.client_ns, specs, 2)?;
     lab.wait_snat_flows_at_most(0, Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_millis(500));

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use nattrail_lab::agent::{AgentProcess, cli_output};
 use nattrail_lab::netns::run_in;
 use nattrail_lab::scratch::Scratch;
-use nattrail_lab::traffic::{FlowSpec, Server, Transport, make_flows};
+use nattrail_lab::traffic::{Server, alternating, make_flows};
 use nattrail_lab::{LabOptions, NatLab, SERVER_V4};
 use serde_json::{Value, json};
 
@@ -307,21 +307,7 @@ fn hostile_sql_is_refused_and_secrets_never_come_back() -> Result<()> {
     let token = std::fs::read_to_string(&token_file)?.trim().to_string();
     let t = Some(token.as_str());
 
-    let specs: Vec<FlowSpec> = (0..6)
-        .map(|i| FlowSpec {
-            token: format!("lock-{i}"),
-            transport: if i % 2 == 0 {
-                Transport::Tcp
-            } else {
-                Transport::Udp
-            },
-            client: IpAddr::V4(lab.clients_v4[i % 2]),
-            server: server.addrs[0],
-            send_bytes: 50,
-            hold: Duration::from_millis(10),
-            client_port: 0,
-        })
-        .collect();
+    let specs = alternating(&lab, &server, 6, "lock");
     make_flows(&lab.client_ns, specs, 2)?;
     lab.wait_snat_flows_at_most(0, Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_millis(500));

@@ -221,41 +221,23 @@ impl ApiServer {
             }
         };
         let (stop, stopped) = watch::channel(false);
-        let thread_stats = stats;
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 rt.block_on(async move {
                     let mut tasks = Vec::new();
+                    let serve = |via| Serving {
+                        app: app.clone(),
+                        via,
+                        limits,
+                        stats: Arc::clone(&stats),
+                        stopped: stopped.clone(),
+                    };
                     if let Some(l) = tcp {
-                        let slots = slots(limits, &thread_stats);
-                        let l = Arc::new(l);
-                        tasks.push(tokio::spawn(accept_loop(
-                            move || {
-                                let l = Arc::clone(&l);
-                                async move { l.accept().await.map(|(s, _)| s) }
-                            },
-                            app.clone(),
-                            Via::Tcp,
-                            limits,
-                            slots,
-                            stopped.clone(),
-                        )));
+                        tasks.push(tokio::spawn(accept_loop(l, serve(Via::Tcp))));
                     }
                     if let Some(l) = unix {
-                        let slots = slots(limits, &thread_stats);
-                        let l = Arc::new(l);
-                        tasks.push(tokio::spawn(accept_loop(
-                            move || {
-                                let l = Arc::clone(&l);
-                                async move { l.accept().await.map(|(s, _)| s) }
-                            },
-                            app.clone(),
-                            Via::UnixSocket,
-                            limits,
-                            slots,
-                            stopped.clone(),
-                        )));
+                        tasks.push(tokio::spawn(accept_loop(l, serve(Via::UnixSocket))));
                     }
                     for t in tasks {
                         let _ = t.await;
@@ -295,12 +277,35 @@ impl Drop for ApiServer {
     }
 }
 
-fn slots(limits: ConnLimits, stats: &Arc<ApiConnStats>) -> Arc<Slots> {
-    Arc::new(Slots {
-        cap: limits.max_connections,
-        inner: Mutex::new(SlotsInner::default()),
-        stats: Arc::clone(stats),
-    })
+/// A listener the API serves: TCP or the Unix socket.
+trait Listener: Send + 'static {
+    /// Its connections.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection.
+    fn next(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// What one listener's accept loop is given.
+struct Serving {
+    app: Router,
+    via: Via,
+    limits: ConnLimits,
+    stats: Arc<ApiConnStats>,
+    stopped: watch::Receiver<bool>,
 }
 
 /// Resolves once a stop is requested (the watch's guard is not held across awaits).
@@ -308,24 +313,25 @@ async fn stop_requested(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
-/// Accepts connections until `stopped`, serving each on a task of its own; in-flight
-/// requests finish before it returns.
-async fn accept_loop<A, F, S>(
-    mut accept: A,
-    app: Router,
-    via: Via,
-    limits: ConnLimits,
-    slots: Arc<Slots>,
-    mut stopped: watch::Receiver<bool>,
-) where
-    A: FnMut() -> F,
-    F: std::future::Future<Output = std::io::Result<S>>,
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// Accepts connections until a stop is requested, serving each on a task of its own
+/// within the listener's connection cap; in-flight requests finish before it returns.
+async fn accept_loop<L: Listener>(listener: L, serving: Serving) {
+    let Serving {
+        app,
+        via,
+        limits,
+        stats,
+        mut stopped,
+    } = serving;
+    let slots = Arc::new(Slots {
+        cap: limits.max_connections,
+        inner: Mutex::new(SlotsInner::default()),
+        stats,
+    });
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
-            r = accept() => r,
+            r = listener.next() => r,
             () = stop_requested(&mut stopped) => break,
         };
         let stream = match stream {

@@ -325,6 +325,26 @@ fn socket2_tcp(client: IpAddr, server: SocketAddr) -> Result<TcpStream> {
     Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
 }
 
+/// `n` short flows to the server's first address and port, alternating TCP and UDP and
+/// cycling through the lab's IPv4 clients, tokens `<tag>-<i>`.
+pub fn alternating(lab: &crate::NatLab, server: &Server, n: usize, tag: &str) -> Vec<FlowSpec> {
+    (0..n)
+        .map(|i| FlowSpec {
+            token: format!("{tag}-{i}"),
+            transport: if i % 2 == 0 {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            client: IpAddr::V4(lab.clients_v4[i % lab.clients_v4.len()]),
+            server: server.addrs[0],
+            send_bytes: 100 + i,
+            hold: Duration::from_millis(10),
+            client_port: 0,
+        })
+        .collect()
+}
+
 /// Makes all flows from the client namespace, `parallel` at a time, in order of the list.
 pub fn make_flows(ns: &str, specs: Vec<FlowSpec>, parallel: usize) -> Result<Vec<FlowDone>> {
     let queue = Arc::new(Mutex::new(
