@@ -1,7 +1,8 @@
 //! A stalled writer behind a producer pushing 1,000,000 synthetic events: memory stays under
 //! budget, backlog warnings come at most once per interval, and every event is either stored
-//! or counted as dropped. Alone in its test binary, so the process's peak RSS is what the
-//! pipeline and the writer used.
+//! or counted as dropped. The writer is the real one, fed by this test at about 50,000
+//! events/s (far behind the producer). Alone in its test binary, so the process's peak RSS is
+//! what the pipeline and the writer used.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +21,8 @@ use nattrail_lab::memory::peak_rss_mib;
 const RSS_BUDGET_MIB: u64 = 256;
 const EVENTS: u64 = 1_000_000;
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
+/// What the stalled writer takes, in events a second.
+const STALLED_RATE: f64 = 50_000.0;
 
 /// Log lines written by the stage, kept for counting.
 #[derive(Clone, Default)]
@@ -99,12 +102,10 @@ fn stalled_writer_keeps_memory_bounded_and_accounts_every_event() -> Result<()> 
     let defaults = nattrail::config::Config::default();
     let wcfg = WriterConfig {
         db_path: dir.join("t.duckdb"),
-        // The writer manages about 50,000 events/s: far behind the producer.
-        stall_per_message: Duration::from_micros(20),
         ..WriterConfig::from_config(&defaults)
     };
     let stats = Arc::new(WriterStats::default());
-    let writer = Writer::open(&wcfg, Arc::clone(&stats))?;
+    let mut writer = Writer::open(&wcfg, Arc::clone(&stats))?;
     let (tx, rx, handle) = stage::<WriterMsg>(StageConfig {
         warn_interval: WARN_INTERVAL,
         ..StageConfig::new(
@@ -113,8 +114,32 @@ fn stalled_writer_keeps_memory_bounded_and_accounts_every_event() -> Result<()> 
             Overflow::DropNewest,
         )
     });
-    let wcfg2 = wcfg.clone();
-    let writer_thread = std::thread::spawn(move || writer.run(rx, &wcfg2));
+    // The writer takes batches of 1,000 and no more than STALLED_RATE a second.
+    let writer_thread = std::thread::spawn(move || -> Result<()> {
+        let start = Instant::now();
+        let mut taken = 0u64;
+        loop {
+            let first = match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(m) => m,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < 1_000 {
+                match rx.try_recv() {
+                    Some(m) => batch.push(m),
+                    None => break,
+                }
+            }
+            taken += batch.len() as u64;
+            writer.write_batch(batch)?;
+            let due = Duration::from_secs_f64(taken as f64 / STALLED_RATE);
+            if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+        Ok(())
+    });
 
     let start = Instant::now();
     let dropped = AtomicUsize::new(0);

@@ -363,11 +363,99 @@ fn webhooks_for_a_log_line_a_watched_connection_and_a_capture_gap() -> Result<()
             .map(|w| format!("{}/{}", w.3["type"], w.3["event"]["metadata"]["kind"]))
             .collect();
         println!("{} webhooks received and verified: {kinds:?}", all.len());
-        Ok(())
+        every_counter_in_metrics_and_status(&ns, &cfg, &db)
     })();
     let st = agent.stop();
     server.stop()?;
     result?;
     ensure!(st?.success(), "agent exit");
+    Ok(())
+}
+
+/// Every counter the registry declares, for every component this agent runs (conntrack,
+/// stages, writer, log scanning, webhooks, API, database), is a sample in `/metrics` and a
+/// key in `status --json`; and `/metrics` has no sample the registry does not declare.
+fn every_counter_in_metrics_and_status(ns: &str, cfg: &Path, db: &Path) -> Result<()> {
+    let token = std::fs::read_to_string(nattrail::store::files::private_dir(db).join("api.token"))?;
+    let (code, text) = nattrail_lab::http::request(
+        ns,
+        "GET",
+        "http://127.0.0.1:7483/metrics",
+        Some(token.trim()),
+        None,
+    )?;
+    ensure!(code == 200, "/metrics: {code}");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
+    let status: serde_json::Value =
+        serde_json::from_str(&cli(ns, cfg, db, &["status", "--json"])?)?;
+    let stage_names: Vec<String> = status["agent"]["stages"]
+        .as_array()
+        .context("stages in status")?
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ensure!(
+        stage_names.len() >= 3,
+        "conntrack, logs and scan stages: {stage_names:?}"
+    );
+    let mut declared = std::collections::BTreeSet::new();
+    let mut checked = 0;
+    for (component, fields, path) in nattrail::status::catalogue() {
+        let mut section = &status;
+        for k in path {
+            section = &section[*k];
+        }
+        // Stages are a list of sections, one per stage, labelled by name.
+        let instances: Vec<(Option<&str>, &serde_json::Value)> = match section.as_array() {
+            Some(list) => list.iter().map(|s| (s["name"].as_str(), s)).collect(),
+            None => vec![(None, section)],
+        };
+        ensure!(
+            instances.iter().all(|(_, s)| s.is_object()),
+            "no section {path:?} for {component} in status --json"
+        );
+        for f in fields {
+            let suffix = match f.kind {
+                nattrail::pipeline::metrics::Kind::Counter => "_total",
+                nattrail::pipeline::metrics::Kind::Gauge => "",
+            };
+            let name = format!("nattrail_{component}_{}{suffix}", f.metric);
+            declared.insert(name.clone());
+            for (label, s) in &instances {
+                ensure!(
+                    s.get(f.name).is_some(),
+                    "{component}.{} missing from status --json {path:?}: {s}",
+                    f.name
+                );
+                let found = scrape.samples.iter().any(|x| {
+                    x.metric == name && label.is_none_or(|l| x.labels.get("stage") == Some(l))
+                });
+                ensure!(found, "{name} {label:?} missing from /metrics");
+                checked += 1;
+            }
+        }
+    }
+    let undeclared: Vec<&str> = scrape
+        .samples
+        .iter()
+        .map(|s| s.metric.as_str())
+        .filter(|m| !m.starts_with("nattrail_component_") && !declared.contains(*m))
+        .collect();
+    ensure!(undeclared.is_empty(), "undeclared samples: {undeclared:?}");
+    // Vector's view: the conntrack reader's discards say whether they were intended.
+    for intentional in ["true", "false"] {
+        ensure!(
+            scrape.samples.iter().any(|s| {
+                s.metric == "nattrail_component_discarded_events_total"
+                    && s.labels.get("component") == Some("conntrack")
+                    && s.labels.get("intentional") == Some(intentional)
+            }),
+            "no conntrack discards with intentional={intentional}"
+        );
+    }
+    println!(
+        "{checked} counter readings ({} families) found in /metrics and status --json",
+        declared.len()
+    );
     Ok(())
 }

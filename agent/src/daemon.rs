@@ -24,6 +24,7 @@ use crate::docker::logscan::LogScan;
 use crate::docker::source::{DockerSource, SourceConfig};
 use crate::pipeline::messages::ScanMsg;
 use crate::pipeline::messages::{LogEvent, WriterMsg};
+use crate::pipeline::metrics::Metrics;
 use crate::pipeline::registry::Registry;
 use crate::pipeline::stage::StageTx;
 use crate::pipeline::stage::{Overflow, StageConfig, stage};
@@ -49,6 +50,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let writer = Writer::open(&writer_cfg, Arc::clone(&writer_stats))
         .with_context(|| format!("opening the trail {}", cfg.db_path.display()))?;
     let alive_until_ns = writer.previous_session_end_ns();
+    let recent_gaps = writer.recent_gaps();
     let bus = writer.bus();
     let database = writer.database();
     info!(db = %cfg.db_path.display(), session = writer.session_id(), "trail open");
@@ -69,7 +71,8 @@ pub fn run(cfg: Config) -> Result<()> {
         Vec::new()
     };
 
-    let registry = Arc::new(Registry::default());
+    let metrics = Arc::new(Metrics::default());
+    let registry = Arc::new(Registry::new(Arc::clone(&metrics)));
     // netlink cannot be paused: past a short throttle the reader drops the newest event,
     // counts it, and repairs the trail with a dump once the writer has caught up.
     let (tx, rx, handle) = stage(StageConfig {
@@ -171,18 +174,23 @@ pub fn run(cfg: Config) -> Result<()> {
     let mut announced = false;
     let mut source = StatusSource::new(
         Arc::clone(&registry),
+        metrics,
         Arc::clone(&reader_stats),
         Arc::clone(&writer_stats),
+        recent_gaps,
         Some(Arc::clone(&logscan)),
     );
-    source.webhooks = dispatch.as_ref().map(|d| Arc::clone(&d.dispatcher.stats));
+    source.with_database(&cfg.db_path);
+    if let Some(d) = &dispatch {
+        source.with_webhooks(Arc::clone(&d.dispatcher.stats));
+    }
     let api = if cfg.api.enabled && !(cfg.api.listen.is_empty() && cfg.api.socket.is_empty()) {
         let token_path = token::path(&cfg.api, &cfg.db_path);
         let token = token::load_or_create(&token_path).with_context(|| {
             format!("reading or creating the API token {}", token_path.display())
         })?;
         let conns = Arc::new(crate::status::ApiConnStats::default());
-        source.api = Some(Arc::clone(&conns));
+        source.with_api(Arc::clone(&conns));
         let state = ApiState::new(
             Arc::clone(&database),
             source.clone(),

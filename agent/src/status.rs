@@ -4,19 +4,21 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use chrono::{SecondsFormat, Utc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::conntrack::reader::ReaderStats;
-use crate::docker::logscan::{LogScan, LogScanCounters};
-use crate::pipeline::counters::counters;
+use crate::conntrack::reader::{ReaderCounters, ReaderStats};
+use crate::docker::logscan::{LogScan, LogScanCounters, RULE_FIELDS, RULES_COMPONENT};
+use crate::docker::source::SourceStats;
+use crate::docker::tail::TailStats;
+use crate::pipeline::metrics::{CounterSet, Field, Kind, Metrics, Role, counters};
 use crate::pipeline::registry::Registry;
-use crate::pipeline::stage::StageSnapshot;
-use crate::store::gaps::GapRecord;
-use crate::store::writer::WriterStats;
+use crate::pipeline::stage::{STAGE_FIELDS, StageSnapshot};
+use crate::scan::engine::ScanStats;
+use crate::store::gaps::{GapRecord, RecentGaps};
+use crate::store::writer::{WriterCounters, WriterStats};
 use crate::triggers::dispatcher::{DispatchCounters, DispatchStats};
 
 /// Everything `nattrail status` prints.
@@ -51,90 +53,15 @@ pub struct AgentStatus {
 
 counters! {
     /// Connections of the API's listeners (TCP and the Unix socket together).
-    pub struct ApiConnStats =>
+    pub struct ApiConnStats as "api" =>
     /// A copy of the counters for reports.
     ApiConnCounters {
         /// Connections accepted.
-        accepted,
+        accepted: Counter(Received),
         /// Connections closed to make room: they had not sent a request (slow or idle).
-        evicted,
+        evicted: Counter(Skipped),
         /// Connections refused because every open one was serving a request.
-        refused,
-    }
-}
-
-/// A reading of [`ReaderStats`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ReaderCounters {
-    /// Datagrams read from the event socket.
-    pub datagrams: u64,
-    /// Flow messages decoded.
-    pub decoded: u64,
-    /// Undecodable messages.
-    pub decode_errors: u64,
-    /// Flows left out by the capture filter.
-    pub filtered: u64,
-    /// Events handed to the writer stage.
-    pub forwarded: u64,
-    /// ENOBUFS seen.
-    pub overflows: u64,
-    /// Events the kernel dropped on our socket.
-    pub kernel_dropped: u64,
-    /// Dump entries received.
-    pub dumped: u64,
-    /// Resyncs after a loss.
-    pub resyncs: u64,
-}
-
-impl From<&ReaderStats> for ReaderCounters {
-    fn from(s: &ReaderStats) -> Self {
-        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        ReaderCounters {
-            datagrams: g(&s.datagrams),
-            decoded: g(&s.decoded),
-            decode_errors: g(&s.decode_errors),
-            filtered: g(&s.filtered),
-            forwarded: g(&s.forwarded),
-            overflows: g(&s.overflows),
-            kernel_dropped: g(&s.kernel_dropped),
-            dumped: g(&s.dumped),
-            resyncs: g(&s.resyncs),
-        }
-    }
-}
-
-/// A reading of [`WriterStats`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct WriterCounters {
-    /// Rows committed.
-    pub rows: u64,
-    /// Commits.
-    pub commits: u64,
-    /// Duplicates skipped.
-    pub duplicates: u64,
-    /// Flows closed by reconciliation.
-    pub reconciled: u64,
-    /// Flows open now.
-    pub open_flows: u64,
-    /// Capture gaps recorded.
-    pub gaps: u64,
-    /// Event-log rows written.
-    #[serde(default)]
-    pub events: u64,
-}
-
-impl From<&WriterStats> for WriterCounters {
-    fn from(s: &WriterStats) -> Self {
-        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        WriterCounters {
-            rows: g(&s.rows),
-            commits: g(&s.commits),
-            duplicates: g(&s.duplicates),
-            reconciled: g(&s.reconciled),
-            open_flows: g(&s.open_flows),
-            gaps: g(&s.gaps),
-            events: g(&s.events),
-        }
+        refused: Counter(Skipped),
     }
 }
 
@@ -164,6 +91,10 @@ pub struct StatusSource {
     pub started: String,
     /// The stages.
     pub registry: Arc<Registry>,
+    /// Every component's counters.
+    pub metrics: Arc<Metrics>,
+    /// Gaps of the last day.
+    pub recent_gaps: Arc<RecentGaps>,
     /// conntrack reader counters.
     pub reader: Arc<ReaderStats>,
     /// Writer counters.
@@ -177,22 +108,55 @@ pub struct StatusSource {
 }
 
 impl StatusSource {
-    /// A source for an agent starting now.
+    /// A source for an agent starting now; registers the reader's, writer's and log
+    /// scanning's counters in `metrics` (the stages registered themselves).
     pub fn new(
         registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
         reader: Arc<ReaderStats>,
         writer: Arc<WriterStats>,
+        recent_gaps: Arc<RecentGaps>,
         logscan: Option<Arc<LogScan>>,
     ) -> Self {
+        metrics.register(ReaderStats::COMPONENT, None, reader.clone());
+        metrics.register(WriterStats::COMPONENT, None, writer.clone());
+        if let Some(l) = &logscan {
+            l.register(&metrics);
+        }
         StatusSource {
             started: now_rfc3339(),
             registry,
+            metrics,
+            recent_gaps,
             reader,
             writer,
             logscan,
             webhooks: None,
             api: None,
         }
+    }
+
+    /// Adds the trigger dispatcher's counters.
+    pub fn with_webhooks(&mut self, stats: Arc<DispatchStats>) {
+        self.metrics
+            .register(DispatchStats::COMPONENT, None, stats.clone());
+        self.webhooks = Some(stats);
+    }
+
+    /// Adds the API's connection counters.
+    pub fn with_api(&mut self, stats: Arc<ApiConnStats>) {
+        self.metrics
+            .register(ApiConnStats::COMPONENT, None, stats.clone());
+        self.api = Some(stats);
+    }
+
+    /// Adds the size of the database files `db`, read at each scrape.
+    pub fn with_database(&self, db: &Path) {
+        self.metrics.register(
+            DATABASE_COMPONENT,
+            None,
+            Arc::new(DatabaseFiles(db.to_path_buf())),
+        );
     }
 
     /// The counters now.
@@ -203,10 +167,9 @@ impl StatusSource {
             updated: now_rfc3339(),
             running,
             stages: self.registry.snapshot(),
-            conntrack: (&*self.reader).into(),
-            writer: (&*self.writer).into(),
+            conntrack: self.reader.snapshot(),
+            writer: self.writer.snapshot(),
             gaps_24h: self
-                .writer
                 .recent_gaps
                 .since(Utc::now().timestamp_micros() - DAY_US),
             logscan: self.logscan.as_ref().map(|l| l.counters()),
@@ -260,6 +223,82 @@ impl DatabaseInfo {
             wal_bytes: size(Path::new(&wal)),
         }
     }
+}
+
+/// The component name of the database files' sizes.
+const DATABASE_COMPONENT: &str = "database";
+
+/// The database files, as the registry reads them: their sizes at each scrape.
+struct DatabaseFiles(PathBuf);
+
+const DATABASE_FIELDS: &[Field] = &[
+    Field::new(
+        "size_bytes",
+        "Size of the DuckDB file.",
+        Kind::Gauge,
+        Role::Other,
+    ),
+    Field::new(
+        "wal_bytes",
+        "Size of its write-ahead log.",
+        Kind::Gauge,
+        Role::Other,
+    ),
+];
+
+impl CounterSet for DatabaseFiles {
+    fn fields(&self) -> &'static [Field] {
+        DATABASE_FIELDS
+    }
+    fn values(&self) -> Vec<u64> {
+        let d = DatabaseInfo::of(&self.0);
+        vec![d.size_bytes, d.wal_bytes]
+    }
+}
+
+/// Every component that can register counters, with its declared fields and where its
+/// section sits in `status --json` (a path of object keys; `stages` is a list by name).
+pub fn catalogue() -> Vec<(&'static str, &'static [Field], &'static [&'static str])> {
+    vec![
+        ("stage", STAGE_FIELDS, &["agent", "stages"]),
+        (
+            ReaderStats::COMPONENT,
+            ReaderStats::FIELDS,
+            &["agent", "conntrack"],
+        ),
+        (
+            WriterStats::COMPONENT,
+            WriterStats::FIELDS,
+            &["agent", "writer"],
+        ),
+        (
+            ScanStats::COMPONENT,
+            ScanStats::FIELDS,
+            &["agent", "logscan"],
+        ),
+        (
+            TailStats::COMPONENT,
+            TailStats::FIELDS,
+            &["agent", "logscan", "tails"],
+        ),
+        (
+            SourceStats::COMPONENT,
+            SourceStats::FIELDS,
+            &["agent", "logscan", "discovery"],
+        ),
+        (RULES_COMPONENT, RULE_FIELDS, &["agent", "logscan"]),
+        (
+            DispatchStats::COMPONENT,
+            DispatchStats::FIELDS,
+            &["agent", "webhooks"],
+        ),
+        (
+            ApiConnStats::COMPONENT,
+            ApiConnStats::FIELDS,
+            &["agent", "api"],
+        ),
+        (DATABASE_COMPONENT, DATABASE_FIELDS, &["database"]),
+    ]
 }
 
 /// What `nattrail status` and `/api/v1/stats` answer.

@@ -4,7 +4,6 @@
 
 pub mod auth;
 pub mod error;
-pub mod metrics;
 pub mod routes;
 pub mod rules;
 pub mod server;

@@ -18,7 +18,6 @@ use serde_json::json;
 
 use super::auth::{authorised, require_token};
 use super::error::ApiError;
-use super::metrics;
 use super::rules;
 use super::triggers;
 use crate::query::events::{EventsPage, events};
@@ -172,7 +171,7 @@ async fn request_timeout(
 }
 
 async fn metrics_text(State(st): State<ApiState>) -> impl IntoResponse {
-    let text = metrics::render(&st.status.snapshot(true), &DatabaseInfo::of(st.db.path()));
+    let text = st.status.metrics.render();
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         text,

@@ -25,8 +25,10 @@ pub fn state(db: Arc<Database>, logscan: Option<Arc<LogScan>>) -> ApiState {
         db,
         StatusSource::new(
             Arc::new(Registry::default()),
+            Arc::default(),
             Arc::new(ReaderStats::default()),
             Arc::new(WriterStats::default()),
+            Arc::default(),
             logscan,
         ),
         Limits {

@@ -141,11 +141,11 @@ fn print_human(r: &StatusReport) {
         if let Some(l) = &s.logscan {
             println!(
                 "log scan: {} tails, {} lines, {} hits, {} held back by cooldown, {} by the bucket, {} lines cut, {} stream errors",
-                l.active_tails,
-                l.lines_seen,
-                l.hits,
-                l.suppressed_cooldown,
-                l.suppressed_bucket,
+                l.discovery.active_tails,
+                l.scan.lines_seen,
+                l.scan.hits,
+                l.scan.suppressed_cooldown,
+                l.scan.suppressed_bucket,
                 l.tails.truncated,
                 l.tails.stream_errors
             );

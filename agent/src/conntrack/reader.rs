@@ -1,7 +1,7 @@
 //! The conntrack reader thread: start-up dump, then NEW/DESTROY events, decoded and sent on.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
@@ -13,6 +13,7 @@ use crate::config::CaptureFilter;
 use crate::pipeline::clock::now_ns;
 use crate::pipeline::flow::{EventKind, FlowEvent};
 use crate::pipeline::messages::WriterMsg;
+use crate::pipeline::metrics::counters;
 use crate::pipeline::ratelimit::RateLimitedLog;
 use crate::pipeline::stage::{Sent, StageTx};
 
@@ -34,27 +35,30 @@ pub struct ReaderConfig {
     pub alive_until_ns: Option<u64>,
 }
 
-/// Counters of the reader.
-#[derive(Debug, Default)]
-pub struct ReaderStats {
-    /// Datagrams read from the event socket.
-    pub datagrams: AtomicU64,
-    /// Flow messages decoded (events and dump entries).
-    pub decoded: AtomicU64,
-    /// Messages that failed to decode.
-    pub decode_errors: AtomicU64,
-    /// Flows left out by the capture filter.
-    pub filtered: AtomicU64,
-    /// Events handed to the writer.
-    pub forwarded: AtomicU64,
-    /// ENOBUFS seen on the event socket.
-    pub overflows: AtomicU64,
-    /// Events the kernel dropped on the event socket (its drop counter since we opened it).
-    pub kernel_dropped: AtomicU64,
-    /// Resyncs (dumps after a loss).
-    pub resyncs: AtomicU64,
-    /// Entries received from dumps.
-    pub dumped: AtomicU64,
+counters! {
+    /// Counters of the reader.
+    pub struct ReaderStats as "conntrack" =>
+    /// A reading of [`ReaderStats`].
+    ReaderCounters {
+        /// Datagrams read from the event socket.
+        datagrams: Counter,
+        /// Flow messages decoded (events and dump entries).
+        decoded: Counter(Received),
+        /// Messages that failed to decode.
+        decode_errors: Counter(Lost),
+        /// Flows left out by the capture filter.
+        filtered: Counter(Skipped),
+        /// Events handed to the writer.
+        forwarded: Counter(Sent),
+        /// ENOBUFS seen on the event socket.
+        overflows: Counter,
+        /// Events the kernel dropped on the event socket (its drop counter since we opened it).
+        kernel_dropped: Counter(Lost),
+        /// Resyncs (dumps after a loss).
+        resyncs: Counter,
+        /// Entries received from dumps.
+        dumped: Counter,
+    }
 }
 
 /// Errors that stop the reader.

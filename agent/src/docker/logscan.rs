@@ -2,14 +2,14 @@
 //! database after every change) and the counters of tails, discovery and scanning.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::source::{SourceCounters, SourceStats};
 use super::tail::{TailCounters, TailStats};
-use crate::scan::engine::{CompileError, ScanStats};
+use crate::pipeline::metrics::{CounterSet, Field, Kind, Metrics, Role};
+use crate::scan::engine::{CompileError, ScanCounters, ScanStats};
 use crate::scan::live::LiveRules;
 use crate::scan::rule_store::{self as rules, RuleError};
 
@@ -28,16 +28,9 @@ pub struct LogScan {
 /// What `/api/v1/stats` and `nattrail status` show of log scanning.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogScanCounters {
-    /// Lines scanned.
-    pub lines_seen: u64,
-    /// Hits stored.
-    pub hits: u64,
-    /// Matches held back by a rule's cooldown.
-    pub suppressed_cooldown: u64,
-    /// Matches held back by a container's token bucket.
-    pub suppressed_bucket: u64,
-    /// Tails running.
-    pub active_tails: u64,
+    /// Scan counters: lines, hits, and matches held back.
+    #[serde(flatten)]
+    pub scan: ScanCounters,
     /// Rules whose pattern does not compile, with the compiler's message.
     pub compile_errors: Vec<CompileError>,
     /// Line and frame counters of the tails.
@@ -67,18 +60,47 @@ impl LogScan {
 
     /// The counters now.
     pub fn counters(&self) -> LogScanCounters {
-        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let source = self.source.snapshot();
         LogScanCounters {
-            lines_seen: g(&self.scan.lines),
-            hits: g(&self.scan.hits),
-            suppressed_cooldown: g(&self.scan.suppressed_cooldown),
-            suppressed_bucket: g(&self.scan.suppressed_bucket),
-            active_tails: source.active_tails,
+            scan: self.scan.snapshot(),
             compile_errors: self.live.load().errors().to_vec(),
             tails: self.tails.snapshot(),
-            discovery: source,
+            discovery: self.source.snapshot(),
         }
+    }
+
+    /// Registers the counters of scanning, tails and discovery.
+    pub fn register(&self, metrics: &Metrics) {
+        metrics.register(ScanStats::COMPONENT, None, self.scan.clone());
+        metrics.register(TailStats::COMPONENT, None, self.tails.clone());
+        metrics.register(SourceStats::COMPONENT, None, self.source.clone());
+        metrics.register(
+            RULES_COMPONENT,
+            None,
+            Arc::new(RuleCounters(Arc::clone(&self.live))),
+        );
+    }
+}
+
+/// The rules in force, as the registry reads them.
+struct RuleCounters(Arc<LiveRules>);
+
+/// The component name of the rules' counters.
+pub const RULES_COMPONENT: &str = "logscan_rules";
+
+/// The counters of the rules in force.
+pub const RULE_FIELDS: &[Field] = &[Field::new(
+    "compile_errors",
+    "Rules whose pattern does not compile.",
+    Kind::Gauge,
+    Role::Other,
+)];
+
+impl CounterSet for RuleCounters {
+    fn fields(&self) -> &'static [Field] {
+        RULE_FIELDS
+    }
+    fn values(&self) -> Vec<u64> {
+        vec![self.0.load().errors().len() as u64]
     }
 }
 

@@ -15,9 +15,9 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use super::tail::{FollowEnd, Streams, TailCtx, TailError, TailStats, follow};
-use crate::pipeline::counters::counters;
 use crate::pipeline::messages::Pos;
 use crate::pipeline::messages::{ContainerInfo, ScanMsg};
+use crate::pipeline::metrics::counters;
 use crate::pipeline::ratelimit::RateLimitedLog;
 use crate::pipeline::stage::StageTx;
 use crate::scan::live::LiveRules;
@@ -42,17 +42,17 @@ pub struct SourceConfig {
 
 counters! {
     /// Counters of discovery.
-    pub struct SourceStats =>
+    pub struct SourceStats as "logscan_discovery" =>
     /// A copy of the source's counters for reports.
     SourceCounters {
         /// Tails running now.
-        active_tails,
+        active_tails: Gauge,
         /// Container events handled.
-        events,
+        events: Counter,
         /// Times the events stream was (re)opened.
-        connects,
+        connects: Counter,
         /// Tails started.
-        tails_started,
+        tails_started: Counter,
     }
 }
 

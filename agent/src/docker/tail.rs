@@ -14,9 +14,9 @@ use tokio::net::UnixStream;
 
 use super::frames::{FrameDecoder, FrameStats, MAX_FRAME};
 use super::lines::{LineAssembler, LineStats, RecordCursor};
-use crate::pipeline::counters::counters;
 use crate::pipeline::messages::Pos;
 use crate::pipeline::messages::{ContainerInfo, Line, ScanMsg, Stream};
+use crate::pipeline::metrics::counters;
 use crate::pipeline::stage::StageTx;
 use crate::scan::live::LiveRules;
 
@@ -88,31 +88,31 @@ impl Streams {
 
 counters! {
     /// Counters over every tail.
-    pub struct TailStats =>
+    pub struct TailStats as "logscan_tails" =>
     /// A copy of [`TailStats`] for reports.
     TailCounters {
         /// Lines read.
-        lines,
+        lines: Counter(Received),
         /// Lines cut at the cap.
-        truncated,
+        truncated: Counter,
         /// Bytes skipped (past the line cap, oversized or bad frames).
-        skipped_bytes,
+        skipped_bytes: Counter,
         /// Lines whose invalid UTF-8 was replaced.
-        invalid_utf8,
+        invalid_utf8: Counter,
         /// Records without a valid timestamp.
-        bad_timestamps,
+        bad_timestamps: Counter,
         /// Frames refused for their size.
-        oversized_frames,
+        oversized_frames: Counter,
         /// Frames with an unknown stream byte.
-        bad_frames,
+        bad_frames: Counter,
         /// Records skipped on resume (read before).
-        resumed_skipped,
+        resumed_skipped: Counter(Skipped),
         /// Resumes whose saved record was not found as saved (log rotated or rewritten).
-        resume_mismatches,
+        resume_mismatches: Counter,
         /// Log streams opened.
-        streams_opened,
+        streams_opened: Counter,
         /// Log streams that failed (dockerd down, HTTP error).
-        stream_errors,
+        stream_errors: Counter,
     }
 }
 

@@ -3,9 +3,9 @@
 //! accounting. It imports no stage: sources and sinks both import it.
 
 pub mod clock;
-pub mod counters;
 pub mod flow;
 pub mod messages;
+pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
 pub mod stage;

@@ -9,6 +9,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySen
 use serde::Serialize;
 use tracing::{debug, warn};
 
+use super::metrics::{CounterSet, Field, Kind, Role};
+
 /// Sleep between depth checks while throttled: short, so a recovering consumer is followed
 /// closely, long enough not to spin.
 const THROTTLE_STEP: Duration = Duration::from_millis(1);
@@ -251,6 +253,70 @@ impl StageHandle {
     /// Emits the rate-limited summary line if one is due.
     pub fn report(&self) {
         self.shared.report(Instant::now());
+    }
+}
+
+/// The counters of every stage, labelled `stage=<name>` in the registry.
+pub const STAGE_FIELDS: &[Field] = &[
+    Field::new(
+        "received",
+        "Items offered to the stage by its producers.",
+        Kind::Counter,
+        Role::Received,
+    ),
+    Field::new(
+        "forwarded",
+        "Items that entered the stage's channel.",
+        Kind::Counter,
+        Role::Sent,
+    ),
+    Field::new(
+        "dropped",
+        "Items dropped because the channel stayed full.",
+        Kind::Counter,
+        Role::Lost,
+    ),
+    Field {
+        metric: "throttled_seconds",
+        scale: 0.001,
+        ..Field::new(
+            "throttled_ms",
+            "Time producers spent throttled, in seconds.",
+            Kind::Counter,
+            Role::Other,
+        )
+    },
+    Field::new(
+        "depth",
+        "Items in the channel now.",
+        Kind::Gauge,
+        Role::Other,
+    ),
+    Field::new(
+        "peak_depth",
+        "Highest depth seen.",
+        Kind::Gauge,
+        Role::Other,
+    ),
+    Field::new("capacity", "Channel capacity.", Kind::Gauge, Role::Other),
+];
+
+impl CounterSet for StageHandle {
+    fn fields(&self) -> &'static [Field] {
+        STAGE_FIELDS
+    }
+
+    fn values(&self) -> Vec<u64> {
+        let s = self.snapshot();
+        vec![
+            s.received,
+            s.forwarded,
+            s.dropped,
+            s.throttled_ms,
+            s.depth,
+            s.peak_depth,
+            s.capacity,
+        ]
     }
 }
 

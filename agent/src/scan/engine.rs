@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::literal_gate::LiteralGate;
 use super::rules::{Rule, Severity};
 use crate::pipeline::messages::Stream;
+use crate::pipeline::metrics::counters;
 
 /// Largest compiled program one rule may produce (regex's size limit), so a pathological
 /// pattern is refused when saved instead of eating the agent's memory.
@@ -165,17 +166,20 @@ pub struct Hit {
     pub metadata: serde_json::Value,
 }
 
-/// Scan counters, shared by every tail.
-#[derive(Debug, Default)]
-pub struct ScanStats {
-    /// Lines scanned.
-    pub lines: AtomicU64,
-    /// Hits produced.
-    pub hits: AtomicU64,
-    /// Matches held back by a rule's cooldown.
-    pub suppressed_cooldown: AtomicU64,
-    /// Matches held back by the container's token bucket.
-    pub suppressed_bucket: AtomicU64,
+counters! {
+    /// Scan counters, shared by every tail.
+    pub struct ScanStats as "logscan" =>
+    /// A reading of [`ScanStats`].
+    ScanCounters {
+        /// Lines scanned.
+        lines_seen: Counter(Received),
+        /// Hits produced.
+        hits: Counter(Sent),
+        /// Matches held back by a rule's cooldown.
+        suppressed_cooldown: Counter(Skipped),
+        /// Matches held back by the container's token bucket.
+        suppressed_bucket: Counter(Skipped),
+    }
 }
 
 /// The per-container state: cooldowns and the token bucket.
@@ -206,7 +210,7 @@ impl ContainerScanner {
         now: Instant,
         stats: &ScanStats,
     ) -> Vec<Hit> {
-        stats.lines.fetch_add(1, Ordering::Relaxed);
+        stats.lines_seen.fetch_add(1, Ordering::Relaxed);
         let mut hits = Vec::new();
         for (rule, caps) in rules.matches(line, stream) {
             if let Some(last) = self.last_hit.get(&rule.id)
@@ -431,7 +435,7 @@ mod tests {
         assert_eq!(stats.hits.load(Ordering::Relaxed), 3);
         assert_eq!(stats.suppressed_cooldown.load(Ordering::Relaxed), 1);
         assert_eq!(stats.suppressed_bucket.load(Ordering::Relaxed), 8);
-        assert_eq!(stats.lines.load(Ordering::Relaxed), 12);
+        assert_eq!(stats.lines_seen.load(Ordering::Relaxed), 12);
     }
 
     #[test]

@@ -2,11 +2,15 @@
 
 pub mod bus;
 pub mod chunk_appender;
+pub mod columns;
 pub mod cursors;
 pub mod database;
+pub mod event_log;
 pub mod files;
 pub mod gaps;
 pub mod patch;
+pub mod reconcile;
 pub mod schema;
 pub mod secrets;
+pub mod sessions;
 pub mod writer;

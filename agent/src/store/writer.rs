@@ -3,49 +3,51 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::TryRecvError;
-use duckdb::ffi;
-// The open-flow map is touched for every event; SipHash showed up at 3% of ingest.
-use duckdb::types::{TimeUnit, Value};
-use duckdb::{Connection, params};
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use duckdb::Connection;
 use tracing::{debug, info, warn};
 
 use super::bus::{EventBus, StoredEvent};
-use super::chunk_appender::{ChunkAppender, Micros};
+use super::chunk_appender::ChunkAppender;
+use super::columns::{self, CONNTRACK_COLUMNS, FlowRow};
 use super::cursors;
 use super::database::{Database, OpenOptions};
+use super::event_log::{self, Gap};
 use super::gaps::{GapRecord, RecentGaps};
+use super::reconcile::{FlowKey, OpenFlow, OpenFlows, Verdict};
 use super::schema::{StoreError, db_err};
+use super::sessions;
 use crate::pipeline::clock::now_ns;
-use crate::pipeline::flow::{Addr, EventKind, FlowEvent, TimeSource, Tuple, proto_name};
-use crate::pipeline::messages::{LogBatch, LogEvent, Pos, WriterMsg};
+use crate::pipeline::flow::{Addr, EventKind, FlowEvent, TimeSource, Tuple};
+use crate::pipeline::messages::{LogBatch, WriterMsg};
+use crate::pipeline::metrics::counters;
 use crate::pipeline::stage::StageRx;
 
-/// Counters of the writer, readable from other threads.
-#[derive(Debug, Default)]
-pub struct WriterStats {
-    /// Rows appended to `conntrack_events`.
-    pub rows: AtomicU64,
-    /// Commits (appender flushes).
-    pub commits: AtomicU64,
-    /// NEW or dump entries skipped because the flow was already open in the trail.
-    pub duplicates: AtomicU64,
-    /// Flows closed by reconciliation with an inexact end.
-    pub reconciled: AtomicU64,
-    /// Flows open in the trail right now.
-    pub open_flows: AtomicU64,
-    /// Capture gaps recorded.
-    pub gaps: AtomicU64,
-    /// Event-log rows written.
-    pub events: AtomicU64,
-    /// Transactions that stored log hits and cursors (several batches share one under load).
-    pub log_commits: AtomicU64,
-    /// Gaps of the last day (loaded at open) and those recorded since.
-    pub recent_gaps: RecentGaps,
+counters! {
+    /// Counters of the writer, readable from other threads.
+    pub struct WriterStats as "writer" =>
+    /// A reading of [`WriterStats`].
+    WriterCounters {
+        /// Rows appended to `conntrack_events` and committed.
+        rows: Counter(Sent),
+        /// Commits (appender flushes).
+        commits: Counter,
+        /// NEW or dump entries skipped because the flow was already open in the trail.
+        duplicates: Counter(Skipped),
+        /// Flows closed by reconciliation with an inexact end.
+        reconciled: Counter,
+        /// Flows open in the trail right now.
+        open_flows: Gauge,
+        /// Capture gaps recorded.
+        gaps: Counter,
+        /// Event-log rows written.
+        events: Counter(Sent),
+        /// Transactions that stored log hits and cursors (several batches share one under load).
+        log_commits: Counter,
+    }
 }
 
 /// Writer settings.
@@ -59,8 +61,6 @@ pub struct WriterConfig {
     pub commit_interval: Duration,
     /// DuckDB's memory limit, in MiB (buffer pool and appender buffers).
     pub memory_limit_mb: u64,
-    /// Test only: extra time spent per message, to stall the writer behind its input.
-    pub stall_per_message: Duration,
 }
 
 impl WriterConfig {
@@ -71,67 +71,12 @@ impl WriterConfig {
             batch_rows: cfg.store.batch_rows,
             commit_interval: Duration::from_millis(cfg.store.commit_interval_ms),
             memory_limit_mb: cfg.store.memory_limit_mb,
-            stall_per_message: Duration::ZERO,
         }
     }
-}
-
-/// Identity of a live conntrack entry: its zone, original tuple and kernel id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FlowKey {
-    ct_id: u32,
-    zone: u16,
-    proto: u8,
-    orig: Tuple,
-}
-
-impl FlowKey {
-    fn of(ev: &FlowEvent) -> Self {
-        FlowKey {
-            ct_id: ev.ct_id,
-            zone: ev.zone,
-            proto: ev.proto,
-            orig: ev.orig,
-        }
-    }
-}
-
-/// What the writer remembers of an open flow, enough to write an inexact DESTROY row.
-#[derive(Clone, Copy, Debug)]
-struct OpenFlow {
-    reply: Tuple,
-    family: u8,
-    mark: u32,
-    status: u32,
-    start_ns: Option<u64>,
-    /// Dump generation at insertion: flows added after a dump began are not judged by it.
-    generation: u64,
-}
-
-fn ts_value(ns: u64) -> Value {
-    Value::Timestamp(TimeUnit::Microsecond, (ns / 1_000) as i64)
-}
-
-fn micros(ns: u64) -> Micros {
-    Micros((ns / 1_000) as i64)
 }
 
 /// Log batches stored in one transaction at most.
 const MAX_LOG_BATCHES_PER_COMMIT: usize = 256;
-
-/// The column types of `conntrack_events`, in table order, as the appender writes them.
-const CONNTRACK_COLUMNS: [ffi::DUCKDB_TYPE; 29] = {
-    use ffi::{
-        DUCKDB_TYPE_DUCKDB_TYPE_BOOLEAN as BOOL, DUCKDB_TYPE_DUCKDB_TYPE_TIMESTAMP as TS,
-        DUCKDB_TYPE_DUCKDB_TYPE_UBIGINT as U64, DUCKDB_TYPE_DUCKDB_TYPE_UHUGEINT as U128,
-        DUCKDB_TYPE_DUCKDB_TYPE_UINTEGER as U32, DUCKDB_TYPE_DUCKDB_TYPE_USMALLINT as U16,
-        DUCKDB_TYPE_DUCKDB_TYPE_UTINYINT as U8,
-    };
-    [
-        U64, TS, U8, U8, U8, U8, U16, U32, U32, U32, U128, U128, U16, U16, U128, U128, U16, U16,
-        TS, TS, TS, BOOL, U64, U64, U64, U64, U8, U8, U8,
-    ]
-};
 
 /// The writer's state, separated from the thread so tests and benchmarks can drive it.
 pub struct Writer {
@@ -140,12 +85,11 @@ pub struct Writer {
     conn: Connection,
     db: Arc<Database>,
     next_seq: u64,
-    open: HashMap<FlowKey, OpenFlow>,
-    generation: u64,
-    dump: Option<(u64, HashSet<FlowKey>)>,
+    flows: OpenFlows,
     pending: usize,
     session_id: u64,
     stats: Arc<WriterStats>,
+    recent_gaps: Arc<RecentGaps>,
     bus: EventBus,
     // Connection events of the open commit, published once it is committed.
     unpublished: Vec<StoredEvent>,
@@ -171,43 +115,24 @@ impl Writer {
                 |r| r.get(0),
             )
             .map_err(db_err("reading the last sequence number"))?;
-        let session_id: u64 = conn
-            .query_row(
-                "SELECT coalesce(max(id) + 1, 1)::UBIGINT FROM capture_sessions",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(db_err("reading capture sessions"))?;
-        let now = ts_value(now_ns());
-        conn.execute(
-            "INSERT INTO capture_sessions VALUES (?, ?, NULL, ?, ?, ?)",
-            params![
-                session_id,
-                now.clone(),
-                now,
-                hostname(),
-                env!("CARGO_PKG_VERSION")
-            ],
-        )
-        .map_err(db_err("recording the capture session"))?;
+        let session_id = sessions::start(&conn, now_ns())?;
         let mut w = Writer {
             app,
             conn,
             db: Arc::new(db),
             next_seq,
-            open: HashMap::new(),
-            generation: 1,
-            dump: None,
+            flows: OpenFlows::default(),
             pending: 0,
             session_id,
             stats,
+            recent_gaps: Arc::default(),
             bus: EventBus::default(),
             unpublished: Vec::new(),
         };
         w.load_open_flows()?;
         let day_ago = (now_ns() / 1_000) as i64 - 86_400_000_000;
         for g in super::gaps::since(&w.conn, day_ago)? {
-            w.stats.recent_gaps.push(g);
+            w.recent_gaps.push(g);
         }
         Ok(w)
     }
@@ -215,6 +140,11 @@ impl Writer {
     /// The bus the writer publishes committed events on.
     pub fn bus(&self) -> EventBus {
         self.bus.clone()
+    }
+
+    /// Gaps of the last day (loaded at open) and those recorded since.
+    pub fn recent_gaps(&self) -> Arc<RecentGaps> {
+        Arc::clone(&self.recent_gaps)
     }
 
     /// The database, for read connections (the query service).
@@ -230,15 +160,7 @@ impl Writer {
     /// When the previous capture session was last known to be running (its clean stop, or
     /// the last commit before a crash): the lower bound for flows that ended meanwhile.
     pub fn previous_session_end_ns(&self) -> Option<u64> {
-        self.conn
-            .query_row(
-                "SELECT epoch_us(coalesce(stopped, last_seen)) FROM capture_sessions
-                 WHERE id < ? ORDER BY id DESC LIMIT 1",
-                params![self.session_id],
-                |r| r.get::<_, i64>(0),
-            )
-            .ok()
-            .map(|us| us.max(0) as u64 * 1_000)
+        sessions::previous_end_ns(&self.conn, self.session_id)
     }
 
     fn load_open_flows(&mut self) -> Result<(), StoreError> {
@@ -271,31 +193,30 @@ impl Writer {
                     },
                 };
                 let start_us: i64 = r.get(14)?;
-                let open = OpenFlow {
-                    reply: Tuple {
+                let open = OpenFlow::loaded(
+                    Tuple {
                         src: Addr(r.get(7)?),
                         dst: Addr(r.get(8)?),
                         sport: r.get(9)?,
                         dport: r.get(10)?,
                     },
-                    family: r.get(11)?,
-                    mark: r.get(12)?,
-                    status: r.get(13)?,
-                    start_ns: Some(start_us.max(0) as u64 * 1_000),
-                    generation: 0,
-                };
+                    r.get(11)?,
+                    r.get(12)?,
+                    r.get(13)?,
+                    start_us.max(0) as u64 * 1_000,
+                );
                 Ok((key, open))
             })
             .map_err(db_err("loading open flows"))?;
         for row in rows {
             let (k, v) = row.map_err(db_err("loading open flows"))?;
-            self.open.insert(k, v);
+            self.flows.load(k, v);
         }
         self.stats
             .open_flows
-            .store(self.open.len() as u64, Ordering::Relaxed);
-        if !self.open.is_empty() {
-            info!(open = self.open.len(), "flows open in the trail at start");
+            .store(self.flows.len() as u64, Ordering::Relaxed);
+        if !self.flows.is_empty() {
+            info!(open = self.flows.len(), "flows open in the trail at start");
         }
         Ok(())
     }
@@ -305,8 +226,7 @@ impl Writer {
         match msg {
             WriterMsg::Flow { ev, received_ns } => self.flow(ev, received_ns),
             WriterMsg::DumpBegin => {
-                self.dump = Some((self.generation, HashSet::new()));
-                self.generation += 1;
+                self.flows.dump_begin();
                 Ok(0)
             }
             WriterMsg::DumpEnd {
@@ -320,44 +240,26 @@ impl Writer {
                 lost,
                 reason,
             } => {
-                self.conn
-                    .execute(
-                        "INSERT INTO capture_gaps VALUES (?, ?, ?, ?, ?, ?)",
-                        params![
-                            self.session_id,
-                            source,
-                            ts_value(start_ns),
-                            ts_value(end_ns.max(start_ns)),
-                            lost,
-                            reason
-                        ],
-                    )
-                    .map_err(db_err("recording a capture gap"))?;
+                let stored = event_log::record_gap(
+                    &self.conn,
+                    &Gap {
+                        session_id: self.session_id,
+                        source,
+                        start_ns,
+                        end_ns,
+                        lost,
+                        reason,
+                    },
+                )?;
                 self.stats.gaps.fetch_add(1, Ordering::Relaxed);
-                self.stats.recent_gaps.push(GapRecord::new(
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                self.recent_gaps.push(GapRecord::new(
                     source,
                     (start_ns / 1_000) as i64,
                     (end_ns.max(start_ns) / 1_000) as i64,
                     lost,
                     reason,
                 ));
-                let stored = self.insert_event(LogEvent {
-                    ts_ns: start_ns,
-                    source: "agent",
-                    severity: "warning",
-                    message: format!(
-                        "capture gap in {source}: {} events lost ({reason})",
-                        lost.map(|n| n.to_string())
-                            .unwrap_or_else(|| "unknown".into())
-                    ),
-                    metadata: serde_json::json!({
-                        "kind": "capture_gap",
-                        "source": source,
-                        "lost": lost,
-                        "reason": reason,
-                        "end_ns": end_ns.max(start_ns),
-                    }),
-                })?;
                 self.bus.publish(stored);
                 warn!(
                     source,
@@ -371,7 +273,8 @@ impl Writer {
                 Ok(0)
             }
             WriterMsg::Event(e) => {
-                let stored = self.insert_event(e)?;
+                let stored = event_log::insert(&self.conn, e)?;
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
                 self.bus.publish(stored);
                 Ok(1)
             }
@@ -387,29 +290,11 @@ impl Writer {
     /// Stores the hits and cursors of several `LogBatch`es in one transaction (one commit,
     /// however many arrived while the last one was written), then publishes the hits.
     fn log_batches(&mut self, batches: Vec<LogBatch>) -> Result<usize, StoreError> {
-        let stored = self.in_transaction("storing log hits", |w| {
-            let mut stored = Vec::new();
-            // Only each container's last position matters.
-            let mut last: HashMap<String, Pos> = HashMap::new();
-            for LogBatch {
-                container_id,
-                hits,
-                cursor,
-            } in batches
-            {
-                for h in hits {
-                    stored.push(w.insert_event(h)?);
-                }
-                if let Some(pos) = cursor {
-                    last.insert(container_id, pos);
-                }
-            }
-            for (id, pos) in &last {
-                cursors::save(&w.conn, id, pos)?;
-            }
-            Ok(stored)
-        })?;
+        let stored = event_log::store_batches(&self.conn, batches)?;
         self.stats.log_commits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .events
+            .fetch_add(stored.len() as u64, Ordering::Relaxed);
         let n = stored.len();
         for ev in stored {
             self.bus.publish(ev);
@@ -417,143 +302,42 @@ impl Writer {
         Ok(n)
     }
 
-    /// Inserts one event-log row (hits are rate-limited upstream: a cached statement does,
-    /// no appender). Counted once committed by the caller's transaction or autocommit.
-    fn insert_event(&mut self, e: LogEvent) -> Result<StoredEvent, StoreError> {
-        let id: u64 = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO event_log (ts, source, severity, message, metadata)
-                 VALUES (?, ?, ?, ?, ?::JSON) RETURNING id",
-            )
-            .and_then(|mut st| {
-                st.query_row(
-                    params![
-                        ts_value(e.ts_ns),
-                        e.source,
-                        e.severity,
-                        e.message,
-                        e.metadata.to_string()
-                    ],
-                    |r| r.get(0),
-                )
-            })
-            .map_err(db_err("writing an event-log row"))?;
-        self.stats.events.fetch_add(1, Ordering::Relaxed);
-        Ok(StoredEvent {
-            id,
-            ts_ns: e.ts_ns,
-            source: e.source,
-            severity: e.severity,
-            message: e.message,
-            metadata: e.metadata,
-        })
-    }
-
-    /// Runs `f` in one transaction on the writer's connection (the appender's rows are not
-    /// touched: it only flushes in `commit`).
-    fn in_transaction<T>(
-        &mut self,
-        what: &'static str,
-        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.conn
-            .execute_batch("BEGIN TRANSACTION")
-            .map_err(db_err(what))?;
-        match f(self) {
-            Ok(v) => {
-                self.conn.execute_batch("COMMIT").map_err(db_err(what))?;
-                Ok(v)
-            }
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
-        }
-    }
-
     fn flow(&mut self, ev: FlowEvent, received_ns: u64) -> Result<usize, StoreError> {
-        let key = FlowKey::of(&ev);
-        match ev.kind {
-            EventKind::Update => return Ok(0),
-            EventKind::New | EventKind::Dump => {
-                if let Some((_, seen)) = self.dump.as_mut().filter(|_| ev.kind == EventKind::Dump) {
-                    seen.insert(key);
-                }
-                if self.open.contains_key(&key) {
-                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    return Ok(0);
-                }
-                self.open.insert(
-                    key,
-                    OpenFlow {
-                        reply: ev.reply,
-                        family: ev.family,
-                        mark: ev.mark,
-                        status: ev.status,
-                        start_ns: ev.start_ns.or(ev.event_ns).or(Some(received_ns)),
-                        generation: self.generation,
-                    },
-                );
+        match self.flows.on_event(&ev, received_ns) {
+            Verdict::Ignore => return Ok(0),
+            Verdict::Duplicate => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                return Ok(0);
             }
-            EventKind::Destroy => {
-                self.open.remove(&key);
-            }
+            Verdict::Append => {}
         }
         let (ts, source) = ev.event_time(received_ns);
-        self.append(&ev, ts, source, None, false)?;
+        let seq = self.append(&ev, ts, source, None, false)?;
         if ev.kind != EventKind::Dump && self.bus.flows_wanted() {
             self.unpublished
-                .push(flow_event(&ev, self.next_seq - 1, ts));
+                .push(event_log::connection_event(&ev, seq, ts));
         }
         Ok(1)
     }
 
     fn dump_end(&mut self, at_ns: u64, alive_until_ns: Option<u64>) -> Result<usize, StoreError> {
-        let Some((dump_gen, seen)) = self.dump.take() else {
-            return Ok(0);
-        };
-        let gone: Vec<(FlowKey, OpenFlow)> = self
-            .open
-            .iter()
-            .filter(|(k, v)| v.generation <= dump_gen && !seen.contains(k))
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        for (key, flow) in &gone {
-            self.open.remove(key);
-            let ev = FlowEvent {
-                kind: EventKind::Destroy,
-                family: flow.family,
-                proto: key.proto,
-                orig: key.orig,
-                reply: flow.reply,
-                ct_id: key.ct_id,
-                zone: key.zone,
-                mark: flow.mark,
-                status: flow.status,
-                tcp_state: None,
-                icmp: None,
-                counters_orig: None,
-                counters_reply: None,
-                start_ns: flow.start_ns,
-                stop_ns: None,
-                event_ns: None,
-            };
-            let lo = alive_until_ns.max(flow.start_ns).map(|lo| lo.min(at_ns));
-            self.append(&ev, at_ns, TimeSource::Receive, lo, true)?;
+        let closed = self.flows.dump_end(at_ns, alive_until_ns);
+        for c in &closed {
+            self.append(&c.ev, at_ns, TimeSource::Receive, c.end_lo_ns, true)?;
         }
-        if !gone.is_empty() {
+        if !closed.is_empty() {
             info!(
-                closed = gone.len(),
+                closed = closed.len(),
                 "flows in the trail were gone from the conntrack table; closed with inexact end"
             );
             self.stats
                 .reconciled
-                .fetch_add(gone.len() as u64, Ordering::Relaxed);
+                .fetch_add(closed.len() as u64, Ordering::Relaxed);
         }
-        Ok(gone.len())
+        Ok(closed.len())
     }
 
+    /// Appends one flow row; returns its sequence number.
     fn append(
         &mut self,
         ev: &FlowEvent,
@@ -561,43 +345,22 @@ impl Writer {
         source: TimeSource,
         end_lo_ns: Option<u64>,
         inexact: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let seq = self.next_seq;
+        columns::append(
+            &mut self.app,
+            FlowRow {
+                seq,
+                ev,
+                ts_ns,
+                source,
+                end_lo_ns,
+                inexact,
+            },
+        )?;
         self.next_seq += 1;
-        let app = &mut self.app;
-        app.begin_row()?;
-        app.set(0, seq);
-        app.set(1, micros(ts_ns));
-        app.set(2, source as u8);
-        app.set(3, ev.kind as u8);
-        app.set(4, ev.family);
-        app.set(5, ev.proto);
-        app.set(6, ev.zone);
-        app.set(7, ev.ct_id);
-        app.set(8, ev.mark);
-        app.set(9, ev.status);
-        app.set(10, ev.orig.src.0);
-        app.set(11, ev.orig.dst.0);
-        app.set(12, ev.orig.sport);
-        app.set(13, ev.orig.dport);
-        app.set(14, ev.reply.src.0);
-        app.set(15, ev.reply.dst.0);
-        app.set(16, ev.reply.sport);
-        app.set(17, ev.reply.dport);
-        app.set_opt(18, ev.start_ns.map(micros));
-        app.set_opt(19, ev.stop_ns.map(micros));
-        app.set_opt(20, end_lo_ns.map(micros));
-        app.set(21, inexact);
-        app.set_opt(22, ev.counters_orig.map(|c| c.packets));
-        app.set_opt(23, ev.counters_orig.map(|c| c.bytes));
-        app.set_opt(24, ev.counters_reply.map(|c| c.packets));
-        app.set_opt(25, ev.counters_reply.map(|c| c.bytes));
-        app.set_opt(26, ev.tcp_state);
-        app.set_opt(27, ev.icmp.map(|i| i.0));
-        app.set_opt(28, ev.icmp.map(|i| i.1));
-        app.end_row();
         self.pending += 1;
-        Ok(())
+        Ok(seq)
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
@@ -605,19 +368,14 @@ impl Writer {
         for ev in self.unpublished.drain(..) {
             self.bus.publish(ev);
         }
-        self.conn
-            .execute(
-                "UPDATE capture_sessions SET last_seen = ? WHERE id = ?",
-                params![ts_value(now_ns()), self.session_id],
-            )
-            .map_err(db_err("updating the capture session"))?;
+        sessions::touch(&self.conn, self.session_id, now_ns())?;
         self.stats
             .rows
             .fetch_add(self.pending as u64, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats
             .open_flows
-            .store(self.open.len() as u64, Ordering::Relaxed);
+            .store(self.flows.len() as u64, Ordering::Relaxed);
         self.pending = 0;
         Ok(())
     }
@@ -637,18 +395,10 @@ impl Writer {
         cfg: &WriterConfig,
     ) -> Result<(), StoreError> {
         let mut deadline = Instant::now() + cfg.commit_interval;
-        let mut stall_debt = Duration::ZERO;
         // A message taken while grouping log batches, handled next.
         let mut held: Option<WriterMsg> = None;
         let mut live: Vec<usize> = (0..sources.len()).collect();
         loop {
-            if !cfg.stall_per_message.is_zero() {
-                stall_debt += cfg.stall_per_message;
-                if stall_debt >= Duration::from_millis(1) {
-                    std::thread::sleep(stall_debt);
-                    stall_debt = Duration::ZERO;
-                }
-            }
             let next = match held.take() {
                 Some(m) => Some((usize::MAX, m)),
                 None => next_message(sources, &mut live),
@@ -696,12 +446,7 @@ impl Writer {
             }
         }
         self.commit()?;
-        self.conn
-            .execute(
-                "UPDATE capture_sessions SET stopped = ?, last_seen = ? WHERE id = ?",
-                params![ts_value(now_ns()), ts_value(now_ns()), self.session_id],
-            )
-            .map_err(db_err("closing the capture session"))?;
+        sessions::stop(&self.conn, self.session_id, now_ns())?;
         debug!("writer stopped");
         Ok(())
     }
@@ -723,50 +468,6 @@ impl Writer {
         }
         self.commit()
     }
-}
-
-/// A connection event for the bus: the flow's internal, public and destination endpoints.
-fn flow_event(ev: &FlowEvent, seq: u64, ts_ns: u64) -> StoredEvent {
-    let proto = proto_name(ev.proto);
-    let (internal, public, dst) = (
-        (ev.orig.src.to_ip(), ev.orig.sport),
-        (ev.reply.dst.to_ip(), ev.reply.dport),
-        (ev.orig.dst.to_ip(), ev.orig.dport),
-    );
-    let sock = |(ip, port): (std::net::IpAddr, u16)| std::net::SocketAddr::new(ip, port);
-    StoredEvent {
-        id: seq,
-        ts_ns,
-        source: "conntrack",
-        severity: "info",
-        message: format!(
-            "{} {proto} flow {} -> {} as {}",
-            ev.kind.name(),
-            sock(internal),
-            sock(dst),
-            sock(public)
-        ),
-        metadata: serde_json::json!({
-            "kind": ev.kind.name(),
-            "proto": proto,
-            "internal_ip": internal.0.to_string(),
-            "internal_port": internal.1,
-            "public_ip": public.0.to_string(),
-            "public_port": public.1,
-            "dst_ip": dst.0.to_string(),
-            "dst_port": dst.1,
-        }),
-    }
-}
-
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| {
-            warn!("could not read the hostname");
-            String::new()
-        })
 }
 
 /// The first message waiting on `sources`, in the order of `live` (their priority); stages
@@ -791,6 +492,7 @@ fn next_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::messages::{LogEvent, Pos};
 
     /// A writer on a fresh database in a scratch folder named after `name`.
     fn test_writer(name: &str) -> (PathBuf, WriterConfig, Arc<WriterStats>, Writer) {

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::delivery::{Deliverer, DeliveryConfig, Outcome, Target};
 use super::filter::CompiledFilter;
 use super::ssrf::Guard;
-use crate::pipeline::counters::counters;
+use crate::pipeline::metrics::counters;
 use crate::store::bus::{EventBus, StoredEvent};
 use crate::store::database::Database;
 use crate::store::schema::db_err;
@@ -28,25 +28,25 @@ use crate::triggers::trigger_store::{self as triggers, DeliveryRecord, Trigger, 
 
 counters! {
     /// Counters of the dispatcher.
-    pub struct DispatchStats =>
+    pub struct DispatchStats as "webhooks" =>
     /// A copy of the counters for reports.
     DispatchCounters {
         /// Events read from the bus.
-        events,
+        events: Counter(Received),
         /// Events the bus dropped before the dispatcher read them.
-        missed,
+        missed: Counter(Lost),
         /// (event, trigger) pairs that matched.
-        matched,
+        matched: Counter,
         /// Matches held back by a trigger's rate limit.
-        rate_limited,
+        rate_limited: Counter(Skipped),
         /// Deliveries dropped because the queue was full.
-        dropped,
+        dropped: Counter(Lost),
         /// Deliveries that got a 2xx.
-        delivered,
+        delivered: Counter(Sent),
         /// Deliveries that failed, were refused, or ended in 410.
-        failed,
+        failed: Counter(Lost),
         /// Deliveries still queued or in flight when the stop's grace period ran out.
-        abandoned,
+        abandoned: Counter(Lost),
     }
 }
 
