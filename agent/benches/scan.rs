@@ -127,11 +127,13 @@ fn scan_rate(engine: &WorkloadRules, lines: &[String]) -> (f64, usize) {
     let n = NonZeroU32::new(u32::MAX).unwrap();
     let stats = ScanStats::default();
     let mut scanner = ContainerScanner::new("bench", "bench-1", n, n);
-    let now = Instant::now();
+    let logged_ns = nattrail::pipeline::clock::now_ns();
     let t = Instant::now();
     let mut hits = 0;
     for l in lines.iter().cycle().take(LINES) {
-        hits += scanner.scan(engine, l, Stream::Stdout, now, &stats).len();
+        hits += scanner
+            .scan(engine, l, Stream::Stdout, logged_ns, &stats)
+            .len();
     }
     (LINES as f64 / t.elapsed().as_secs_f64(), hits)
 }

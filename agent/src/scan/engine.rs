@@ -5,10 +5,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 use serde::Serialize;
 
@@ -182,39 +186,69 @@ counters! {
     }
 }
 
-/// The per-container state: cooldowns and the token bucket.
+/// The scan clock: the log's own time (Docker's timestamp of each line), shared by the
+/// cooldowns and the token bucket. It never runs backwards: stdout and stderr records
+/// interleave, so a line may carry an older time than the one before it.
+#[derive(Debug, Clone, Default)]
+struct LogClock(Arc<AtomicU64>);
+
+impl LogClock {
+    /// Moves the clock to `ns` unless it is already later; returns the time now.
+    fn advance(&self, ns: u64) -> u64 {
+        self.0.fetch_max(ns, Ordering::Relaxed).max(ns)
+    }
+}
+
+impl Clock for LogClock {
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// The per-container state: cooldowns and the token bucket, both on the log's clock, so
+/// what is kept depends on when the lines were logged, not on when they were read (a
+/// backlog read after a restart is limited as it was when live).
 pub struct ContainerScanner {
     workload: String,
     container: String,
-    last_hit: HashMap<u64, Instant>,
-    bucket: DefaultDirectRateLimiter,
+    last_hit: HashMap<u64, u64>,
+    clock: LogClock,
+    bucket: RateLimiter<NotKeyed, InMemoryState, LogClock, NoOpMiddleware<Duration>>,
 }
 
 impl ContainerScanner {
     /// A scanner allowing `rate` hits per second with bursts of `burst`.
     pub fn new(workload: &str, container: &str, rate: NonZeroU32, burst: NonZeroU32) -> Self {
+        let clock = LogClock::default();
         ContainerScanner {
             workload: workload.to_string(),
             container: container.to_string(),
             last_hit: HashMap::new(),
-            bucket: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            bucket: RateLimiter::direct_with_clock(
+                Quota::per_second(rate).allow_burst(burst),
+                clock.clone(),
+            ),
+            clock,
         }
     }
 
-    /// Scans one line; `now` drives the cooldowns.
+    /// Scans one line logged at `logged_ns` (ns since the epoch), which drives the
+    /// cooldowns and the bucket.
     pub fn scan(
         &mut self,
         rules: &WorkloadRules,
         line: &str,
         stream: Stream,
-        now: Instant,
+        logged_ns: u64,
         stats: &ScanStats,
     ) -> Vec<Hit> {
         stats.lines_seen.fetch_add(1, Ordering::Relaxed);
+        let now = self.clock.advance(logged_ns);
         let mut hits = Vec::new();
         for (rule, caps) in rules.matches(line, stream) {
             if let Some(last) = self.last_hit.get(&rule.id)
-                && now.saturating_duration_since(*last) < rule.cooldown
+                && Duration::from_nanos(now.saturating_sub(*last)) < rule.cooldown
             {
                 stats.suppressed_cooldown.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -408,34 +442,32 @@ mod tests {
     }
 
     #[test]
-    fn cooldown_per_rule_and_bucket_per_container() {
+    fn cooldown_per_rule_and_bucket_per_container_on_the_log_clock() {
         let w = WorkloadRules::build(vec![
             rule(1, "error", StreamSel::Both, 10),
             rule(2, "boom", StreamSel::Both, 0),
         ]);
         let stats = ScanStats::default();
         let mut c = ContainerScanner::new("web", "web-1", nz(1), nz(3));
-        let t0 = Instant::now();
-        assert_eq!(c.scan(&w, "error 1", Stream::Stdout, t0, &stats).len(), 1);
-        assert!(
-            c.scan(
-                &w,
-                "error 2",
-                Stream::Stdout,
-                t0 + Duration::from_secs(5),
-                &stats
-            )
-            .is_empty()
-        );
-        // The bucket holds 3: one spent, two more booms pass, the rest are held back.
-        let booms: usize = (0..10)
-            .map(|_| c.scan(&w, "boom", Stream::Stdout, t0, &stats).len())
-            .sum();
-        assert_eq!(booms, 2);
-        assert_eq!(stats.hits.load(Ordering::Relaxed), 3);
+        let t0 = 1_700_000_000_000_000_000u64;
+        let s = |sec: f64| t0 + (sec * 1e9) as u64;
+        let mut scan = |line: &str, at: u64| c.scan(&w, line, Stream::Stdout, at, &stats).len();
+        assert_eq!(scan("error 1", s(0.0)), 1);
+        // Within the rule's 10 s cooldown: held back, and no token spent.
+        assert_eq!(scan("error 2", s(5.0)), 0);
+        // Five seconds of log time refilled the bucket to its burst of 3.
+        let booms: usize = (0..10).map(|_| scan("boom", s(5.0))).sum();
+        assert_eq!(booms, 3);
+        // One more second of log time, one more token, whatever the time it takes to scan.
+        let booms: usize = (0..5).map(|_| scan("boom", s(6.0))).sum();
+        assert_eq!(booms, 1);
+        // An older line (the other stream, read late) does not turn the clock back.
+        assert_eq!(scan("boom", s(1.0)), 0);
+        assert_eq!(scan("error 3", s(10.0)), 1);
+        assert_eq!(stats.hits.load(Ordering::Relaxed), 6);
         assert_eq!(stats.suppressed_cooldown.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.suppressed_bucket.load(Ordering::Relaxed), 8);
-        assert_eq!(stats.lines_seen.load(Ordering::Relaxed), 12);
+        assert_eq!(stats.suppressed_bucket.load(Ordering::Relaxed), 12);
+        assert_eq!(stats.lines_seen.load(Ordering::Relaxed), 19);
     }
 
     #[test]
@@ -447,13 +479,7 @@ mod tests {
         let hit = {
             let w = WorkloadRules::build(vec![rule(7, "é", StreamSel::Both, 0)]);
             let mut c = ContainerScanner::new("web", "web-1", nz(10), nz(10));
-            c.scan(
-                &w,
-                &s,
-                Stream::Stderr,
-                Instant::now(),
-                &ScanStats::default(),
-            )
+            c.scan(&w, &s, Stream::Stderr, 0, &ScanStats::default())
         };
         assert_eq!(hit[0].metadata["stream"], "stderr");
         assert_eq!(hit[0].metadata["rule_id"], 7);

@@ -69,12 +69,15 @@ pub fn run(
                         unsaved: None,
                         saved_at: Instant::now(),
                     });
-                let now = Instant::now();
                 let mut hits = Vec::new();
                 for (stream, line) in &lines {
                     let rules = st.view.current();
-                    for hit in st.scanner.scan(rules, &line.text, *stream, now, &stats) {
-                        hits.push(log_event(hit, line));
+                    let logged_ns = logged_ns(line);
+                    for hit in st
+                        .scanner
+                        .scan(rules, &line.text, *stream, logged_ns, &stats)
+                    {
+                        hits.push(log_event(hit, logged_ns));
                     }
                 }
                 if cursor.is_some() {
@@ -127,14 +130,18 @@ fn save_due(
     }
 }
 
-fn log_event(hit: Hit, line: &Line) -> LogEvent {
+/// When `line` was logged: Docker's timestamp (ours is only when it was read), or now when
+/// the record had none.
+fn logged_ns(line: &Line) -> u64 {
+    line.ts
+        .and_then(|t| t.timestamp_nanos_opt())
+        .map(|n| n.max(0) as u64)
+        .unwrap_or_else(now_ns)
+}
+
+fn log_event(hit: Hit, logged_ns: u64) -> LogEvent {
     LogEvent {
-        // Docker's timestamp is when the line was written; ours only when it was read.
-        ts_ns: line
-            .ts
-            .and_then(|t| t.timestamp_nanos_opt())
-            .map(|n| n.max(0) as u64)
-            .unwrap_or_else(now_ns),
+        ts_ns: logged_ns,
         source: SOURCE_LOGSCAN,
         severity: hit.severity.as_str(),
         message: hit.message,
