@@ -99,12 +99,22 @@ pub fn run(cfg: Config) -> Result<()> {
         .spawn(move || writer.serve(&[rx, log_rx], &writer_cfg))
         .context("starting the writer thread")?;
 
+    // One runtime for everything async (the API, the Docker source, the dispatcher): two
+    // workers, whatever is enabled. The conntrack reader, the writer and the scan workers
+    // are plain threads: they block on netlink, DuckDB and the regex engine.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("nattrail-async")
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
     // One SSRF guard for deliveries and for the API's checks of new trigger URLs.
     let guard = Arc::new(Guard::new(cfg.webhooks.allow.clone()));
     let dispatch = if cfg.webhooks.enabled {
         let w = &cfg.webhooks;
         Some(
             dispatcher::start(
+                rt.handle(),
                 Arc::clone(&database),
                 &bus,
                 Arc::clone(&guard),
@@ -139,7 +149,7 @@ pub fn run(cfg: Config) -> Result<()> {
         }));
     }
     let (docker, scan_workers) = if cfg.docker.enabled {
-        start_log_scan(&cfg, &logscan, &database, &log_tx, &registry)?
+        start_log_scan(rt.handle(), &cfg, &logscan, &database, &log_tx, &registry)?
     } else {
         (None, Vec::new())
     };
@@ -200,7 +210,13 @@ pub fn run(cfg: Config) -> Result<()> {
                 dispatcher: dispatch.as_ref().map(|d| Arc::clone(&d.dispatcher)),
             },
         );
-        Some(ApiServer::start(&cfg.api, state, token, conns)?)
+        Some(ApiServer::start(
+            rt.handle(),
+            &cfg.api,
+            state,
+            token,
+            conns,
+        )?)
     } else {
         None
     };
@@ -270,6 +286,8 @@ pub fn run(cfg: Config) -> Result<()> {
     if let Err(e) = status::write(&cfg.db_path, &source.snapshot(false)) {
         warn!(error = %e, "could not write the status snapshot");
     }
+    // Every service has stopped; what is left (idle keep-alive connections) goes now.
+    rt.shutdown_timeout(Duration::from_secs(1));
     if cfg.conntrack.restore_sysctls {
         sysctl::restore(&applied);
     }
@@ -289,6 +307,7 @@ type ScanWorkers = Vec<thread::JoinHandle<()>>;
 
 /// Starts the scan workers and the Docker source (discovery and tails).
 fn start_log_scan(
+    rt: &tokio::runtime::Handle,
     cfg: &Config,
     logscan: &Arc<LogScan>,
     database: &Arc<crate::store::database::Database>,
@@ -332,6 +351,7 @@ fn start_log_scan(
         );
     }
     let source = DockerSource::start(
+        rt,
         SourceConfig {
             socket: d.socket.clone(),
             workload_labels: d.workload_labels.clone(),

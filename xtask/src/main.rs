@@ -31,7 +31,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `ingest`, `scan`, `alert`.
+    /// Benchmarks: `ingest`, `scan`, `alert`, `steady`, `burst`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -169,7 +169,18 @@ fn bench(root: &Path, name: &str) -> Result<()> {
             prepare_host()?;
             cargo(root, &["bench", "-p", "nattrail", "--bench", name])
         }
-        other => bail!("unknown benchmark {other:?}; available: ingest, scan, alert"),
+        "steady" | "burst" => {
+            require_root()?;
+            packages::ensure(packages::NEEDED)?;
+            prepare_host()?;
+            cargo(
+                root,
+                &["bench", "-p", "nattrail", "--bench", "live", "--", name],
+            )
+        }
+        other => {
+            bail!("unknown benchmark {other:?}; available: ingest, scan, alert, steady, burst")
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -27,6 +28,7 @@ use tracing::{debug, info};
 use super::auth::Via;
 use super::routes::{ApiState, router};
 use crate::config::ApiConfig;
+use crate::pipeline::service::Service;
 use crate::status::ApiConnStats;
 
 /// Errors of starting the API.
@@ -107,8 +109,7 @@ impl Slots {
 
 /// A running API server; stops when dropped or on `stop`.
 pub struct ApiServer {
-    stop: watch::Sender<bool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    service: Option<Service>,
     socket: Option<PathBuf>,
 }
 
@@ -158,8 +159,9 @@ fn socket_dir(p: &std::path::Path) -> Result<(), ApiStartError> {
 }
 
 impl ApiServer {
-    /// Binds the configured listeners and serves until stopped.
+    /// Binds the configured listeners and serves on `rt` until stopped.
     pub fn start(
+        rt: &Handle,
         cfg: &ApiConfig,
         state: ApiState,
         token: String,
@@ -174,15 +176,6 @@ impl ApiServer {
             header_timeout: Duration::from_millis(cfg.header_timeout_ms.max(1)),
             max_connections: cfg.max_connections.max(1),
         };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("api")
-            .enable_all()
-            .build()
-            .map_err(|source| ApiStartError::Bind {
-                what: "a tokio runtime".into(),
-                source,
-            })?;
         let tcp = if cfg.listen.is_empty() {
             None
         } else {
@@ -220,37 +213,27 @@ impl ApiServer {
                 Some(l)
             }
         };
-        let (stop, stopped) = watch::channel(false);
-        let thread = std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    let mut tasks = Vec::new();
-                    let serve = |via| Serving {
-                        app: app.clone(),
-                        via,
-                        limits,
-                        stats: Arc::clone(&stats),
-                        stopped: stopped.clone(),
-                    };
-                    if let Some(l) = tcp {
-                        tasks.push(tokio::spawn(accept_loop(l, serve(Via::Tcp))));
-                    }
-                    if let Some(l) = unix {
-                        tasks.push(tokio::spawn(accept_loop(l, serve(Via::UnixSocket))));
-                    }
-                    for t in tasks {
-                        let _ = t.await;
-                    }
-                });
-            })
-            .map_err(|source| ApiStartError::Bind {
-                what: "the api thread".into(),
-                source,
-            })?;
+        let service = Service::spawn(rt, move |stopped| async move {
+            let mut tasks = Vec::new();
+            let serve = |via| Serving {
+                app: app.clone(),
+                via,
+                limits,
+                stats: Arc::clone(&stats),
+                stopped: stopped.clone(),
+            };
+            if let Some(l) = tcp {
+                tasks.push(tokio::spawn(accept_loop(l, serve(Via::Tcp))));
+            }
+            if let Some(l) = unix {
+                tasks.push(tokio::spawn(accept_loop(l, serve(Via::UnixSocket))));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
         Ok(ApiServer {
-            stop,
-            thread: Some(thread),
+            service: Some(service),
             socket,
         })
     }
@@ -261,9 +244,8 @@ impl ApiServer {
     }
 
     fn shutdown(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(s) = self.service.take() {
+            s.stop();
         }
         if let Some(p) = self.socket.take() {
             let _ = std::fs::remove_file(p);

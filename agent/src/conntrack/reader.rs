@@ -76,6 +76,14 @@ pub enum ReaderError {
 }
 
 const RECV_TIMEOUT: Duration = Duration::from_millis(200);
+/// After reading the queue empty, the reader sleeps this long before waiting again, so the
+/// events of a busy gateway are read (and handed to the writer) in batches, one wakeup per
+/// batch instead of one per event. 10 ms of events at 200k/s is about 2 MB of the 64 MiB
+/// socket buffer; a drain longer than `COALESCE_BELOW` datagrams (the queue is filling
+/// faster than that) skips the sleep.
+const COALESCE: Duration = Duration::from_millis(10);
+/// Datagrams per drain under which the reader sleeps `COALESCE` before the next.
+const COALESCE_BELOW: u32 = 4_096;
 /// Dumps in one resync at most, while events keep being dropped during them.
 const MAX_DUMPS_PER_RESYNC: u32 = 8;
 /// How often the kernel drop counter is compared with what we accounted: drops while the
@@ -379,6 +387,8 @@ impl Reader {
         // then does not prove the stream complete.
         let mut congested = false;
         let mut last_drop_check = std::time::Instant::now();
+        // Datagrams read since the last wait: while non-zero the reader drains without waiting.
+        let mut drained: u32 = 0;
         while !shutdown.load(Ordering::Relaxed) {
             if last_drop_check.elapsed() >= DROP_CHECK_EVERY {
                 last_drop_check = std::time::Instant::now();
@@ -402,8 +412,14 @@ impl Reader {
             // Outside congestion a drop before this call would make recv report ENOBUFS
             // before any data, so data returned means the stream was complete until now.
             let before_recv = now_ns();
-            match self.events.recv(&mut buf).map_err(ReaderError::Recv)? {
+            let got = if drained > 0 {
+                self.events.recv_nowait(&mut buf)
+            } else {
+                self.events.recv(&mut buf)
+            };
+            match got.map_err(ReaderError::Recv)? {
                 Recv::Data(n) => {
+                    drained = drained.saturating_add(1);
                     self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
                     let received = now_ns();
                     if !congested {
@@ -439,6 +455,10 @@ impl Reader {
                             congested = false;
                             last_ok = now_ns();
                         }
+                    }
+                    let batch = std::mem::take(&mut drained);
+                    if batch > 0 && batch < COALESCE_BELOW {
+                        std::thread::sleep(COALESCE);
                     }
                 }
                 Recv::Overflow => {

@@ -111,10 +111,20 @@ impl NfSocket {
         }
     }
 
-    /// Receives one datagram into `buf` (whose capacity must be at least 64 KiB).
+    /// Receives one datagram into `buf` (whose capacity must be at least 64 KiB), waiting
+    /// up to the socket's timeout.
     pub fn recv(&self, buf: &mut Vec<u8>) -> io::Result<Recv> {
+        self.recv_flags(buf, 0)
+    }
+
+    /// Receives one datagram if one is queued; `Recv::Timeout` when the queue is empty.
+    pub fn recv_nowait(&self, buf: &mut Vec<u8>) -> io::Result<Recv> {
+        self.recv_flags(buf, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_flags(&self, buf: &mut Vec<u8>, flags: libc::c_int) -> io::Result<Recv> {
         buf.clear();
-        match self.sock.recv(buf, 0) {
+        match self.sock.recv(buf, flags) {
             Ok(n) => Ok(Recv::Data(n)),
             Err(e) => match e.raw_os_error() {
                 Some(libc::ENOBUFS) => Ok(Recv::Overflow),

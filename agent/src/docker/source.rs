@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::thread;
+
 use std::time::Duration;
 
 use bollard::Docker;
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use futures_util::StreamExt;
-use tokio::sync::{Notify, watch};
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::tail::{FollowEnd, Streams, TailCtx, TailError, TailStats, follow};
@@ -19,6 +20,7 @@ use crate::pipeline::messages::Pos;
 use crate::pipeline::messages::{ContainerInfo, ScanMsg};
 use crate::pipeline::metrics::counters;
 use crate::pipeline::ratelimit::RateLimitedLog;
+use crate::pipeline::service::Service;
 use crate::pipeline::stage::StageTx;
 use crate::scan::live::LiveRules;
 
@@ -77,14 +79,14 @@ struct Shared {
 
 /// The running source; dropping it does not stop it, [`DockerSource::stop`] does.
 pub struct DockerSource {
-    stop: watch::Sender<bool>,
-    thread: thread::JoinHandle<()>,
+    service: Service,
 }
 
 impl DockerSource {
-    /// Starts discovery and tails on their own thread. `positions` are the saved cursors;
+    /// Starts discovery and tails on `rt`. `positions` are the saved cursors;
     /// lines go to `shards[hash(container id) % len]`.
     pub fn start(
+        rt: &Handle,
         cfg: SourceConfig,
         live: Arc<LiveRules>,
         shards: Vec<StageTx<ScanMsg>>,
@@ -112,34 +114,21 @@ impl DockerSource {
             stats,
             warn: Mutex::new(RateLimitedLog::new(Duration::from_secs(60))),
         });
-        let (stop, mut stopped) = watch::channel(false);
-        let thread = thread::Builder::new()
-            .name("docker".into())
-            .spawn(move || {
-                // One thread for every tail: they mostly wait on dockerd, and a tail that
-                // blocks on a full scan backlog should slow the others down too.
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("building the docker source's runtime");
-                rt.block_on(async move {
-                    tokio::select! {
-                        _ = discover(Arc::clone(&shared)) => {}
-                        _ = stopped.wait_for(|s| *s) => {}
-                    }
-                    for (_, t) in shared.tails.lock().expect("tails lock").drain() {
-                        t.task.abort();
-                    }
-                });
-            })
-            .expect("starting the docker thread");
-        Ok(DockerSource { stop, thread })
+        let service = Service::spawn(rt, move |mut stopped| async move {
+            tokio::select! {
+                _ = discover(Arc::clone(&shared)) => {}
+                _ = stopped.wait_for(|s| *s) => {}
+            }
+            for (_, t) in shared.tails.lock().expect("tails lock").drain() {
+                t.task.abort();
+            }
+        });
+        Ok(DockerSource { service })
     }
 
     /// Stops every tail; lines already read are in the scan backlog.
     pub fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.thread.join();
+        self.service.stop();
     }
 }
 

@@ -8,4 +8,5 @@ pub mod messages;
 pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
+pub mod service;
 pub mod stage;

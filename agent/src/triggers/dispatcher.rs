@@ -8,12 +8,13 @@
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::thread;
+
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::json;
+use tokio::runtime::Handle;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
@@ -21,6 +22,7 @@ use super::delivery::{Deliverer, DeliveryConfig, Outcome, Target};
 use super::filter::CompiledFilter;
 use super::ssrf::Guard;
 use crate::pipeline::metrics::counters;
+use crate::pipeline::service::Service;
 use crate::store::bus::{EventBus, StoredEvent};
 use crate::store::database::Database;
 use crate::store::schema::db_err;
@@ -312,21 +314,20 @@ pub fn target(t: &Trigger) -> Target {
 pub struct DispatchHandle {
     /// The dispatcher (reload, test, counters).
     pub dispatcher: Arc<Dispatcher>,
-    stop: watch::Sender<bool>,
-    thread: thread::JoinHandle<()>,
+    service: Service,
 }
 
 impl DispatchHandle {
     /// Stops matching, sends what is queued within the grace period and logs the rest as
     /// abandoned.
     pub fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.thread.join();
+        self.service.stop();
     }
 }
 
-/// Loads the triggers and starts dispatching events from `bus`.
+/// Loads the triggers and starts dispatching events from `bus`, on `rt`.
 pub fn start(
+    rt: &Handle,
     db: Arc<Database>,
     bus: &EventBus,
     guard: Arc<Guard>,
@@ -349,93 +350,78 @@ pub fn start(
     });
     dispatcher.reload()?;
     let mut rx = bus.subscribe();
-    let (stop, mut stopped) = watch::channel(false);
     let d = Arc::clone(&dispatcher);
-    let thread = thread::Builder::new()
-        .name("triggers".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("building the dispatcher's runtime");
-            rt.block_on(async move {
-                tokio::spawn(write_delivery_log(db, log_rx));
-                let (qtx, qrx) = mpsc::channel::<Job>(cfg.queue_capacity.max(1));
-                let qrx = Arc::new(tokio::sync::Mutex::new(qrx));
-                let (give_up_tx, give_up) = watch::channel(false);
-                let mut workers = tokio::task::JoinSet::new();
-                for _ in 0..cfg.workers.max(1) {
-                    let (d, qrx, mut give_up) = (Arc::clone(&d), Arc::clone(&qrx), give_up.clone());
-                    workers.spawn(async move {
-                        loop {
-                            let job = qrx.lock().await.recv().await;
-                            let Some(job) = job else { break };
-                            let t = &job.trigger.trigger;
-                            // Stable across retries: one event, one trigger, one id.
-                            let id = format!("evt_{}_{}", job.event.id, t.id);
-                            let body = serde_json::to_vec(&payload(t, &job.event))
-                                .expect("payloads serialise");
-                            let to = target(t);
-                            let out = if *give_up.borrow() {
-                                None
-                            } else {
-                                tokio::select! {
-                                    out = d.deliverer.deliver(&to, &id, &body) => Some(out),
-                                    _ = give_up.wait_for(|g| *g) => None,
-                                }
-                            };
-                            d.record(t, Some(job.event.id), &id, out.as_ref()).await;
-                        }
-                    });
-                }
-                loop {
-                    tokio::select! {
-                        ev = rx.recv() => match ev {
-                            Ok(ev) => d.dispatch(ev, &qtx),
-                            Err(broadcast::error::RecvError::Lagged(n)) => {
-                                d.stats.missed.fetch_add(n, Ordering::Relaxed);
-                                warn!(missed = n, "trigger dispatcher fell behind the event bus");
+    let service = Service::spawn(rt, move |mut stopped| async move {
+        {
+            tokio::spawn(write_delivery_log(db, log_rx));
+            let (qtx, qrx) = mpsc::channel::<Job>(cfg.queue_capacity.max(1));
+            let qrx = Arc::new(tokio::sync::Mutex::new(qrx));
+            let (give_up_tx, give_up) = watch::channel(false);
+            let mut workers = tokio::task::JoinSet::new();
+            for _ in 0..cfg.workers.max(1) {
+                let (d, qrx, mut give_up) = (Arc::clone(&d), Arc::clone(&qrx), give_up.clone());
+                workers.spawn(async move {
+                    loop {
+                        let job = qrx.lock().await.recv().await;
+                        let Some(job) = job else { break };
+                        let t = &job.trigger.trigger;
+                        // Stable across retries: one event, one trigger, one id.
+                        let id = format!("evt_{}_{}", job.event.id, t.id);
+                        let body = serde_json::to_vec(&payload(t, &job.event))
+                            .expect("payloads serialise");
+                        let to = target(t);
+                        let out = if *give_up.borrow() {
+                            None
+                        } else {
+                            tokio::select! {
+                                out = d.deliverer.deliver(&to, &id, &body) => Some(out),
+                                _ = give_up.wait_for(|g| *g) => None,
                             }
-                            Err(broadcast::error::RecvError::Closed) => break,
-                        },
-                        _ = stopped.wait_for(|s| *s) => break,
+                        };
+                        d.record(t, Some(job.event.id), &id, out.as_ref()).await;
                     }
-                }
-                // Events committed just before the stop are still on the bus.
-                loop {
-                    match rx.try_recv() {
+                });
+            }
+            loop {
+                tokio::select! {
+                    ev = rx.recv() => match ev {
                         Ok(ev) => d.dispatch(ev, &qtx),
-                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
                             d.stats.missed.fetch_add(n, Ordering::Relaxed);
+                            warn!(missed = n, "trigger dispatcher fell behind the event bus");
                         }
-                        Err(_) => break,
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = stopped.wait_for(|s| *s) => break,
+                }
+            }
+            // Events committed just before the stop are still on the bus.
+            loop {
+                match rx.try_recv() {
+                    Ok(ev) => d.dispatch(ev, &qtx),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        d.stats.missed.fetch_add(n, Ordering::Relaxed);
                     }
+                    Err(_) => break,
                 }
-                drop(qtx);
-                let drained = async { while workers.join_next().await.is_some() {} };
-                if tokio::time::timeout(cfg.grace, drained).await.is_err() {
-                    let _ = give_up_tx.send(true);
-                    while workers.join_next().await.is_some() {}
-                    let n = d.stats.abandoned.load(Ordering::Relaxed);
-                    warn!(
-                        abandoned = n,
-                        grace = ?cfg.grace,
-                        "webhook deliveries abandoned at stop"
-                    );
-                }
-            });
-        })
-        .map_err(|e| {
-            TriggerError::Store(crate::store::schema::StoreError::Native {
-                context: "starting the dispatcher thread".into(),
-                detail: e.to_string(),
-            })
-        })?;
+            }
+            drop(qtx);
+            let drained = async { while workers.join_next().await.is_some() {} };
+            if tokio::time::timeout(cfg.grace, drained).await.is_err() {
+                let _ = give_up_tx.send(true);
+                while workers.join_next().await.is_some() {}
+                let n = d.stats.abandoned.load(Ordering::Relaxed);
+                warn!(
+                    abandoned = n,
+                    grace = ?cfg.grace,
+                    "webhook deliveries abandoned at stop"
+                );
+            }
+        }
+    });
     Ok(DispatchHandle {
         dispatcher,
-        stop,
-        thread,
+        service,
     })
 }
 
@@ -544,6 +530,7 @@ mod tests {
         }
         let bus = EventBus::default();
         let h = start(
+            &Handle::current(),
             Arc::clone(&db),
             &bus,
             guard,
@@ -671,7 +658,7 @@ mod tests {
             delivery: DeliveryConfig::default(),
             grace,
         };
-        let h = start(Arc::clone(&db), &bus, guard, cfg).unwrap();
+        let h = start(&Handle::current(), Arc::clone(&db), &bus, guard, cfg).unwrap();
         (db, bus, h)
     }
 
