@@ -505,6 +505,11 @@ impl<T> StageTx<T> {
 }
 
 impl<T> StageRx<T> {
+    /// What the stage's producers do when it stays full.
+    pub fn overflow(&self) -> Overflow {
+        self.shared.cfg.overflow
+    }
+
     /// Waits up to `timeout` for the next item.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<T, RecvTimeoutError> {
         let r = self.rx.recv_timeout(timeout);

@@ -193,9 +193,10 @@ counters! {
 struct LogClock(Arc<AtomicU64>);
 
 impl LogClock {
-    /// Moves the clock to `ns` unless it is already later; returns the time now.
-    fn advance(&self, ns: u64) -> u64 {
-        self.0.fetch_max(ns, Ordering::Relaxed).max(ns)
+    /// Sets the clock (only its one scanner writes it: a plain store, no read-modify-write
+    /// on the hot path).
+    fn set(&self, ns: u64) {
+        self.0.store(ns, Ordering::Relaxed);
     }
 }
 
@@ -213,6 +214,8 @@ pub struct ContainerScanner {
     workload: String,
     container: String,
     last_hit: HashMap<u64, u64>,
+    /// The latest log time seen, which the clock shows.
+    now: u64,
     clock: LogClock,
     bucket: RateLimiter<NotKeyed, InMemoryState, LogClock, NoOpMiddleware<Duration>>,
 }
@@ -225,6 +228,7 @@ impl ContainerScanner {
             workload: workload.to_string(),
             container: container.to_string(),
             last_hit: HashMap::new(),
+            now: 0,
             bucket: RateLimiter::direct_with_clock(
                 Quota::per_second(rate).allow_burst(burst),
                 clock.clone(),
@@ -244,7 +248,11 @@ impl ContainerScanner {
         stats: &ScanStats,
     ) -> Vec<Hit> {
         stats.lines_seen.fetch_add(1, Ordering::Relaxed);
-        let now = self.clock.advance(logged_ns);
+        if logged_ns > self.now {
+            self.now = logged_ns;
+            self.clock.set(logged_ns);
+        }
+        let now = self.now;
         let mut hits = Vec::new();
         for (rule, caps) in rules.matches(line, stream) {
             if let Some(last) = self.last_hit.get(&rule.id)

@@ -24,7 +24,7 @@ use crate::pipeline::clock::now_ns;
 use crate::pipeline::flow::{Addr, EventKind, FlowEvent, TimeSource, Tuple};
 use crate::pipeline::messages::{LogBatch, WriterMsg};
 use crate::pipeline::metrics::counters;
-use crate::pipeline::stage::StageRx;
+use crate::pipeline::stage::{Overflow, StageRx};
 
 counters! {
     /// Counters of the writer, readable from other threads.
@@ -77,9 +77,8 @@ impl WriterConfig {
 
 /// How often an idle writer records that its capture session is still running.
 const SESSION_TOUCH: Duration = Duration::from_secs(10);
-/// Once woken by a message, the writer waits this long for more before serving them, so a
-/// steady trickle is written in batches (one wakeup per batch, not per event). Skipped when
-/// a stage is a quarter full.
+/// Once woken by a conntrack event, the writer waits this long for more before serving them,
+/// so a steady trickle is written in batches (one wakeup per batch, not per event).
 const COALESCE: Duration = Duration::from_millis(10);
 
 /// Log batches stored in one transaction at most.
@@ -456,14 +455,10 @@ impl Writer {
                     }
                     let woke = sel
                         .ready_timeout(deadline.saturating_duration_since(Instant::now()))
-                        .is_ok();
-                    let filling = sources
-                        .iter()
-                        .any(|s| s.receiver().len() * 4 >= s.receiver().capacity().unwrap_or(0));
-                    if woke && !filling {
-                        std::thread::sleep(
-                            COALESCE.min(deadline.saturating_duration_since(Instant::now())),
-                        );
+                        .ok()
+                        .map(|k| live[k]);
+                    if let Some(first) = woke {
+                        self.coalesce(sources, &live, first, deadline);
                     }
                 }
             }
@@ -476,6 +471,40 @@ impl Writer {
         sessions::stop(&self.conn, self.session_id, now_ns())?;
         debug!("writer stopped");
         Ok(())
+    }
+
+    /// Woken by stage `first`: when that is an event source (a stage that drops rather than
+    /// waits, conntrack), waits up to `COALESCE` for more of its events, so a steady trickle
+    /// is served in batches. Any message on a waiting stage (log hits, agent events: someone
+    /// may be waiting for their webhook) ends the wait at once, and so does a stage a quarter
+    /// full.
+    fn coalesce(
+        &self,
+        sources: &[StageRx<WriterMsg>],
+        live: &[usize],
+        first: usize,
+        deadline: Instant,
+    ) {
+        let filling = sources
+            .iter()
+            .any(|s| s.receiver().len() * 4 >= s.receiver().capacity().unwrap_or(0));
+        if filling || sources[first].overflow() != Overflow::DropNewest {
+            return;
+        }
+        let wait = COALESCE.min(deadline.saturating_duration_since(Instant::now()));
+        let mut others = crossbeam_channel::Select::new();
+        let mut any = false;
+        for &i in live {
+            if sources[i].overflow() == Overflow::Wait {
+                others.recv(sources[i].receiver());
+                any = true;
+            }
+        }
+        if any {
+            let _ = others.ready_timeout(wait);
+        } else {
+            std::thread::sleep(wait);
+        }
     }
 
     /// Writes everything committed into the data file and truncates the WAL.
