@@ -78,10 +78,11 @@ pub enum ReaderError {
 const RECV_TIMEOUT: Duration = Duration::from_millis(200);
 /// After reading the queue empty, the reader sleeps this long before waiting again, so the
 /// events of a busy gateway are read (and handed to the writer) in batches, one wakeup per
-/// batch instead of one per event. 10 ms of events at 200k/s is about 2 MB of the 64 MiB
+/// batch instead of one per event. 25 ms of events at 200k/s is about 6 MB of the 64 MiB
 /// socket buffer; a drain longer than `COALESCE_BELOW` datagrams (the queue is filling
-/// faster than that) skips the sleep.
-const COALESCE: Duration = Duration::from_millis(10);
+/// faster than that) skips the sleep. The trail does not wait for it: rows are committed
+/// once a second.
+const COALESCE: Duration = Duration::from_millis(25);
 /// Datagrams per drain under which the reader sleeps `COALESCE` before the next.
 const COALESCE_BELOW: u32 = 4_096;
 /// Dumps in one resync at most, while events keep being dropped during them.
