@@ -38,6 +38,19 @@ enum Cmd {
     },
     /// Capture a fresh conntrack fixture from the lab into tests/fixtures/.
     CaptureFixture,
+    /// Write a synthetic trail through the agent's writer, and its ground-truth lookups
+    /// (`<out>.cases.jsonl`).
+    GenTrail {
+        /// Flows in all.
+        #[arg(long, default_value_t = 1_000_000)]
+        flows: u64,
+        /// Days they span.
+        #[arg(long, default_value_t = 1)]
+        days: u32,
+        /// The database to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Long campaign of the hostile-bytes property tests (Docker frames, log lines,
     /// ctnetlink datagrams, config text); prints cases/s per target.
     Fuzz {
@@ -61,6 +74,27 @@ fn main() -> Result<()> {
         Cmd::Demo => demo(&root),
         Cmd::Test { args } => test(&root, &args),
         Cmd::Bench { name } => bench(&root, &name),
+        Cmd::GenTrail { flows, days, out } => {
+            let out = std::path::absolute(&out).context("the output path")?;
+            cargo(
+                &root,
+                &[
+                    "run",
+                    "--release",
+                    "-p",
+                    "nattrail",
+                    "--example",
+                    "gen_trail",
+                    "--",
+                    "--flows",
+                    &flows.to_string(),
+                    "--days",
+                    &days.to_string(),
+                    "--out",
+                    &out.display().to_string(),
+                ],
+            )
+        }
         Cmd::CaptureFixture => capture_fixture(&root),
         Cmd::Fuzz { cases, seed } => fuzz(&root, cases, seed),
     }
