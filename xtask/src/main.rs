@@ -31,7 +31,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `ingest`, `scan`, `alert`, `steady`, `burst`.
+    /// Benchmarks: `ingest`, `scan`, `alert`, `steady`, `burst`, `trail`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -196,7 +196,7 @@ fn contracts(root: &Path) -> Result<()> {
 
 fn bench(root: &Path, name: &str) -> Result<()> {
     match name {
-        "ingest" | "scan" => cargo(root, &["bench", "-p", "nattrail", "--bench", name]),
+        "ingest" | "scan" | "trail" => cargo(root, &["bench", "-p", "nattrail", "--bench", name]),
         "alert" => {
             require_root()?;
             packages::ensure(packages::NEEDED)?;
@@ -213,7 +213,9 @@ fn bench(root: &Path, name: &str) -> Result<()> {
             )
         }
         other => {
-            bail!("unknown benchmark {other:?}; available: ingest, scan, alert, steady, burst")
+            bail!(
+                "unknown benchmark {other:?}; available: ingest, scan, alert, steady, burst, trail"
+            )
         }
     }
 }

@@ -1,0 +1,228 @@
+//! `cargo xtask bench trail`: the trail at a gateway's scale. On a generated trail (by
+//! default one day of 40 M flows, made once and kept in /var/tmp/nattrail-bench), prints the
+//! bytes per flow on disk, `who` in process and through the CLI on the file (checked against
+//! the generator's ground truth), and `flows --internal-ip` over one hour.
+//!
+//! `NATTRAIL_TRAIL=<db>` measures another trail (its `<db>.cases.jsonl` beside it);
+//! `NATTRAIL_TRAIL_FLOWS` sets the size of one to generate; `NATTRAIL_TRAIL_CASES` how many
+//! lookups are timed.
+
+#[path = "../../tests/support/gen_trail.rs"]
+mod gen_trail;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chrono::{SecondsFormat, TimeZone, Utc};
+use nattrail::query::flows::{FlowsQuery, flows};
+use nattrail::query::who::{WhoQuery, WhoStatus, who};
+use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
+
+struct Case {
+    public: (IpAddr, u16),
+    at_ns: u64,
+    internal: (String, u16),
+}
+
+fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn cases_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_os_string();
+    p.push(".cases.jsonl");
+    PathBuf::from(p)
+}
+
+/// Makes the default trail once (minutes for 40 M flows).
+fn ensure_trail(db: &Path) -> Result<()> {
+    if db.exists() && cases_path(db).exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(db.parent().context("a directory")?)?;
+    let _ = std::fs::remove_file(db);
+    let flows = env_or("NATTRAIL_TRAIL_FLOWS", 40_000_000u64);
+    println!("generating {flows} flows into {} (once)", db.display());
+    let cfg = gen_trail::GenConfig {
+        flows,
+        case_every: (flows / 2_000).max(1),
+        ..Default::default()
+    };
+    let wcfg = WriterConfig {
+        db_path: db.to_path_buf(),
+        ..WriterConfig::from_config(&nattrail::config::Config::default())
+    };
+    let mut writer = Writer::open(&wcfg, Arc::new(WriterStats::default()))?;
+    let (stats, cases) = gen_trail::generate(&cfg, &mut writer)?;
+    let conn = writer.database().connect()?;
+    gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
+    writer.checkpoint()?;
+    let mut lines = String::new();
+    for c in &cases {
+        lines.push_str(
+            &serde_json::json!({
+                "public_ip": c.public.0.to_string(), "public_port": c.public.1,
+                "at_ns": c.at_ns, "internal_ip": c.internal.0.to_string(),
+                "internal_port": c.internal.1, "kind": c.kind.name(), "proto": c.proto,
+            })
+            .to_string(),
+        );
+        lines.push('\n');
+    }
+    std::fs::write(cases_path(db), lines)?;
+    Ok(())
+}
+
+fn load_cases(db: &Path) -> Result<Vec<Case>> {
+    let text = std::fs::read_to_string(cases_path(db))?;
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            Ok(Case {
+                public: (
+                    v["public_ip"].as_str().context("public_ip")?.parse()?,
+                    u16::try_from(v["public_port"].as_u64().context("public_port")?)?,
+                ),
+                at_ns: v["at_ns"].as_u64().context("at_ns")?,
+                internal: (
+                    v["internal_ip"]
+                        .as_str()
+                        .context("internal_ip")?
+                        .to_string(),
+                    u16::try_from(v["internal_port"].as_u64().context("internal_port")?)?,
+                ),
+            })
+        })
+        .collect()
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() -> Result<()> {
+    let db = std::env::var_os("NATTRAIL_TRAIL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/nattrail-bench/trail-1d.duckdb"));
+    ensure_trail(&db)?;
+    let cases = load_cases(&db)?;
+    let n = env_or("NATTRAIL_TRAIL_CASES", 20usize).min(cases.len());
+    let conn = nattrail::store::schema::open_ro(&db)?;
+    let flows_stored: u64 = conn.query_row(
+        "SELECT count(*)::UBIGINT FROM conntrack_events WHERE kind IN (1, 3)",
+        [],
+        |r| r.get(0),
+    )?;
+    let size = std::fs::metadata(&db)?.len();
+    println!(
+        "{}: {flows_stored} flows, {:.0} MiB, {:.1} B per flow",
+        db.display(),
+        size as f64 / 1048576.0,
+        size as f64 / flows_stored.max(1) as f64
+    );
+
+    // In process, spread over the cases file (every kind).
+    let step = (cases.len() / n.max(1)).max(1);
+    let mut times = Vec::new();
+    let mut right = 0;
+    for c in cases.iter().step_by(step).take(n) {
+        let q = WhoQuery {
+            ip: c.public.0,
+            port: c.public.1,
+            at: Utc.timestamp_nanos(c.at_ns as i64),
+            tolerance: Duration::ZERO,
+            proto: None,
+            dst_ip: None,
+            dst_port: None,
+            live: false,
+        };
+        let t = Instant::now();
+        let a = who(&conn, &q)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        let got: Vec<(String, u16)> = a
+            .matches
+            .iter()
+            .map(|m| (m.flow.internal_ip.clone(), m.flow.internal_port))
+            .collect();
+        right += usize::from(a.status == WhoStatus::Found && got == [c.internal.clone()]);
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "who in process: p50 {:.1} ms, p99 {:.1} ms over {} lookups; {right} answered exactly",
+        pct(&times, 0.5),
+        pct(&times, 0.99),
+        times.len()
+    );
+    drop(conn);
+
+    // Through the CLI on the file (a process start, the open, the lookup).
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_nattrail"));
+    let mut cli = Vec::new();
+    for c in cases.iter().step_by(step).take(n.min(5)) {
+        let at = Utc
+            .timestamp_nanos(c.at_ns as i64)
+            .to_rfc3339_opts(SecondsFormat::Micros, true);
+        let t = Instant::now();
+        let out = Command::new(&bin)
+            .arg("--db")
+            .arg(&db)
+            .args([
+                "who",
+                "--ip",
+                &c.public.0.to_string(),
+                "--port",
+                &c.public.1.to_string(),
+                "--at",
+                &at,
+                "--tolerance",
+                "0s",
+                "--json",
+            ])
+            .output()?;
+        cli.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(
+            out.status.success(),
+            "nattrail who: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    cli.sort_by(f64::total_cmp);
+    println!(
+        "who through the CLI on the file: p50 {:.0} ms over {} lookups",
+        pct(&cli, 0.5),
+        cli.len()
+    );
+
+    // One client's flows over one hour in the middle of the trail.
+    let conn = nattrail::store::schema::open_ro(&db)?;
+    let c = &cases[cases.len() / 2];
+    let mid = Utc.timestamp_nanos(c.at_ns as i64);
+    let q = FlowsQuery {
+        internal_ip: Some(c.internal.0.parse()?),
+        public_ip: None,
+        port: None,
+        public_port: None,
+        dst_ip: None,
+        dst_port: None,
+        proto: None,
+        since: Some(mid - chrono::Duration::minutes(30)),
+        until: Some(mid + chrono::Duration::minutes(30)),
+        limit: 10_000,
+    };
+    let t = Instant::now();
+    let rows = flows(&conn, &q)?;
+    println!(
+        "flows --internal-ip {} over one hour: {} rows in {:.0} ms",
+        c.internal.0,
+        rows.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
