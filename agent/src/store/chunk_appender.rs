@@ -38,6 +38,7 @@ plain_cell!(u16, DUCKDB_TYPE_DUCKDB_TYPE_USMALLINT);
 plain_cell!(u32, DUCKDB_TYPE_DUCKDB_TYPE_UINTEGER);
 plain_cell!(u64, DUCKDB_TYPE_DUCKDB_TYPE_UBIGINT);
 plain_cell!(bool, DUCKDB_TYPE_DUCKDB_TYPE_BOOLEAN);
+plain_cell!(i64, DUCKDB_TYPE_DUCKDB_TYPE_BIGINT);
 
 /// A TIMESTAMP value: microseconds since the epoch.
 #[derive(Clone, Copy, Debug)]

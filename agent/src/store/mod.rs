@@ -8,6 +8,7 @@ pub mod database;
 pub mod event_log;
 pub mod files;
 pub mod gaps;
+pub mod open_flows;
 pub mod patch;
 pub mod reconcile;
 pub mod schema;

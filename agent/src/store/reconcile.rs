@@ -111,9 +111,20 @@ impl OpenFlows {
         self.open.is_empty()
     }
 
-    /// Adds a flow found open in the trail at start.
+    /// Adds a flow found open in the trail at start (kept if already there: the first
+    /// record of a flow is its start).
     pub fn load(&mut self, key: FlowKey, flow: OpenFlow) {
-        self.open.insert(key, flow);
+        self.open.entry(key).or_insert(flow);
+    }
+
+    /// Forgets a flow that ended (replaying the trail at start).
+    pub fn unload(&mut self, key: &FlowKey) {
+        self.open.remove(key);
+    }
+
+    /// Every open flow, in no particular order (for the checkpoint).
+    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &OpenFlow)> {
+        self.open.iter()
     }
 
     /// Takes one event: updates the open set and says whether it makes a row.

@@ -36,6 +36,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "trigger secrets out of the database",
         include_str!("../../../schemas/duckdb/0006_trigger_secrets.sql"),
     ),
+    (
+        7,
+        "open flows checkpointed",
+        include_str!("../../../schemas/duckdb/0007_open_flows.sql"),
+    ),
 ];
 
 /// The migrations up to `version`, for tests that build an old database.
@@ -48,7 +53,7 @@ pub(crate) fn migrations_up_to(version: u32) -> impl Iterator<Item = (u32, &'sta
 }
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 /// Errors of opening or migrating the database.
 #[derive(Debug, thiserror::Error)]

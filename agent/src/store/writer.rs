@@ -17,11 +17,12 @@ use super::cursors;
 use super::database::{Database, OpenOptions};
 use super::event_log::{self, Gap};
 use super::gaps::{GapRecord, RecentGaps};
-use super::reconcile::{FlowKey, OpenFlow, OpenFlows, Verdict};
+use super::open_flows;
+use super::reconcile::{OpenFlows, Verdict};
 use super::schema::{StoreError, db_err};
 use super::sessions;
 use crate::pipeline::clock::now_ns;
-use crate::pipeline::flow::{Addr, EventKind, FlowEvent, TimeSource, Tuple};
+use crate::pipeline::flow::{EventKind, FlowEvent, TimeSource};
 use crate::pipeline::messages::{LogBatch, WriterMsg};
 use crate::pipeline::metrics::counters;
 use crate::pipeline::stage::{Overflow, StageRx};
@@ -75,6 +76,8 @@ impl WriterConfig {
     }
 }
 
+/// How often the open flows are checkpointed: a start replays at most this much of the trail.
+const OPEN_FLOWS_CHECKPOINT: Duration = Duration::from_secs(60);
 /// How often an idle writer records that its capture session is still running.
 const SESSION_TOUCH: Duration = Duration::from_secs(10);
 /// Once woken by a conntrack event, the writer waits this long for more before serving them,
@@ -102,6 +105,7 @@ pub struct Writer {
     // Connection events of the open commit, published once it is committed.
     unpublished: Vec<StoredEvent>,
     touched_at: Instant,
+    checkpointed_at: Instant,
 }
 
 impl Writer {
@@ -138,6 +142,7 @@ impl Writer {
             bus: EventBus::default(),
             unpublished: Vec::new(),
             touched_at: Instant::now(),
+            checkpointed_at: Instant::now(),
         };
         w.load_open_flows()?;
         let day_ago = (now_ns() / 1_000) as i64 - 86_400_000_000;
@@ -174,60 +179,21 @@ impl Writer {
     }
 
     fn load_open_flows(&mut self) -> Result<(), StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT s.ct_id, s.zone, s.proto, s.orig_src, s.orig_dst, s.orig_sport, s.orig_dport,
-                        s.reply_src, s.reply_dst, s.reply_sport, s.reply_dport, s.family, s.mark,
-                        s.status, epoch_us(coalesce(s.start_ts, s.ts))
-                 FROM conntrack_events s
-                 WHERE s.kind IN (1, 3) AND NOT EXISTS (
-                    SELECT 1 FROM conntrack_events d
-                    WHERE d.kind = 2 AND d.ct_id = s.ct_id AND d.zone = s.zone AND d.proto = s.proto
-                      AND d.orig_src = s.orig_src AND d.orig_sport = s.orig_sport
-                      AND d.orig_dst = s.orig_dst AND d.orig_dport = s.orig_dport
-                      AND d.seq > s.seq)",
-            )
-            .map_err(db_err("preparing the open-flow query"))?;
-        let rows = stmt
-            .query_map([], |r| {
-                let key = FlowKey {
-                    ct_id: r.get(0)?,
-                    zone: r.get(1)?,
-                    proto: r.get(2)?,
-                    orig: Tuple {
-                        src: Addr(r.get(3)?),
-                        dst: Addr(r.get(4)?),
-                        sport: r.get(5)?,
-                        dport: r.get(6)?,
-                    },
-                };
-                let start_us: i64 = r.get(14)?;
-                let open = OpenFlow::loaded(
-                    Tuple {
-                        src: Addr(r.get(7)?),
-                        dst: Addr(r.get(8)?),
-                        sport: r.get(9)?,
-                        dport: r.get(10)?,
-                    },
-                    r.get(11)?,
-                    r.get(12)?,
-                    r.get(13)?,
-                    start_us.max(0) as u64 * 1_000,
-                );
-                Ok((key, open))
-            })
-            .map_err(db_err("loading open flows"))?;
-        for row in rows {
-            let (k, v) = row.map_err(db_err("loading open flows"))?;
-            self.flows.load(k, v);
-        }
+        let r = open_flows::recover(&self.conn, &mut self.flows)?;
         self.stats
             .open_flows
             .store(self.flows.len() as u64, Ordering::Relaxed);
-        if !self.flows.is_empty() {
-            info!(open = self.flows.len(), "flows open in the trail at start");
+        if r.checkpoint.is_none() {
+            // A trail from before checkpoints (or a new one): the scan is paid once.
+            self.checkpoint_open_flows()?;
         }
+        Ok(())
+    }
+
+    /// Saves the open set (no row is pending: called after a commit or at open).
+    fn checkpoint_open_flows(&mut self) -> Result<(), StoreError> {
+        open_flows::checkpoint(&self.db, &self.conn, &self.flows, self.next_seq)?;
+        self.checkpointed_at = Instant::now();
         Ok(())
     }
 
@@ -387,6 +353,9 @@ impl Writer {
         }
         sessions::touch(&self.conn, self.session_id, now_ns())?;
         self.touched_at = Instant::now();
+        if self.checkpointed_at.elapsed() >= OPEN_FLOWS_CHECKPOINT {
+            self.checkpoint_open_flows()?;
+        }
         self.stats
             .rows
             .fetch_add(self.pending as u64, Ordering::Relaxed);
@@ -470,6 +439,7 @@ impl Writer {
             }
         }
         self.commit()?;
+        self.checkpoint_open_flows()?;
         sessions::stop(&self.conn, self.session_id, now_ns())?;
         debug!("writer stopped");
         Ok(())
@@ -652,6 +622,97 @@ mod tests {
         // {a1, b1} then, after the held agent event, {a2, a's cursor}.
         assert_eq!(stats.log_commits.load(Ordering::Relaxed), 2);
         drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A flow of the open-flow tests: client port `sport`, kernel id `id`.
+    fn flow(kind: EventKind, id: u32, sport: u16) -> WriterMsg {
+        use crate::pipeline::flow::{Addr, IPS_SRC_NAT, Tuple};
+        WriterMsg::Flow {
+            ev: FlowEvent {
+                kind,
+                family: 4,
+                proto: 6,
+                orig: Tuple {
+                    src: Addr::from_v4([10, 0, 0, 2]),
+                    dst: Addr::from_v4([198, 51, 100, 2]),
+                    sport,
+                    dport: 443,
+                },
+                reply: Tuple {
+                    src: Addr::from_v4([198, 51, 100, 2]),
+                    dst: Addr::from_v4([203, 0, 113, 1]),
+                    sport: 443,
+                    dport: sport,
+                },
+                ct_id: id,
+                zone: 0,
+                mark: 0,
+                status: IPS_SRC_NAT,
+                tcp_state: None,
+                icmp: None,
+                counters_orig: None,
+                counters_reply: None,
+                start_ns: Some(1_700_000_000_000_000_000 + u64::from(id)),
+                stop_ns: None,
+                event_ns: None,
+            },
+            received_ns: 1_700_000_000_000_000_000,
+        }
+    }
+
+    fn open_ids(w: &Writer) -> Vec<u32> {
+        let mut ids: Vec<u32> = w.flows.iter().map(|(k, _)| k.ct_id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn a_start_recovers_open_flows_from_the_checkpoint_and_the_rows_since() {
+        use EventKind::{Destroy, New};
+        let (dir, cfg, _, mut w) = test_writer("checkpoint");
+        w.write_batch([flow(New, 1, 1001), flow(New, 2, 1002), flow(New, 3, 1003)])
+            .unwrap();
+        w.checkpoint_open_flows().unwrap();
+        // After the checkpoint, then a crash (no clean stop, no new checkpoint): flow 1 ends,
+        // flow 4 begins.
+        w.write_batch([flow(Destroy, 1, 1001), flow(New, 4, 1004)])
+            .unwrap();
+        drop(w);
+        let stats = Arc::new(WriterStats::default());
+        let w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        assert_eq!(open_ids(&w), [2, 3, 4]);
+        assert_eq!(stats.open_flows.load(Ordering::Relaxed), 3);
+        let r = open_flows::recover(&w.conn, &mut OpenFlows::default()).unwrap();
+        assert_eq!(
+            (r.checkpoint, r.loaded, r.replayed),
+            (Some(3), 3, 2),
+            "three flows in the checkpoint, two rows since"
+        );
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_trail_without_a_checkpoint_is_scanned_once_then_checkpointed() {
+        use EventKind::{Destroy, New};
+        let (dir, cfg, _, mut w) = test_writer("nocheckpoint");
+        w.write_batch([
+            flow(New, 1, 1001),
+            flow(New, 2, 1002),
+            flow(Destroy, 2, 1002),
+        ])
+        .unwrap();
+        // As a trail written before schema 7 would be.
+        w.conn
+            .execute_batch("DELETE FROM open_flows; DELETE FROM open_flows_checkpoint")
+            .unwrap();
+        drop(w);
+        let w = Writer::open(&cfg, Arc::new(WriterStats::default())).unwrap();
+        assert_eq!(open_ids(&w), [1]);
+        let r = open_flows::recover(&w.conn, &mut OpenFlows::default()).unwrap();
+        assert_eq!((r.checkpoint, r.loaded, r.replayed), (Some(3), 1, 0));
+        drop(w);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
