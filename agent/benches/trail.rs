@@ -224,5 +224,141 @@ fn main() -> Result<()> {
         rows.len(),
         t.elapsed().as_secs_f64() * 1e3
     );
+    drop(conn);
+    if std::env::var_os("NATTRAIL_TRAIL_NO_BASELINES").is_none() {
+        // IPv4 only: the text export renders IPv6 as DuckDB's macro does, not as Rust does,
+        // and the NAT's public addresses are IPv4.
+        let picked: Vec<&Case> = cases
+            .iter()
+            .filter(|c| c.public.0.is_ipv4())
+            .step_by(step)
+            .take(n)
+            .collect();
+        baselines(&db, &picked, flows_stored, pct(&times, 0.5))?;
+    }
+    Ok(())
+}
+
+/// What an operator without nattrail has: the day's events as conntrack-parse-style text
+/// searched with `grep -F`, and an indexed SQLite table of the flows (as a ulogd2-to-SQL
+/// user would build). Both made once beside the trail.
+fn baselines(db: &Path, cases: &[&Case], flows_stored: u64, who_p50_ms: f64) -> Result<()> {
+    let events = db.with_extension("events.txt");
+    let flows_csv = db.with_extension("flows.csv");
+    let sqlite = db.with_extension("sqlite");
+    if !events.exists() || !flows_csv.exists() {
+        println!("exporting the trail as text and CSV (once)");
+        // A plain connection: the agent's lockdown (no file access) is not the bench's.
+        let conn = duckdb::Connection::open_with_flags(
+            db,
+            duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?,
+        )?;
+        conn.execute_batch(&format!(
+            "COPY (SELECT strftime(ts, '%Y-%m-%d %H:%M:%S.%f') || ';' ||
+                    CASE kind WHEN 2 THEN 'DESTROY' ELSE 'NEW' END || ';' || nt_proto(proto) || ';' ||
+                    nt_ip(orig_src) || ';' || orig_sport || ';' || nt_ip(orig_dst) || ';' ||
+                    orig_dport || ';' || nt_ip(reply_dst) || ';' || reply_dport || ';'
+                  FROM conntrack_events) TO '{}' (HEADER false, DELIMITER '\t', QUOTE '')",
+            events.display()
+        ))?;
+        conn.execute_batch(&format!(
+            "COPY (SELECT public_ip, public_port, internal_ip, internal_port, proto,
+                    epoch_us(start), coalesce(epoch_us(\"end\"), 9223372036854775807)
+                  FROM flows) TO '{}' (HEADER false)",
+            flows_csv.display()
+        ))?;
+    }
+    if !sqlite.exists() {
+        println!("building the indexed SQLite table (once)");
+        let mut child = Command::new("sqlite3")
+            .arg(&sqlite)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .context("sqlite3 (Debian package sqlite3)")?;
+        use std::io::Write;
+        // Dot-commands must start their line.
+        let script = [
+            "PRAGMA journal_mode=OFF;".to_string(),
+            "PRAGMA synchronous=OFF;".to_string(),
+            "CREATE TABLE f (public_ip TEXT, public_port INTEGER, internal_ip TEXT, \
+             internal_port INTEGER, proto TEXT, start_us INTEGER, end_us INTEGER);"
+                .to_string(),
+            ".mode csv".to_string(),
+            format!(".import {} f", flows_csv.display()),
+            "CREATE INDEX f_public ON f (public_ip, public_port, start_us);".to_string(),
+        ]
+        .join("\n");
+        writeln!(child.stdin.take().context("sqlite3 stdin")?, "{script}")?;
+        anyhow::ensure!(child.wait()?.success(), "building {}", sqlite.display());
+    }
+    let text_bytes = std::fs::metadata(&events)?.len();
+    let sqlite_bytes = std::fs::metadata(&sqlite)?.len();
+
+    let mut grep_ms = Vec::new();
+    for c in cases.iter().take(3) {
+        let needle = format!(";{};{};", c.public.0, c.public.1);
+        let t = Instant::now();
+        let out = Command::new("grep")
+            .args(["-F", &needle])
+            .arg(&events)
+            .output()?;
+        grep_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(!out.stdout.is_empty(), "grep found nothing for {needle}");
+    }
+    grep_ms.sort_by(f64::total_cmp);
+
+    // In process, as our `who` is timed: one Python process, the lookups timed inside it.
+    let lookups: Vec<serde_json::Value> = cases
+        .iter()
+        .map(|c| {
+            serde_json::json!([
+                c.public.0.to_string(),
+                c.public.1,
+                (c.at_ns / 1_000) as i64,
+                c.internal.0,
+                c.internal.1
+            ])
+        })
+        .collect();
+    let script = format!(
+        "import sqlite3, time, json, statistics
+db = sqlite3.connect('file:{}?mode=ro', uri=True)
+ms, right = [], 0
+for ip, port, at, iip, iport in json.loads('{}'):
+    t = time.perf_counter()
+    rows = db.execute('SELECT internal_ip, internal_port FROM f WHERE public_ip = ? AND public_port = ? AND start_us <= ? AND end_us >= ?', (ip, port, at, at)).fetchall()
+    ms.append((time.perf_counter() - t) * 1e3)
+    right += rows == [(iip, iport)]
+print(statistics.median(ms), right, len(ms))",
+        sqlite.display(),
+        serde_json::to_string(&lookups)?
+    );
+    let out = Command::new("python3").args(["-c", &script]).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "python3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let sqlite_p50: f64 = f[0].parse()?;
+    println!(
+        "grep -F over the day as text ({:.1} GiB, {:.0} B per flow): p50 {:.0} ms over {} lookups",
+        text_bytes as f64 / (1u64 << 30) as f64,
+        text_bytes as f64 / flows_stored.max(1) as f64,
+        grep_ms[grep_ms.len() / 2],
+        grep_ms.len()
+    );
+    println!(
+        "indexed SQLite ({:.0} B per flow): p50 {sqlite_p50:.2} ms in process, {}/{} answered exactly",
+        sqlite_bytes as f64 / flows_stored.max(1) as f64,
+        f[1],
+        f[2]
+    );
+    println!(
+        "ratios: who is {:.1}x faster than grep, {:.1}x slower than the indexed SQLite",
+        grep_ms[grep_ms.len() / 2] / who_p50_ms,
+        who_p50_ms / sqlite_p50
+    );
     Ok(())
 }

@@ -196,7 +196,12 @@ fn contracts(root: &Path) -> Result<()> {
 
 fn bench(root: &Path, name: &str) -> Result<()> {
     match name {
-        "ingest" | "scan" | "trail" => cargo(root, &["bench", "-p", "nattrail", "--bench", name]),
+        "ingest" | "scan" => cargo(root, &["bench", "-p", "nattrail", "--bench", name]),
+        "trail" => {
+            // The baselines: grep over the text export, and an indexed SQLite table.
+            packages::ensure(&["sqlite3", "python3", "grep"])?;
+            cargo(root, &["bench", "-p", "nattrail", "--bench", name])
+        }
         "alert" => {
             require_root()?;
             packages::ensure(packages::NEEDED)?;
