@@ -210,40 +210,47 @@ impl OpenFlows {
     }
 }
 
+/// A TCP flow of client port `sport` and kernel id `id` through 203.0.113.1, for the store's
+/// unit tests.
+#[cfg(test)]
+pub(crate) fn test_flow(kind: EventKind, id: u32, sport: u16) -> FlowEvent {
+    FlowEvent {
+        kind,
+        family: 4,
+        proto: 6,
+        orig: Tuple {
+            src: crate::pipeline::flow::Addr::from_v4([10, 0, 0, 2]),
+            dst: crate::pipeline::flow::Addr::from_v4([198, 51, 100, 2]),
+            sport,
+            dport: 443,
+        },
+        reply: Tuple {
+            src: crate::pipeline::flow::Addr::from_v4([198, 51, 100, 2]),
+            dst: crate::pipeline::flow::Addr::from_v4([203, 0, 113, 1]),
+            sport: 443,
+            dport: sport,
+        },
+        ct_id: id,
+        zone: 0,
+        mark: 0,
+        status: crate::pipeline::flow::IPS_SRC_NAT,
+        tcp_state: None,
+        icmp: None,
+        counters_orig: None,
+        counters_reply: None,
+        start_ns: None,
+        stop_ns: None,
+        event_ns: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::flow::{Addr, IPS_SRC_NAT};
+    use crate::pipeline::flow::IPS_SRC_NAT;
 
     fn ev(kind: EventKind, id: u32, sport: u16) -> FlowEvent {
-        FlowEvent {
-            kind,
-            family: 4,
-            proto: 6,
-            orig: Tuple {
-                src: Addr::from_v4([10, 0, 0, 2]),
-                dst: Addr::from_v4([198, 51, 100, 2]),
-                sport,
-                dport: 443,
-            },
-            reply: Tuple {
-                src: Addr::from_v4([198, 51, 100, 2]),
-                dst: Addr::from_v4([203, 0, 113, 1]),
-                sport: 443,
-                dport: sport,
-            },
-            ct_id: id,
-            zone: 0,
-            mark: 0,
-            status: IPS_SRC_NAT,
-            tcp_state: None,
-            icmp: None,
-            counters_orig: None,
-            counters_reply: None,
-            start_ns: None,
-            stop_ns: None,
-            event_ns: None,
-        }
+        test_flow(kind, id, sport)
     }
 
     #[test]

@@ -625,38 +625,13 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A flow of the open-flow tests: client port `sport`, kernel id `id`.
+    /// A flow of the open-flow tests: client port `sport`, kernel id `id`, started at a
+    /// fixed instant.
     fn flow(kind: EventKind, id: u32, sport: u16) -> WriterMsg {
-        use crate::pipeline::flow::{Addr, IPS_SRC_NAT, Tuple};
+        let mut ev = crate::store::reconcile::test_flow(kind, id, sport);
+        ev.start_ns = Some(1_700_000_000_000_000_000 + u64::from(id));
         WriterMsg::Flow {
-            ev: FlowEvent {
-                kind,
-                family: 4,
-                proto: 6,
-                orig: Tuple {
-                    src: Addr::from_v4([10, 0, 0, 2]),
-                    dst: Addr::from_v4([198, 51, 100, 2]),
-                    sport,
-                    dport: 443,
-                },
-                reply: Tuple {
-                    src: Addr::from_v4([198, 51, 100, 2]),
-                    dst: Addr::from_v4([203, 0, 113, 1]),
-                    sport: 443,
-                    dport: sport,
-                },
-                ct_id: id,
-                zone: 0,
-                mark: 0,
-                status: IPS_SRC_NAT,
-                tcp_state: None,
-                icmp: None,
-                counters_orig: None,
-                counters_reply: None,
-                start_ns: Some(1_700_000_000_000_000_000 + u64::from(id)),
-                stop_ns: None,
-                event_ns: None,
-            },
+            ev,
             received_ns: 1_700_000_000_000_000_000,
         }
     }
