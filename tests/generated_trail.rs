@@ -7,12 +7,11 @@ mod gen_trail;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Result, ensure};
-use chrono::{TimeZone, Utc};
 use gen_trail::{CaseKind, GenConfig};
-use nattrail::query::who::{WhoQuery, WhoStatus, who};
+use nattrail::query::who::WhoStatus;
 use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 
 #[test]
@@ -59,25 +58,10 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
     let mut wrong = Vec::new();
     let t = Instant::now();
     for c in &cases {
-        let q = WhoQuery {
-            ip: c.public.0,
-            port: c.public.1,
-            at: Utc.timestamp_nanos(c.at_ns as i64),
-            tolerance: Duration::ZERO,
-            proto: None,
-            dst_ip: None,
-            dst_port: None,
-            live: false,
-        };
-        let a = who(&conn, &q)?;
-        let got: Vec<(String, u16)> = a
-            .matches
-            .iter()
-            .map(|m| (m.flow.internal_ip.clone(), m.flow.internal_port))
-            .collect();
+        let (status, got) = gen_trail::ask(&conn, c.public, c.at_ns)?;
         let want = (c.internal.0.to_string(), c.internal.1);
-        if a.status != WhoStatus::Found || got != [want.clone()] {
-            wrong.push(format!("{:?}: {:?} {got:?}, want {want:?}", c, a.status));
+        if status != WhoStatus::Found || got != [want.clone()] {
+            wrong.push(format!("{c:?}: {status:?} {got:?}, want {want:?}"));
         }
     }
     println!(

@@ -14,12 +14,12 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use chrono::{SecondsFormat, TimeZone, Utc};
 use nattrail::query::flows::{FlowsQuery, flows};
-use nattrail::query::who::{WhoQuery, WhoStatus, who};
+use nattrail::query::who::WhoStatus;
 use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 
 struct Case {
@@ -133,25 +133,10 @@ fn main() -> Result<()> {
     let mut times = Vec::new();
     let mut right = 0;
     for c in cases.iter().step_by(step).take(n) {
-        let q = WhoQuery {
-            ip: c.public.0,
-            port: c.public.1,
-            at: Utc.timestamp_nanos(c.at_ns as i64),
-            tolerance: Duration::ZERO,
-            proto: None,
-            dst_ip: None,
-            dst_port: None,
-            live: false,
-        };
         let t = Instant::now();
-        let a = who(&conn, &q)?;
+        let (status, got) = gen_trail::ask(&conn, c.public, c.at_ns)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
-        let got: Vec<(String, u16)> = a
-            .matches
-            .iter()
-            .map(|m| (m.flow.internal_ip.clone(), m.flow.internal_port))
-            .collect();
-        right += usize::from(a.status == WhoStatus::Found && got == [c.internal.clone()]);
+        right += usize::from(status == WhoStatus::Found && got == [c.internal.clone()]);
     }
     times.sort_by(f64::total_cmp);
     println!(

@@ -1,6 +1,8 @@
 //! `cargo xtask gen-trail --flows N --days D --out DB`: a synthetic trail written through the
 //! agent's writer, and its ground-truth lookups in `DB.cases.jsonl`.
 
+// `ask` (the lookup) is the bench's and the test's, not the generator's.
+#[allow(dead_code)]
 #[path = "../../tests/support/gen_trail.rs"]
 mod gen_trail;
 

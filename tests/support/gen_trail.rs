@@ -452,3 +452,30 @@ pub fn cover_span(
         duckdb::params![(start_ns / 1_000) as i64, (end_ns / 1_000) as i64, session_id],
     )
 }
+
+/// What `who` answers for public `(ip, port)` at `at_ns`, with no tolerance: its status and
+/// the internal endpoints of its matches, best first.
+pub fn ask(
+    conn: &duckdb::Connection,
+    public: (IpAddr, u16),
+    at_ns: u64,
+) -> Result<(nattrail::query::who::WhoStatus, Vec<(String, u16)>), nattrail::query::QueryError> {
+    use chrono::TimeZone;
+    let q = nattrail::query::who::WhoQuery {
+        ip: public.0,
+        port: public.1,
+        at: chrono::Utc.timestamp_nanos(at_ns as i64),
+        tolerance: std::time::Duration::ZERO,
+        proto: None,
+        dst_ip: None,
+        dst_port: None,
+        live: false,
+    };
+    let a = nattrail::query::who::who(conn, &q)?;
+    let got = a
+        .matches
+        .iter()
+        .map(|m| (m.flow.internal_ip.clone(), m.flow.internal_port))
+        .collect();
+    Ok((a.status, got))
+}
