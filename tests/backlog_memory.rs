@@ -162,12 +162,14 @@ fn stalled_writer_keeps_memory_bounded_and_accounts_every_event() -> Result<()> 
     handle.report();
 
     let snap = handle.snapshot();
+    // The budget is the writer's and the stage's: read before the check below, whose
+    // query (the events rebuilt from a million flow rows) is the test's own.
+    let peak = peak_rss_mib();
     let stored: u64 = open_ro(&wcfg.db_path)?.query_row(
         "SELECT count(*)::UBIGINT FROM conntrack_events",
         [],
         |r| r.get(0),
     )?;
-    let peak = peak_rss_mib();
     let text = String::from_utf8(lines.0.lock().unwrap().clone())?;
     let warnings = text.lines().filter(|l| l.contains("backlog full")).count();
     println!(

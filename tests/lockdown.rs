@@ -231,9 +231,12 @@ fn counts(ns: &str, token: &str) -> Result<BTreeMap<String, u64>> {
         "POST",
         "/api/v1/sql",
         Some(token),
-        Some(json!({"sql": "SELECT table_name FROM duckdb_tables() ORDER BY 1"})),
+        Some(
+            json!({"sql": "SELECT table_name FROM duckdb_tables() UNION ALL \
+             SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1"}),
+        ),
     )?;
-    ensure!(st == 200, "listing tables: {st} {body}");
+    ensure!(st == 200, "listing tables and views: {st} {body}");
     let tables: Value = serde_json::from_str(&body)?;
     let mut out = BTreeMap::new();
     for t in tables["rows"].as_array().context("rows")? {

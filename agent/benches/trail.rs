@@ -1,11 +1,14 @@
-//! `cargo xtask bench trail`: the trail at a gateway's scale. On a generated trail (by
-//! default one day of 40 M flows, made once and kept in /var/tmp/nattrail-bench), prints the
-//! bytes per flow on disk, `who` in process and through the CLI on the file (checked against
-//! the generator's ground truth), and `flows --internal-ip` over one hour.
+//! `cargo xtask bench trail`: the trail at a gateway's scale. On generated trails (by default
+//! one day of 40 M flows and seven days of 280 M, made once and kept in
+//! /var/tmp/nattrail-bench), prints for each the bytes per flow on disk, `who` in process and
+//! through the CLI on the file (checked against the generator's ground truth), `flows
+//! --internal-ip` over one hour and the agent's start-up on it; then the baselines on the
+//! first: the day as text searched with `grep -F`, and an indexed SQLite table.
 //!
-//! `NATTRAIL_TRAIL=<db>` measures another trail (its `<db>.cases.jsonl` beside it);
-//! `NATTRAIL_TRAIL_FLOWS` sets the size of one to generate; `NATTRAIL_TRAIL_CASES` how many
-//! lookups are timed.
+//! `NATTRAIL_TRAIL=<db>[,<db>...]` measures other trails (each `<db>.cases.jsonl` beside it);
+//! `NATTRAIL_TRAIL_FLOWS` and `NATTRAIL_TRAIL_DAYS` size one to generate (default: 40 M flows a
+//! day, one day, seven for a name with `-7d`); `NATTRAIL_TRAIL_CASES` how many lookups are
+//! timed; `NATTRAIL_TRAIL_NO_BASELINES` skips grep and SQLite.
 
 #[path = "../../tests/support/gen_trail.rs"]
 mod gen_trail;
@@ -23,6 +26,7 @@ use nattrail::query::who::WhoStatus;
 use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 
 struct Case {
+    kind: String,
     public: (IpAddr, u16),
     at_ns: u64,
     internal: (String, u16),
@@ -48,10 +52,22 @@ fn ensure_trail(db: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(db.parent().context("a directory")?)?;
     let _ = std::fs::remove_file(db);
-    let flows = env_or("NATTRAIL_TRAIL_FLOWS", 40_000_000u64);
-    println!("generating {flows} flows into {} (once)", db.display());
+    let days = env_or(
+        "NATTRAIL_TRAIL_DAYS",
+        if db.to_string_lossy().contains("-7d") {
+            7u32
+        } else {
+            1
+        },
+    );
+    let flows = env_or("NATTRAIL_TRAIL_FLOWS", 40_000_000u64 * u64::from(days));
+    println!(
+        "generating {flows} flows over {days} day(s) into {} (once)",
+        db.display()
+    );
     let cfg = gen_trail::GenConfig {
         flows,
+        days,
         case_every: (flows / 2_000).max(1),
         ..Default::default()
     };
@@ -63,7 +79,11 @@ fn ensure_trail(db: &Path) -> Result<()> {
     let (stats, cases) = gen_trail::generate(&cfg, &mut writer)?;
     let conn = writer.database().connect()?;
     gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
-    writer.checkpoint()?;
+    drop(conn);
+    let database = writer.database();
+    writer.finish()?;
+    database.connect()?.execute_batch("CHECKPOINT")?;
+    drop(database);
     let mut lines = String::new();
     for c in &cases {
         lines.push_str(
@@ -86,6 +106,7 @@ fn load_cases(db: &Path) -> Result<Vec<Case>> {
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l)?;
             Ok(Case {
+                kind: v["kind"].as_str().unwrap_or("").to_string(),
                 public: (
                     v["public_ip"].as_str().context("public_ip")?.parse()?,
                     u16::try_from(v["public_port"].as_u64().context("public_port")?)?,
@@ -107,20 +128,73 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// What one trail measured.
+struct Measured {
+    who_p50_ms: f64,
+    flows_stored: u64,
+}
+
 fn main() -> Result<()> {
-    let db = std::env::var_os("NATTRAIL_TRAIL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/nattrail-bench/trail-1d.duckdb"));
-    ensure_trail(&db)?;
-    let cases = load_cases(&db)?;
-    let n = env_or("NATTRAIL_TRAIL_CASES", 20usize).min(cases.len());
-    let conn = nattrail::store::schema::open_ro(&db)?;
-    let flows_stored: u64 = conn.query_row(
-        "SELECT count(*)::UBIGINT FROM conntrack_events WHERE kind IN (1, 3)",
+    let trails: Vec<PathBuf> = match std::env::var("NATTRAIL_TRAIL") {
+        Ok(list) => list.split(',').map(PathBuf::from).collect(),
+        Err(_) => vec![
+            PathBuf::from("/var/tmp/nattrail-bench/trail-1d.duckdb"),
+            PathBuf::from("/var/tmp/nattrail-bench/trail-7d.duckdb"),
+        ],
+    };
+    let mut measured = Vec::new();
+    for db in &trails {
+        ensure_trail(db)?;
+        measured.push(measure(db)?);
+    }
+    if measured.len() >= 2 {
+        println!(
+            "who p50 on {} against {}: {:.2}x",
+            trails[1].display(),
+            trails[0].display(),
+            measured[1].who_p50_ms / measured[0].who_p50_ms
+        );
+    }
+    if std::env::var_os("NATTRAIL_TRAIL_NO_BASELINES").is_none() {
+        let db = &trails[0];
+        let cases = load_cases(db)?;
+        let n = env_or("NATTRAIL_TRAIL_CASES", 20usize).min(cases.len());
+        let step = (cases.len() / n.max(1)).max(1);
+        // IPv4 only: the text export renders IPv6 as DuckDB's macro does, not as Rust does,
+        // and the NAT's public addresses are IPv4.
+        let picked: Vec<&Case> = cases
+            .iter()
+            .filter(|c| c.public.0.is_ipv4())
+            .step_by(step)
+            .take(n)
+            .collect();
+        baselines(
+            db,
+            &picked,
+            measured[0].flows_stored,
+            measured[0].who_p50_ms,
+        )?;
+    }
+    Ok(())
+}
+
+/// Flows in a trail: final slices and open flows.
+fn count_flows(conn: &duckdb::Connection) -> Result<u64> {
+    Ok(conn.query_row(
+        "SELECT ((SELECT count(*) FROM flow_sealed WHERE flags & 1 = 1)
+               + (SELECT count(*) FROM trail_recent WHERE flags & 1 = 1)
+               + (SELECT count(*) FROM open_flows) + (SELECT count(*) FROM open_journal))::UBIGINT",
         [],
         |r| r.get(0),
-    )?;
-    let size = std::fs::metadata(&db)?.len();
+    )?)
+}
+
+fn measure(db: &Path) -> Result<Measured> {
+    let cases = load_cases(db)?;
+    let n = env_or("NATTRAIL_TRAIL_CASES", 20usize).min(cases.len());
+    let conn = nattrail::store::schema::open_ro(db)?;
+    let flows_stored = count_flows(&conn)?;
+    let size = std::fs::metadata(db)?.len();
     println!(
         "{}: {flows_stored} flows, {:.0} MiB, {:.1} B per flow",
         db.display(),
@@ -131,33 +205,51 @@ fn main() -> Result<()> {
     // In process, spread over the cases file (every kind).
     let step = (cases.len() / n.max(1)).max(1);
     let mut times = Vec::new();
+    let mut by_kind: std::collections::BTreeMap<bool, Vec<f64>> = Default::default();
     let mut right = 0;
     for c in cases.iter().step_by(step).take(n) {
         let t = Instant::now();
         let (status, got) = gen_trail::ask(&conn, c.public, c.at_ns)?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        times.push(ms);
+        by_kind.entry(c.kind == "long").or_default().push(ms);
         right += usize::from(status == WhoStatus::Found && got == [c.internal.clone()]);
     }
     times.sort_by(f64::total_cmp);
     println!(
-        "who in process: p50 {:.1} ms, p99 {:.1} ms over {} lookups; {right} answered exactly",
+        "who in process: p50 {:.2} ms, p99 {:.2} ms over {} lookups; {right} answered exactly",
         pct(&times, 0.5),
         pct(&times, 0.99),
         times.len()
     );
+    // 12-hour flows asked in their middle are most of the cases: their end is looked up in
+    // the hours after the one asked.
+    for (long, mut t) in by_kind {
+        t.sort_by(f64::total_cmp);
+        println!(
+            "  {}: p50 {:.2} ms over {}",
+            if long {
+                "12-hour flows asked in their middle"
+            } else {
+                "sampled flows, reused ports, IPv6"
+            },
+            pct(&t, 0.5),
+            t.len()
+        );
+    }
     drop(conn);
 
     // Through the CLI on the file (a process start, the open, the lookup).
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_nattrail"));
     let mut cli = Vec::new();
-    for c in cases.iter().step_by(step).take(n.min(5)) {
+    for c in cases.iter().step_by(step).take(n.min(9)) {
         let at = Utc
             .timestamp_nanos(c.at_ns as i64)
             .to_rfc3339_opts(SecondsFormat::Micros, true);
         let t = Instant::now();
         let out = Command::new(&bin)
             .arg("--db")
-            .arg(&db)
+            .arg(db)
             .args([
                 "who",
                 "--ip",
@@ -185,42 +277,85 @@ fn main() -> Result<()> {
         cli.len()
     );
 
-    // One client's flows over one hour in the middle of the trail.
-    let conn = nattrail::store::schema::open_ro(&db)?;
-    let c = &cases[cases.len() / 2];
-    let mid = Utc.timestamp_nanos(c.at_ns as i64);
-    let q = FlowsQuery {
-        internal_ip: Some(c.internal.0.parse()?),
-        public_ip: None,
-        port: None,
-        public_port: None,
-        dst_ip: None,
-        dst_port: None,
-        proto: None,
-        since: Some(mid - chrono::Duration::minutes(30)),
-        until: Some(mid + chrono::Duration::minutes(30)),
-        limit: 10_000,
-    };
-    let t = Instant::now();
-    let rows = flows(&conn, &q)?;
+    // One client's flows over one hour in the middle of the trail, a few times.
+    let conn = nattrail::store::schema::open_ro(db)?;
+    let mut flows_ms = Vec::new();
+    let mut rows_seen = 0;
+    for c in cases.iter().skip(cases.len() / 2).take(5) {
+        let mid = Utc.timestamp_nanos(c.at_ns as i64);
+        let q = FlowsQuery {
+            internal_ip: Some(c.internal.0.parse()?),
+            public_ip: None,
+            port: None,
+            public_port: None,
+            dst_ip: None,
+            dst_port: None,
+            proto: None,
+            since: Some(mid - chrono::Duration::minutes(30)),
+            until: Some(mid + chrono::Duration::minutes(30)),
+            limit: 10_000,
+        };
+        let t = Instant::now();
+        let rows = flows(&conn, &q)?;
+        flows_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        rows_seen += rows.len();
+    }
+    flows_ms.sort_by(f64::total_cmp);
     println!(
-        "flows --internal-ip {} over one hour: {} rows in {:.0} ms",
-        c.internal.0,
-        rows.len(),
-        t.elapsed().as_secs_f64() * 1e3
+        "flows --internal-ip over one hour: p50 {:.1} ms over {} clients ({rows_seen} rows)",
+        pct(&flows_ms, 0.5),
+        flows_ms.len()
     );
     drop(conn);
-    if std::env::var_os("NATTRAIL_TRAIL_NO_BASELINES").is_none() {
-        // IPv4 only: the text export renders IPv6 as DuckDB's macro does, not as Rust does,
-        // and the NAT's public addresses are IPv4.
-        let picked: Vec<&Case> = cases
-            .iter()
-            .filter(|c| c.public.0.is_ipv4())
-            .step_by(step)
-            .take(n)
-            .collect();
-        baselines(&db, &picked, flows_stored, pct(&times, 0.5))?;
+    startup(&bin, db)?;
+    Ok(Measured {
+        who_p50_ms: pct(&times, 0.5),
+        flows_stored,
+    })
+}
+
+/// From `nattrail run` to its "running" line (conntrack subscribed), on a copy of the trail.
+fn startup(bin: &Path, db: &Path) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let copy = db.with_extension("startup.duckdb");
+    let _ = std::fs::remove_file(&copy);
+    std::fs::copy(db, &copy)?;
+    let cfg = db.with_extension("startup.toml");
+    std::fs::write(
+        &cfg,
+        "[docker]\nenabled = false\n[api]\nenabled = false\n[webhooks]\nenabled = false\n\
+         [conntrack]\ndump_at_start = false\nset_events = false\nset_acct = false\nset_timestamp = false\n",
+    )?;
+    let t = Instant::now();
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--db")
+        .arg(&copy)
+        .arg("run")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let mut running = None;
+    for line in BufReader::new(child.stderr.take().context("stderr")?).lines() {
+        let line = line?;
+        if line.contains("nattrail running") {
+            running = Some(t.elapsed());
+            break;
+        }
     }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    child.wait()?;
+    let _ = std::fs::remove_file(&copy);
+    let _ = std::fs::remove_file(nattrail::store::database::wal_path(&copy));
+    let running = running.context("the agent never logged \"nattrail running\"")?;
+    println!(
+        "start-up on a copy of the trail: running after {:.2} s",
+        running.as_secs_f64()
+    );
     Ok(())
 }
 

@@ -55,9 +55,12 @@ fn main() -> Result<()> {
     let (stats, cases) = gen_trail::generate(&cfg, &mut writer)?;
     let conn = writer.database().connect()?;
     gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
-    writer.checkpoint()?;
     drop(conn);
-    drop(writer);
+    // As an agent stops: the open flows checkpointed, then everything in the data file.
+    let db = writer.database();
+    writer.finish()?;
+    db.connect()?.execute_batch("CHECKPOINT")?;
+    drop(db);
     let mut cases_path = a.out.as_os_str().to_os_string();
     cases_path.push(".cases.jsonl");
     std::fs::write(&cases_path, cases_json(&cases))?;

@@ -265,6 +265,8 @@ pub struct StoreConfig {
     pub commit_interval_ms: u64,
     /// DuckDB's memory limit in MiB (buffer pool, appender buffers, queries).
     pub memory_limit_mb: u64,
+    /// Keep this many days of flows; older hours are removed whole. 0 keeps everything.
+    pub retain_days: u32,
 }
 
 impl Default for Config {
@@ -307,6 +309,7 @@ impl Default for StoreConfig {
             batch_rows: 122_880,
             commit_interval_ms: 1_000,
             memory_limit_mb: 256,
+            retain_days: 0,
         }
     }
 }

@@ -237,7 +237,10 @@ pub fn generate(
         };
         let end = start.saturating_add((dur_s * SEC) as u64);
         let client = rng.below(u64::from(cfg.clients.max(1))) as u32;
+        // Destinations spread over the whole address space, as the internet's are (a
+        // contiguous block would flatter the storage's compression).
         let server = rng.below(5_000) as u32;
+        let scattered = (server + 1).wrapping_mul(0x9E37_79B1);
         // IPv6 is not translated: the internal port is the public one, so it must not be
         // held twice at once (sequential ports do that; random ones could collide).
         let internal_port = if v6 {
@@ -263,8 +266,8 @@ pub fn generate(
             server_ip = IpAddr::V6(Ipv6Addr::new(
                 0x2001,
                 0xdb8,
-                0,
-                0,
+                (scattered >> 16) as u16,
+                scattered as u16,
                 0,
                 0,
                 (server >> 16) as u16,
@@ -277,7 +280,7 @@ pub fn generate(
             family = 4;
             let c = 0x0a00_0000u32 | (client + 2);
             internal = IpAddr::V4(Ipv4Addr::from(c));
-            server_ip = IpAddr::V4(Ipv4Addr::from(0xc633_6400u32 | (server + 1)));
+            server_ip = IpAddr::V4(Ipv4Addr::from(scattered));
             // SNAT hashes the client to one address; the port is the first free one from a
             // random place.
             let pi = (client as usize) % publics;
@@ -323,8 +326,9 @@ pub fn generate(
             17 => 1,
             _ => 2,
         }] += 1;
+        // ICMP as the kernel reports it: the id in the source port, no destination port.
         let (sport, dport, rsport) = if proto == 1 {
-            (internal_port, internal_port, public_port)
+            (internal_port, 0, public_port)
         } else {
             (internal_port, dport, dport)
         };

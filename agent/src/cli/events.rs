@@ -55,7 +55,7 @@ fn row(e: &EventRow) -> Vec<String> {
         format!("{}:{}", e.dst_ip, e.dst_port),
         o(e.bytes_out),
         o(e.bytes_in),
-        e.conntrack_id.to_string(),
+        e.conntrack_id.map(|i| i.to_string()).unwrap_or_default(),
     ]
 }
 

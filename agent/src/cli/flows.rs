@@ -130,7 +130,10 @@ fn csv_row(f: &FlowRow) -> Vec<String> {
         o(&f.packets_out),
         o(&f.bytes_in),
         o(&f.packets_in),
-        f.conntrack_id.to_string(),
+        match f.conntrack_id {
+            0 => String::new(),
+            id => id.to_string(),
+        },
         f.zone.to_string(),
         f.found_by_dump.to_string(),
     ]
@@ -149,6 +152,9 @@ fn table_row(f: &FlowRow) -> Vec<String> {
         endpoint(&f.public_ip, Some(f.public_port)),
         endpoint(&f.dst_ip, f.dst_port),
         format!("{}/{}", opt(&f.bytes_out), opt(&f.bytes_in)),
-        f.conntrack_id.to_string(),
+        match f.conntrack_id {
+            0 => String::new(),
+            id => id.to_string(),
+        },
     ]
 }

@@ -128,7 +128,10 @@ fn print_human(public: &str, ans: &WhoAnswer) {
                 },
                 format!("{}/{}", opt(&f.bytes_out), opt(&f.bytes_in)),
                 format!("{}/{}", opt(&f.packets_out), opt(&f.packets_in)),
-                f.conntrack_id.to_string(),
+                match f.conntrack_id {
+                    0 => String::new(),
+                    id => id.to_string(),
+                },
             ]
         })
         .collect();

@@ -15,6 +15,8 @@ pub enum HoleKind {
     Gap,
     /// No agent was capturing.
     Stopped,
+    /// The trail held it once; retention (`[store] retain_days`) removed those hours.
+    Retention,
 }
 
 /// One interval the trail does not fully cover. Open ends are unbounded.
@@ -75,17 +77,25 @@ pub fn holes(
     live: bool,
 ) -> Result<Vec<Hole>, QueryError> {
     let mut out = Vec::new();
+    // The sessions and the retention horizon in one query (trail_state has one row).
     let mut stmt = conn
-        .prepare(
-            "SELECT epoch_us(started), epoch_us(coalesce(stopped, last_seen)), stopped IS NULL
-             FROM capture_sessions ORDER BY id",
+        .prepare_cached(
+            "SELECT epoch_us(s.started), epoch_us(coalesce(s.stopped, s.last_seen)),
+                    s.stopped IS NULL, t.retained_from
+             FROM trail_state t LEFT JOIN capture_sessions s ON true ORDER BY s.id",
         )
         .map_err(QueryError::db("preparing the session query"))?;
-    let sessions: Vec<(i64, i64, bool)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    type Row = (Option<i64>, Option<i64>, Option<bool>, Option<i64>);
+    let rows: Vec<Row> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .map_err(QueryError::db("reading capture sessions"))?
         .collect::<Result<_, _>>()
         .map_err(QueryError::db("reading capture sessions"))?;
+    let retained_from = rows.first().and_then(|r| r.3);
+    let sessions: Vec<(i64, i64, bool)> = rows
+        .iter()
+        .filter_map(|r| Some((r.0?, r.1?, r.2?)))
+        .collect();
     match sessions.first() {
         None => out.push(Hole::stopped(
             None,
@@ -130,6 +140,19 @@ pub fn holes(
         lost: g.lost,
         reason: g.reason,
     }));
+    if let Some(from_ms) = retained_from {
+        let end = from_ms * 1_000;
+        out.push(Hole {
+            kind: HoleKind::Retention,
+            start: None,
+            end: Some(rfc3339_us(end)),
+            start_us: None,
+            end_us: Some(end - 1),
+            source: None,
+            lost: None,
+            reason: "removed by retention ([store] retain_days)".into(),
+        });
+    }
     out.retain(|h| h.overlaps(lo_us, hi_us));
     out.sort_by_key(|h| h.start_us.unwrap_or(i64::MIN));
     Ok(out)

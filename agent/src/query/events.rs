@@ -55,7 +55,7 @@ pub struct EventRow {
     /// Destination port.
     pub dst_port: u16,
     /// Conntrack id.
-    pub conntrack_id: u32,
+    pub conntrack_id: Option<u32>,
     /// Closed by reconciliation, end only bounded.
     pub inexact: bool,
     /// Bytes client → destination (DESTROY only).

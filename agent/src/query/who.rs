@@ -3,14 +3,13 @@
 use std::net::IpAddr;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use duckdb::{Connection, ToSql};
+use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::QueryError;
 use super::coverage::{Hole, holes};
-use super::flows::FlowRow;
+use super::flows::{Conditions, FlowRow, covering};
 use super::proto::Proto;
-use crate::pipeline::flow::Addr;
 
 /// A forensic lookup.
 #[derive(Debug, Clone)]
@@ -76,65 +75,35 @@ pub struct WhoAnswer {
     pub holes: Vec<Hole>,
 }
 
-const SQL: &str = "
-WITH s AS (SELECT * FROM conntrack_events WHERE kind IN (1, 3) AND reply_dst = ? AND reply_dport = ? {filters}),
-     d AS (SELECT * FROM conntrack_events WHERE kind = 2 AND reply_dst = ? AND reply_dport = ? {filters}),
-     f AS (
-        SELECT epoch_us(coalesce(d.start_ts, s.start_ts, s.ts)) AS start_us, epoch_us(d.ts) AS end_us,
-               epoch_us(d.end_lo) AS end_lo_us, coalesce(d.inexact, false) AS inexact, s.kind = 3 AS by_dump,
-               s.proto, s.orig_src, s.orig_sport, s.reply_dst, s.reply_dport, s.orig_dst, s.orig_dport,
-               s.ct_id, s.zone, d.orig_bytes, d.orig_packets, d.reply_bytes, d.reply_packets
-        FROM s ASOF LEFT JOIN d
-          ON s.ct_id = d.ct_id AND s.zone = d.zone AND s.proto = d.proto
-         AND s.orig_src = d.orig_src AND s.orig_sport = d.orig_sport
-         AND s.orig_dst = d.orig_dst AND s.orig_dport = d.orig_dport AND d.seq > s.seq
-        UNION ALL
-        SELECT epoch_us(d.start_ts), epoch_us(d.ts), epoch_us(d.end_lo), d.inexact, false,
-               d.proto, d.orig_src, d.orig_sport, d.reply_dst, d.reply_dport, d.orig_dst, d.orig_dport,
-               d.ct_id, d.zone, d.orig_bytes, d.orig_packets, d.reply_bytes, d.reply_packets
-        FROM d WHERE NOT EXISTS (
-            SELECT 1 FROM s WHERE s.ct_id = d.ct_id AND s.zone = d.zone AND s.proto = d.proto
-              AND s.orig_src = d.orig_src AND s.orig_sport = d.orig_sport
-              AND s.orig_dst = d.orig_dst AND s.orig_dport = d.orig_dport AND s.seq < d.seq))
-SELECT * FROM f
-WHERE (start_us <= ? OR (start_us IS NULL AND end_us <= ?)) AND (end_us IS NULL OR end_us >= ?)";
-
-/// Runs the lookup.
+/// Runs the lookup: the hours around the instant (never the whole history), pruned to the
+/// public address and port, plus the flows open in the trail.
 pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
+    use crate::store::trail::hour_of;
     let at_us = q.at.timestamp_micros();
     let tol_us = q.tolerance.as_micros() as i64;
     let (lo, hi) = (at_us - tol_us, at_us + tol_us);
-
-    let mut filters = String::new();
-    let mut extra: Vec<Box<dyn ToSql>> = Vec::new();
+    // Stored starts are rounded down and ends up to the millisecond.
+    let (lo_ms, hi_ms) = (
+        lo.div_euclid(1_000) + i64::from(lo.rem_euclid(1_000) > 0),
+        hi.div_euclid(1_000),
+    );
+    let mut c = Conditions::default();
+    c.public_ip(q.ip);
+    c.public_port(q.port);
     if let Some(p) = q.proto {
-        filters.push_str(&format!(" AND proto IN ({})", p.numbers_sql()));
+        c.proto(p);
     }
     if let Some(ip) = q.dst_ip {
-        filters.push_str(" AND orig_dst = ?");
-        extra.push(Box::new(Addr::from(ip).0));
+        c.dst_ip(ip);
     }
     if let Some(port) = q.dst_port {
-        filters.push_str(" AND orig_dport = ?");
-        extra.push(Box::new(port));
+        c.dst_port(port);
     }
-    let sql = SQL.replace("{filters}", &filters);
-    let public = Addr::from(q.ip).0;
-    let mut params: Vec<&dyn ToSql> = vec![&public, &q.port];
-    params.extend(extra.iter().map(|b| b.as_ref()));
-    params.push(&public);
-    params.push(&q.port);
-    params.extend(extra.iter().map(|b| b.as_ref()));
-    params.push(&hi);
-    params.push(&hi);
-    params.push(&lo);
-
-    let mut stmt = conn
-        .prepare(&sql)
-        .map_err(QueryError::db("preparing who"))?;
-    let rows = stmt
-        .query_map(params.as_slice(), |r| {
-            let flow = FlowRow::from_row(r)?;
+    c.hours(Some(hour_of(lo_ms)), Some(hour_of(hi_ms)));
+    let flows = covering(conn, &c, lo_ms, hi_ms)?;
+    let mut matches: Vec<WhoMatch> = flows
+        .into_iter()
+        .map(|flow| {
             let covers =
                 flow.start_us.is_none_or(|s| s <= at_us) && flow.end_us.is_none_or(|e| e >= at_us);
             let before = flow
@@ -147,17 +116,13 @@ pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
                 .map(|e| at_us - e)
                 .filter(|d| *d > 0)
                 .unwrap_or(0);
-            Ok(WhoMatch {
+            WhoMatch {
                 flow,
                 covers,
                 distance_s: before.max(after) as f64 / 1e6,
-            })
+            }
         })
-        .map_err(QueryError::db("running who"))?;
-    let mut matches = Vec::new();
-    for row in rows {
-        matches.push(row.map_err(QueryError::db("reading who rows"))?);
-    }
+        .collect();
     // Best first: intervals that contain T, then the nearest; among equals, the later start.
     matches.sort_by(|a, b| {
         b.covers
@@ -187,7 +152,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::pipeline::flow::{Counters, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
+    use crate::pipeline::flow::{Addr, Counters, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
     use crate::pipeline::messages::WriterMsg;
     use crate::query::coverage::HoleKind;
     use crate::store::writer::{Writer, WriterConfig, WriterStats};

@@ -39,6 +39,7 @@ plain_cell!(u32, DUCKDB_TYPE_DUCKDB_TYPE_UINTEGER);
 plain_cell!(u64, DUCKDB_TYPE_DUCKDB_TYPE_UBIGINT);
 plain_cell!(bool, DUCKDB_TYPE_DUCKDB_TYPE_BOOLEAN);
 plain_cell!(i64, DUCKDB_TYPE_DUCKDB_TYPE_BIGINT);
+plain_cell!(i32, DUCKDB_TYPE_DUCKDB_TYPE_INTEGER);
 
 /// A TIMESTAMP value: microseconds since the epoch.
 #[derive(Clone, Copy, Debug)]

@@ -1,81 +1,168 @@
-//! How a flow event maps onto the columns of `conntrack_events`, as the appender writes them.
+//! How a flow maps onto the columns the writer appends: a slice of `trail_recent` (one hour of
+//! a flow) and a row of `open_journal` (a flow opened since the checkpoint).
 
 use duckdb::ffi;
 
-use super::chunk_appender::{ChunkAppender, Micros};
+use super::chunk_appender::ChunkAppender;
 use super::schema::StoreError;
-use crate::pipeline::flow::{FlowEvent, TimeSource};
+use crate::pipeline::flow::{Addr, Counters};
 
-/// The column types of `conntrack_events`, in table order: checked against the table when
-/// the writer opens, so a schema change cannot shift values into the wrong column.
-pub const CONNTRACK_COLUMNS: [ffi::DUCKDB_TYPE; 29] = {
-    use ffi::{
-        DUCKDB_TYPE_DUCKDB_TYPE_BOOLEAN as BOOL, DUCKDB_TYPE_DUCKDB_TYPE_TIMESTAMP as TS,
-        DUCKDB_TYPE_DUCKDB_TYPE_UBIGINT as U64, DUCKDB_TYPE_DUCKDB_TYPE_UHUGEINT as U128,
-        DUCKDB_TYPE_DUCKDB_TYPE_UINTEGER as U32, DUCKDB_TYPE_DUCKDB_TYPE_USMALLINT as U16,
-        DUCKDB_TYPE_DUCKDB_TYPE_UTINYINT as U8,
-    };
-    [
-        U64, TS, U8, U8, U8, U8, U16, U32, U32, U32, U128, U128, U16, U16, U128, U128, U16, U16,
-        TS, TS, TS, BOOL, U64, U64, U64, U64, U8, U8, U8,
-    ]
+use ffi::{
+    DUCKDB_TYPE_DUCKDB_TYPE_BIGINT as I64, DUCKDB_TYPE_DUCKDB_TYPE_BOOLEAN as BOOL,
+    DUCKDB_TYPE_DUCKDB_TYPE_INTEGER as I32, DUCKDB_TYPE_DUCKDB_TYPE_UBIGINT as U64,
+    DUCKDB_TYPE_DUCKDB_TYPE_UHUGEINT as U128, DUCKDB_TYPE_DUCKDB_TYPE_UINTEGER as U32,
+    DUCKDB_TYPE_DUCKDB_TYPE_USMALLINT as U16, DUCKDB_TYPE_DUCKDB_TYPE_UTINYINT as U8,
 };
 
-/// Nanoseconds as the microseconds DuckDB timestamps hold.
-pub fn micros(ns: u64) -> Micros {
-    Micros((ns / 1_000) as i64)
-}
+/// The column types of `trail_recent` (and `flow_trail`), in table order: checked when the
+/// writer opens, so a schema change cannot shift values into the wrong column.
+pub const SLICE_COLUMNS: [ffi::DUCKDB_TYPE; 25] = [
+    I32, U8, U8, U16, U32, U128, U16, U32, U128, U16, U32, U128, U16, U32, U128, U16, I64, I64,
+    I64, U64, U64, U64, U64, U32, U64,
+];
 
-/// One row of `conntrack_events`: the event, its sequence number and time, and for a flow
-/// closed by reconciliation the lower bound of its unknown end.
-pub struct FlowRow<'a> {
-    /// Sequence number (the row's order of receipt).
+/// The column types of `open_journal`, in table order.
+pub const JOURNAL_COLUMNS: [ffi::DUCKDB_TYPE; 17] = [
+    U32, U16, U8, U128, U128, U16, U16, U128, U128, U16, U16, U8, U32, U32, I64, U64, BOOL,
+];
+
+/// Slice flag: the flow ended in this hour (else it was alive past the hour's end).
+pub const FINAL: u8 = 1;
+/// Slice flag: the flow was found by a table dump, not a NEW event.
+pub const BY_DUMP: u8 = 2;
+/// Slice flag: the end is only bounded (the flow was found gone by a dump).
+pub const INEXACT: u8 = 4;
+
+/// One hour of one flow.
+#[derive(Debug, Clone, Copy)]
+pub struct Slice {
+    /// Partition.
+    pub hour: i32,
+    /// FINAL, BY_DUMP, INEXACT.
+    pub flags: u8,
+    /// IP protocol.
+    pub proto: u8,
+    /// conntrack zone.
+    pub zone: u16,
+    /// Public address and port (reply destination).
+    pub public: (Addr, u16),
+    /// Internal client (original source).
+    pub src: (Addr, u16),
+    /// Destination as the client sees it.
+    pub dst: (Addr, u16),
+    /// Reply source where it differs from the destination (destination NAT).
+    pub dnat: Option<(Addr, u16)>,
+    /// Start in ms, rounded down.
+    pub start_ms: Option<i64>,
+    /// End in ms, rounded up (final slices).
+    pub end_ms: Option<i64>,
+    /// For inexact ends: alive until at least here.
+    pub end_lo_ms: Option<i64>,
+    /// Client → destination counters (final slices).
+    pub out: Option<Counters>,
+    /// Destination → client counters (final slices).
+    pub back: Option<Counters>,
+    /// conntrack id.
+    pub ct_id: u32,
+    /// Writer's sequence number.
     pub seq: u64,
-    /// The event.
-    pub ev: &'a FlowEvent,
-    /// Its time, and where that time came from.
-    pub ts_ns: u64,
-    /// Kernel timestamp or receipt.
-    pub source: TimeSource,
-    /// Lower bound of an inexact end.
-    pub end_lo_ns: Option<u64>,
-    /// Whether the end is inexact (the flow was found gone by a dump).
-    pub inexact: bool,
 }
 
-/// Appends `row` through `app`.
-pub fn append(app: &mut ChunkAppender, row: FlowRow<'_>) -> Result<(), StoreError> {
-    let ev = row.ev;
+fn set_addr(app: &mut ChunkAppender, col: usize, a: Option<Addr>) {
+    match a {
+        Some(a) if a.is_v4() => {
+            app.set(col, a.0 as u32);
+            app.set_null(col + 1);
+        }
+        Some(a) => {
+            app.set_null(col);
+            app.set(col + 1, a.0);
+        }
+        None => {
+            app.set_null(col);
+            app.set_null(col + 1);
+        }
+    }
+}
+
+/// Appends one slice.
+pub fn append_slice(app: &mut ChunkAppender, s: &Slice) -> Result<(), StoreError> {
     app.begin_row()?;
-    app.set(0, row.seq);
-    app.set(1, micros(row.ts_ns));
-    app.set(2, row.source as u8);
-    app.set(3, ev.kind as u8);
-    app.set(4, ev.family);
-    app.set(5, ev.proto);
-    app.set(6, ev.zone);
-    app.set(7, ev.ct_id);
-    app.set(8, ev.mark);
-    app.set(9, ev.status);
-    app.set(10, ev.orig.src.0);
-    app.set(11, ev.orig.dst.0);
-    app.set(12, ev.orig.sport);
-    app.set(13, ev.orig.dport);
-    app.set(14, ev.reply.src.0);
-    app.set(15, ev.reply.dst.0);
-    app.set(16, ev.reply.sport);
-    app.set(17, ev.reply.dport);
-    app.set_opt(18, ev.start_ns.map(micros));
-    app.set_opt(19, ev.stop_ns.map(micros));
-    app.set_opt(20, row.end_lo_ns.map(micros));
-    app.set(21, row.inexact);
-    app.set_opt(22, ev.counters_orig.map(|c| c.packets));
-    app.set_opt(23, ev.counters_orig.map(|c| c.bytes));
-    app.set_opt(24, ev.counters_reply.map(|c| c.packets));
-    app.set_opt(25, ev.counters_reply.map(|c| c.bytes));
-    app.set_opt(26, ev.tcp_state);
-    app.set_opt(27, ev.icmp.map(|i| i.0));
-    app.set_opt(28, ev.icmp.map(|i| i.1));
+    app.set(0, s.hour);
+    app.set(1, s.flags);
+    app.set(2, s.proto);
+    app.set(3, s.zone);
+    set_addr(app, 4, Some(s.public.0));
+    app.set(6, s.public.1);
+    set_addr(app, 7, Some(s.src.0));
+    app.set(9, s.src.1);
+    set_addr(app, 10, Some(s.dst.0));
+    app.set(12, s.dst.1);
+    set_addr(app, 13, s.dnat.map(|d| d.0));
+    app.set_opt(15, s.dnat.map(|d| d.1));
+    app.set_opt(16, s.start_ms);
+    app.set_opt(17, s.end_ms);
+    app.set_opt(18, s.end_lo_ms);
+    app.set_opt(19, s.out.map(|c| c.packets));
+    app.set_opt(20, s.out.map(|c| c.bytes));
+    app.set_opt(21, s.back.map(|c| c.packets));
+    app.set_opt(22, s.back.map(|c| c.bytes));
+    app.set(23, s.ct_id);
+    app.set(24, s.seq);
+    app.end_row();
+    Ok(())
+}
+
+/// One open flow as `open_flows` and `open_journal` hold it.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenRow {
+    /// conntrack id.
+    pub ct_id: u32,
+    /// conntrack zone.
+    pub zone: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Original tuple (src, dst, sport, dport).
+    pub orig: crate::pipeline::flow::Tuple,
+    /// Reply tuple.
+    pub reply: crate::pipeline::flow::Tuple,
+    /// 4 or 6.
+    pub family: u8,
+    /// conntrack mark.
+    pub mark: u32,
+    /// conntrack status bits.
+    pub status: u32,
+    /// Start in µs.
+    pub start_us: i64,
+    /// Found by a dump.
+    pub by_dump: bool,
+}
+
+/// Appends the 16 columns `open_flows` and `open_journal` share.
+pub fn append_open(app: &mut ChunkAppender, r: &OpenRow) {
+    app.set(0, r.ct_id);
+    app.set(1, r.zone);
+    app.set(2, r.proto);
+    app.set(3, r.orig.src.0);
+    app.set(4, r.orig.dst.0);
+    app.set(5, r.orig.sport);
+    app.set(6, r.orig.dport);
+    app.set(7, r.reply.src.0);
+    app.set(8, r.reply.dst.0);
+    app.set(9, r.reply.sport);
+    app.set(10, r.reply.dport);
+    app.set(11, r.family);
+    app.set(12, r.mark);
+    app.set(13, r.status);
+    app.set(14, r.start_us);
+}
+
+/// Appends one journal row: the open flow, its sequence number.
+pub fn append_journal(app: &mut ChunkAppender, r: &OpenRow, seq: u64) -> Result<(), StoreError> {
+    app.begin_row()?;
+    append_open(app, r);
+    app.set(15, seq);
+    app.set(16, r.by_dump);
     app.end_row();
     Ok(())
 }

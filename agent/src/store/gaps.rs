@@ -50,7 +50,7 @@ impl GapRecord {
 /// Gaps overlapping `[lo_us, hi_us]`, oldest first: the one reading of `capture_gaps`,
 /// for `status` and for `who`'s coverage.
 pub fn overlapping(conn: &Connection, lo_us: i64, hi_us: i64) -> duckdb::Result<Vec<GapRecord>> {
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
          WHERE epoch_us(start) <= ? AND epoch_us(\"end\") >= ? ORDER BY start",
     )?;

@@ -14,4 +14,5 @@ pub mod reconcile;
 pub mod schema;
 pub mod secrets;
 pub mod sessions;
+pub mod trail;
 pub mod writer;

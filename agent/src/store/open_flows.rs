@@ -1,10 +1,11 @@
-//! The open flows' checkpoint (`open_flows`, schema 7): the writer saves its open set now and
-//! then, and a start loads it and replays only the trail's rows since, instead of scanning
-//! the whole history for NEW events without a DESTROY.
+//! The open flows' checkpoint (`open_flows`): the writer saves its open set now and then, and
+//! a start loads it and replays only what was written since (flows opened, in
+//! `open_journal`; flows ended, final slices in `trail_recent`), never the history.
 
 use duckdb::{Connection, Row, params};
 use tracing::info;
 
+use super::columns::{self, OpenRow};
 use super::database::Database;
 use super::reconcile::{FlowKey, OpenFlow, OpenFlows};
 use super::schema::{StoreError, db_err};
@@ -12,14 +13,14 @@ use crate::pipeline::flow::{Addr, Tuple};
 
 /// The columns every query here selects, in this order (`open_flows`' own order).
 const FLOW_COLUMNS: &str = "ct_id, zone, proto, orig_src, orig_dst, orig_sport, orig_dport, \
-     reply_src, reply_dst, reply_sport, reply_dport, family, mark, status";
+     reply_src, reply_dst, reply_sport, reply_dport, family, mark, status, start_us, by_dump";
 
 /// How the open set was recovered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recovery {
-    /// The checkpoint's sequence number, or None when there was none (a full scan).
+    /// The checkpoint's sequence number, or None when there was none.
     pub checkpoint: Option<u64>,
-    /// Flows loaded from the checkpoint (or found by the scan).
+    /// Flows loaded from the checkpoint.
     pub loaded: usize,
     /// Trail rows replayed over the checkpoint.
     pub replayed: usize,
@@ -38,6 +39,7 @@ fn flow_of(r: &Row<'_>) -> duckdb::Result<(FlowKey, OpenFlow)> {
         },
     };
     let start_us: i64 = r.get(14)?;
+    let by_dump: Option<bool> = r.get(15)?;
     let flow = OpenFlow::loaded(
         Tuple {
             src: Addr(r.get(7)?),
@@ -49,32 +51,22 @@ fn flow_of(r: &Row<'_>) -> duckdb::Result<(FlowKey, OpenFlow)> {
         r.get(12)?,
         r.get(13)?,
         start_us.max(0) as u64 * 1_000,
+        by_dump.unwrap_or(false),
     );
     Ok((key, flow))
 }
 
-/// Fills `flows` with the trail's open flows: the checkpoint and the rows since, or (no
-/// checkpoint yet) a scan of the whole trail.
+/// Fills `flows` with the trail's open flows: the checkpoint, then the flows opened and ended
+/// since, in the order they were written.
 pub fn recover(conn: &Connection, flows: &mut OpenFlows) -> Result<Recovery, StoreError> {
     let checkpoint: Option<u64> = conn
         .query_row("SELECT max(next_seq) FROM open_flows_checkpoint", [], |r| {
             r.get(0)
         })
         .map_err(db_err("reading the open-flow checkpoint"))?;
-    let Some(next_seq) = checkpoint else {
-        let loaded = scan(conn, flows)?;
-        info!(
-            open = loaded,
-            "open flows recovered by a scan of the trail (no checkpoint yet)"
-        );
-        return Ok(Recovery {
-            checkpoint: None,
-            loaded,
-            replayed: 0,
-        });
-    };
+    let next_seq = checkpoint.unwrap_or(0);
     let mut st = conn
-        .prepare(&format!("SELECT {FLOW_COLUMNS}, start_us FROM open_flows"))
+        .prepare(&format!("SELECT {FLOW_COLUMNS} FROM open_flows"))
         .map_err(db_err("reading the open-flow checkpoint"))?;
     let mut loaded = 0;
     for row in st
@@ -85,24 +77,28 @@ pub fn recover(conn: &Connection, flows: &mut OpenFlows) -> Result<Recovery, Sto
         flows.load(k, v);
         loaded += 1;
     }
-    // The rows written after the checkpoint, in order: a NEW or dump row opens its flow, a
-    // DESTROY (exact or reconciled) closes it. Sequence numbers only grow, so DuckDB's zone
-    // maps skip the history.
+    // A journal row opens its flow, a final slice closes it. Both tables hold only what was
+    // written since the last seal and checkpoint: small, whatever the history.
     let mut st = conn
         .prepare(&format!(
-            "SELECT {FLOW_COLUMNS}, epoch_us(coalesce(start_ts, ts)), kind FROM conntrack_events
-             WHERE seq >= ? ORDER BY seq"
+            "SELECT {FLOW_COLUMNS}, seq, false AS closes FROM open_journal WHERE seq >= ?1
+             UNION ALL
+             SELECT ct_id, zone, proto, nt_addr(src4, src6), nt_addr(dst4, dst6), src_port,
+                    dst_port, 0::UHUGEINT, 0::UHUGEINT, 0::USMALLINT, 0::USMALLINT, 0::UTINYINT,
+                    0::UINTEGER, 0::UINTEGER, 0::BIGINT, false, seq, true
+             FROM trail_recent WHERE seq >= ?1 AND flags & 1 = 1
+             ORDER BY seq"
         ))
         .map_err(db_err("replaying the trail since the checkpoint"))?;
     let mut replayed = 0;
     for row in st
         .query_map(params![next_seq], |r| {
-            Ok((flow_of(r)?, r.get::<_, u8>(15)?))
+            Ok((flow_of(r)?, r.get::<_, bool>(17)?))
         })
         .map_err(db_err("replaying the trail since the checkpoint"))?
     {
-        let ((k, v), kind) = row.map_err(db_err("replaying the trail since the checkpoint"))?;
-        if kind == 2 {
+        let ((k, v), closes) = row.map_err(db_err("replaying the trail since the checkpoint"))?;
+        if closes {
             flows.unload(&k);
         } else {
             flows.load(k, v);
@@ -116,38 +112,10 @@ pub fn recover(conn: &Connection, flows: &mut OpenFlows) -> Result<Recovery, Sto
         "open flows recovered from the checkpoint"
     );
     Ok(Recovery {
-        checkpoint: Some(next_seq),
+        checkpoint,
         loaded,
         replayed,
     })
-}
-
-/// Every NEW or dump row without a later DESTROY: the whole history, once per trail.
-fn scan(conn: &Connection, flows: &mut OpenFlows) -> Result<usize, StoreError> {
-    let mut st = conn
-        .prepare(
-            "SELECT s.ct_id, s.zone, s.proto, s.orig_src, s.orig_dst, s.orig_sport, s.orig_dport,
-                    s.reply_src, s.reply_dst, s.reply_sport, s.reply_dport, s.family, s.mark,
-                    s.status, epoch_us(coalesce(s.start_ts, s.ts))
-             FROM conntrack_events s
-             WHERE s.kind IN (1, 3) AND NOT EXISTS (
-                SELECT 1 FROM conntrack_events d
-                WHERE d.kind = 2 AND d.ct_id = s.ct_id AND d.zone = s.zone AND d.proto = s.proto
-                  AND d.orig_src = s.orig_src AND d.orig_sport = s.orig_sport
-                  AND d.orig_dst = s.orig_dst AND d.orig_dport = s.orig_dport
-                  AND d.seq > s.seq)",
-        )
-        .map_err(db_err("preparing the open-flow query"))?;
-    let mut n = 0;
-    for row in st
-        .query_map([], flow_of)
-        .map_err(db_err("loading open flows"))?
-    {
-        let (k, v) = row.map_err(db_err("loading open flows"))?;
-        flows.load(k, v);
-        n += 1;
-    }
-    Ok(n)
 }
 
 /// Saves `flows` as the open set of every row before `next_seq` (call it right after a
@@ -164,21 +132,8 @@ pub fn checkpoint(
     let mut app = db.appender("open_flows_staging")?;
     for (k, v) in flows.iter() {
         app.begin_row()?;
-        app.set(0, k.ct_id);
-        app.set(1, k.zone);
-        app.set(2, k.proto);
-        app.set(3, k.orig.src.0);
-        app.set(4, k.orig.dst.0);
-        app.set(5, k.orig.sport);
-        app.set(6, k.orig.dport);
-        app.set(7, v.reply.src.0);
-        app.set(8, v.reply.dst.0);
-        app.set(9, v.reply.sport);
-        app.set(10, v.reply.dport);
-        app.set(11, v.family);
-        app.set(12, v.mark);
-        app.set(13, v.status);
-        app.set(14, (v.start_ns.unwrap_or(0) / 1_000) as i64);
+        columns::append_open(&mut app, &open_row(k, v));
+        app.set(15, v.by_dump);
         app.end_row();
     }
     app.flush()?;
@@ -186,7 +141,9 @@ pub fn checkpoint(
     conn.execute_batch(&format!(
         "BEGIN TRANSACTION;
          DELETE FROM open_flows;
-         INSERT INTO open_flows SELECT * FROM open_flows_staging;
+         INSERT INTO open_flows SELECT * FROM open_flows_staging
+             ORDER BY nt_v6(reply_dst) NULLS FIRST, nt_v4(reply_dst), reply_dport;
+         DELETE FROM open_journal WHERE seq < {next_seq};
          DELETE FROM open_flows_checkpoint;
          INSERT INTO open_flows_checkpoint VALUES ({next_seq}, now()::TIMESTAMP);
          COMMIT;"
@@ -196,4 +153,20 @@ pub fn checkpoint(
         db_err("swapping in the open-flow checkpoint")(e)
     })?;
     Ok(())
+}
+
+/// An open flow as its checkpoint and journal rows hold it.
+pub fn open_row(k: &FlowKey, v: &OpenFlow) -> OpenRow {
+    OpenRow {
+        ct_id: k.ct_id,
+        zone: k.zone,
+        proto: k.proto,
+        orig: k.orig,
+        reply: v.reply,
+        family: v.family,
+        mark: v.mark,
+        status: v.status,
+        start_us: (v.start_ns.unwrap_or(0) / 1_000) as i64,
+        by_dump: v.by_dump,
+    }
 }

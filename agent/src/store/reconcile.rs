@@ -44,19 +44,40 @@ pub struct OpenFlow {
     pub status: u32,
     /// When the flow began, if known.
     pub start_ns: Option<u64>,
+    /// Found by a table dump rather than a NEW event.
+    pub by_dump: bool,
+    /// The last hour an interim slice of the flow was written for (the hour before its start
+    /// while none was).
+    pub covered: i32,
     /// Dump generation at insertion: flows added after a dump began are not judged by it.
     generation: u64,
 }
 
+/// The hour before the one a start falls in: no interim slice written yet.
+fn uncovered(start_ns: Option<u64>) -> i32 {
+    start_ns.map_or(i32::MIN, |ns| {
+        super::trail::hour_of(super::trail::start_ms(ns)) - 1
+    })
+}
+
 impl OpenFlow {
     /// An open flow loaded from the trail at start (older than any dump).
-    pub fn loaded(reply: Tuple, family: u8, mark: u32, status: u32, start_ns: u64) -> Self {
+    pub fn loaded(
+        reply: Tuple,
+        family: u8,
+        mark: u32,
+        status: u32,
+        start_ns: u64,
+        by_dump: bool,
+    ) -> Self {
         OpenFlow {
             reply,
             family,
             mark,
             status,
             start_ns: Some(start_ns),
+            by_dump,
+            covered: uncovered(Some(start_ns)),
             generation: 0,
         }
     }
@@ -65,8 +86,11 @@ impl OpenFlow {
 /// What to do with one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Write it.
-    Append,
+    /// A flow opened: journal it.
+    Open,
+    /// A flow ended: write its final slice, with what the trail knew of it while open (none
+    /// when it opened before the trail saw it).
+    Close(Option<OpenFlow>),
     /// The flow is already open in the trail (a dump entry or a repeated NEW): skip it.
     Duplicate,
     /// Not a trail event (UPDATE).
@@ -80,6 +104,8 @@ pub struct Closed {
     pub ev: FlowEvent,
     /// Lower bound of the unknown end.
     pub end_lo_ns: Option<u64>,
+    /// What the trail knew of the flow while open.
+    pub flow: OpenFlow,
 }
 
 /// The open flows of the trail, and the table dump in progress.
@@ -122,6 +148,11 @@ impl OpenFlows {
         self.open.remove(key);
     }
 
+    /// The open flow of `key`, if any.
+    pub fn get(&self, key: &FlowKey) -> Option<&OpenFlow> {
+        self.open.get(key)
+    }
+
     /// Every open flow, in no particular order (for the checkpoint).
     pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &OpenFlow)> {
         self.open.iter()
@@ -141,6 +172,7 @@ impl OpenFlows {
                 if self.open.contains_key(&key) {
                     return Verdict::Duplicate;
                 }
+                let start_ns = ev.start_ns.or(ev.event_ns).or(Some(received_ns));
                 self.open.insert(
                     key,
                     OpenFlow {
@@ -148,16 +180,30 @@ impl OpenFlows {
                         family: ev.family,
                         mark: ev.mark,
                         status: ev.status,
-                        start_ns: ev.start_ns.or(ev.event_ns).or(Some(received_ns)),
+                        start_ns,
+                        by_dump: ev.kind == EventKind::Dump,
+                        covered: uncovered(start_ns),
                         generation: self.generation,
                     },
                 );
-                Verdict::Append
+                Verdict::Open
             }
-            EventKind::Destroy => {
-                self.open.remove(&key);
-                Verdict::Append
+            EventKind::Destroy => Verdict::Close(self.open.remove(&key)),
+        }
+    }
+
+    /// The hour `hour` ended: calls `f` once for each hour up to it that an open flow
+    /// (started by then) has no interim slice for yet, and marks those hours covered.
+    pub fn sweep(&mut self, hour: i32, mut f: impl FnMut(&FlowKey, &OpenFlow, i32)) {
+        for (k, v) in self.open.iter_mut() {
+            let first = uncovered(v.start_ns) + 1;
+            if first > hour || v.covered >= hour {
+                continue;
             }
+            for h in (v.covered + 1).max(first)..=hour {
+                f(k, v, h);
+            }
+            v.covered = hour;
         }
     }
 
@@ -204,6 +250,7 @@ impl OpenFlows {
                         event_ns: None,
                     },
                     end_lo_ns: lo,
+                    flow,
                 })
             })
             .collect()
@@ -256,7 +303,7 @@ mod tests {
     #[test]
     fn new_then_destroy_writes_both_and_closes_the_flow() {
         let mut o = OpenFlows::default();
-        assert_eq!(o.on_event(&ev(EventKind::New, 1, 1000), 5), Verdict::Append);
+        assert_eq!(o.on_event(&ev(EventKind::New, 1, 1000), 5), Verdict::Open);
         assert_eq!(o.len(), 1);
         // A repeated NEW or a dump entry of an open flow adds nothing.
         assert_eq!(
@@ -271,16 +318,17 @@ mod tests {
             o.on_event(&ev(EventKind::Update, 1, 1000), 8),
             Verdict::Ignore
         );
+        assert!(matches!(
+            o.on_event(&ev(EventKind::Destroy, 1, 1000), 9),
+            Verdict::Close(Some(f)) if f.start_ns == Some(5) && !f.by_dump
+        ));
         assert_eq!(
             o.on_event(&ev(EventKind::Destroy, 1, 1000), 9),
-            Verdict::Append
+            Verdict::Close(None)
         );
         assert!(o.is_empty());
         // The same tuple with another kernel id is another flow.
-        assert_eq!(
-            o.on_event(&ev(EventKind::New, 2, 1000), 10),
-            Verdict::Append
-        );
+        assert_eq!(o.on_event(&ev(EventKind::New, 2, 1000), 10), Verdict::Open);
         assert_eq!(o.len(), 1);
     }
 
@@ -295,11 +343,18 @@ mod tests {
         o.on_event(&gone, 0);
         o.load(
             FlowKey::of(&ev(EventKind::New, 3, 3000)),
-            OpenFlow::loaded(ev(EventKind::New, 3, 3000).reply, 4, 0, IPS_SRC_NAT, 50),
+            OpenFlow::loaded(
+                ev(EventKind::New, 3, 3000).reply,
+                4,
+                0,
+                IPS_SRC_NAT,
+                50,
+                false,
+            ),
         );
         o.dump_begin();
         // Opened while the dump runs: the dump cannot be expected to list it.
-        assert_eq!(o.on_event(&ev(EventKind::New, 4, 4000), 0), Verdict::Append);
+        assert_eq!(o.on_event(&ev(EventKind::New, 4, 4000), 0), Verdict::Open);
         assert_eq!(
             o.on_event(&ev(EventKind::Dump, 1, 1000), 0),
             Verdict::Duplicate

@@ -41,7 +41,15 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "open flows checkpointed",
         include_str!("../../../schemas/duckdb/0007_open_flows.sql"),
     ),
+    (
+        8,
+        "one row per flow, hourly partitions",
+        include_str!("../../../schemas/duckdb/0008_flow_trail.sql"),
+    ),
 ];
+
+/// Where migration 8 hands over to Rust to move the event rows (with progress logs).
+const MOVE_MARKER: &str = "-- MOVE THE EVENTS HERE";
 
 /// The migrations up to `version`, for tests that build an old database.
 #[cfg(test)]
@@ -53,7 +61,7 @@ pub(crate) fn migrations_up_to(version: u32) -> impl Iterator<Item = (u32, &'sta
 }
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 7;
+pub const SCHEMA_VERSION: u32 = 8;
 
 /// Errors of opening or migrating the database.
 #[derive(Debug, thiserror::Error)]
@@ -190,15 +198,22 @@ pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> 
                 }
             })?;
         }
-        let batch = format!(
-            "BEGIN TRANSACTION;\n{sql}\nINSERT INTO schema_version VALUES ({version}, now()::TIMESTAMP, '{description}');\nCOMMIT;"
-        );
-        if let Err(e) = conn.execute_batch(&batch) {
+        let (before, after) = sql.split_once(MOVE_MARKER).unwrap_or((sql, ""));
+        let context = format!("applying migration {version} ({description})");
+        let applied = (|| {
+            conn.execute_batch(&format!("BEGIN TRANSACTION;\n{before}"))
+                .map_err(db_err(context.clone()))?;
+            if !after.is_empty() {
+                crate::store::trail::move_events(conn)?;
+            }
+            conn.execute_batch(&format!(
+                "{after}\nINSERT INTO schema_version VALUES ({version}, now()::TIMESTAMP, '{description}');\nCOMMIT;"
+            ))
+            .map_err(db_err(context.clone()))
+        })();
+        if let Err(e) = applied {
             let _ = conn.execute_batch("ROLLBACK");
-            return Err(StoreError::Db {
-                context: format!("applying migration {version} ({description})"),
-                source: e,
-            });
+            return Err(e);
         }
         tracing::info!(version, description, "applied schema migration");
     }

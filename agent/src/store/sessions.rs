@@ -62,6 +62,20 @@ pub fn previous_end_ns(conn: &Connection, id: u64) -> Option<u64> {
     .map(|us| us.max(0) as u64 * 1_000)
 }
 
+/// When the session before `id` made its last commit, in ns, if it ended without a clean stop
+/// (killed or crashed).
+pub fn unclean_end_ns(conn: &Connection, id: u64) -> Option<u64> {
+    conn.query_row(
+        "SELECT epoch_us(last_seen), stopped IS NULL FROM capture_sessions
+         WHERE id < ? ORDER BY id DESC LIMIT 1",
+        params![id],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?)),
+    )
+    .ok()
+    .filter(|(_, unclean)| *unclean)
+    .map(|(us, _)| us.max(0) as u64 * 1_000)
+}
+
 fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()

@@ -12,17 +12,18 @@ use tracing::{debug, info, warn};
 
 use super::bus::{EventBus, StoredEvent};
 use super::chunk_appender::ChunkAppender;
-use super::columns::{self, CONNTRACK_COLUMNS, FlowRow};
+use super::columns::{self, BY_DUMP, FINAL, INEXACT, JOURNAL_COLUMNS, SLICE_COLUMNS, Slice};
 use super::cursors;
 use super::database::{Database, OpenOptions};
 use super::event_log::{self, Gap};
 use super::gaps::{GapRecord, RecentGaps};
 use super::open_flows;
-use super::reconcile::{OpenFlows, Verdict};
+use super::reconcile::{FlowKey, OpenFlow, OpenFlows, Verdict};
 use super::schema::{StoreError, db_err};
 use super::sessions;
+use super::trail::{self, hour_of};
 use crate::pipeline::clock::now_ns;
-use crate::pipeline::flow::{EventKind, FlowEvent, TimeSource};
+use crate::pipeline::flow::{Addr, EventKind, FlowEvent, Tuple};
 use crate::pipeline::messages::{LogBatch, WriterMsg};
 use crate::pipeline::metrics::counters;
 use crate::pipeline::stage::{Overflow, StageRx};
@@ -32,8 +33,16 @@ counters! {
     pub struct WriterStats as "writer" =>
     /// A reading of [`WriterStats`].
     WriterCounters {
-        /// Rows appended to `conntrack_events` and committed.
+        /// Rows appended (flow slices and journal rows) and committed.
         rows: Counter(Sent),
+        /// Hourly partitions sorted into the sealed trail.
+        partitions_sealed: Counter,
+        /// Slices moved into sealed hours.
+        slices_sealed: Counter,
+        /// Slices removed by retention (`[store] retain_days`).
+        slices_expired: Counter,
+        /// Oldest instant the trail holds, seconds since the epoch (0: empty).
+        oldest_seconds: Gauge,
         /// Commits (appender flushes).
         commits: Counter,
         /// NEW or dump entries skipped because the flow was already open in the trail.
@@ -62,6 +71,8 @@ pub struct WriterConfig {
     pub commit_interval: Duration,
     /// DuckDB's memory limit, in MiB (buffer pool and appender buffers).
     pub memory_limit_mb: u64,
+    /// Days of flows kept (0: all).
+    pub retain_days: u32,
 }
 
 impl WriterConfig {
@@ -72,6 +83,7 @@ impl WriterConfig {
             batch_rows: cfg.store.batch_rows,
             commit_interval: Duration::from_millis(cfg.store.commit_interval_ms),
             memory_limit_mb: cfg.store.memory_limit_mb,
+            retain_days: cfg.store.retain_days,
         }
     }
 }
@@ -86,13 +98,18 @@ const SESSION_TOUCH: Duration = Duration::from_secs(10);
 /// stage; rows are committed once a second anyway.
 const COALESCE: Duration = Duration::from_millis(50);
 
+/// An hour is sealed this long after it ended (by the events' clock): DESTROYs of its flows
+/// that queue meanwhile still land in it unsorted, later ones are sealed with the next hour.
+const SEAL_GRACE_MS: i64 = 120_000;
+
 /// Log batches stored in one transaction at most.
 const MAX_LOG_BATCHES_PER_COMMIT: usize = 256;
 
 /// The writer's state, separated from the thread so tests and benchmarks can drive it.
 pub struct Writer {
-    // Field order is drop order: the appender and connection go before the database.
-    app: ChunkAppender,
+    // Field order is drop order: the appenders and connection go before the database.
+    slices: ChunkAppender,
+    journal: ChunkAppender,
     conn: Connection,
     db: Arc<Database>,
     next_seq: u64,
@@ -106,6 +123,16 @@ pub struct Writer {
     unpublished: Vec<StoredEvent>,
     touched_at: Instant,
     checkpointed_at: Instant,
+    // The events' clock (ms): the newest event time seen; hours end by it, not by the wall
+    // clock, so a replayed or generated trail is partitioned as a live one.
+    clock_ms: i64,
+    swept_hour: Option<i32>,
+    sealed_hour: Option<i32>,
+    retained_hour: Option<i32>,
+    retain_days: u32,
+    // The events' clock at the last checkpoint: a replayed or generated trail is checkpointed
+    // as often, in its own time, as a live one.
+    checkpointed_clock_ms: i64,
 }
 
 impl Writer {
@@ -119,18 +146,43 @@ impl Writer {
             },
         )?;
         let conn = db.connect()?;
-        let app = db.appender("conntrack_events")?;
-        app.expect_types(&CONNTRACK_COLUMNS)?;
+        let slices = db.appender("trail_recent")?;
+        slices.expect_types(&SLICE_COLUMNS)?;
+        let journal = db.appender("open_journal")?;
+        journal.expect_types(&JOURNAL_COLUMNS)?;
         let next_seq: u64 = conn
             .query_row(
-                "SELECT coalesce(max(seq) + 1, 0)::UBIGINT FROM conntrack_events",
+                "SELECT greatest(
+                    (SELECT coalesce(max(seq) + 1, 0) FROM trail_recent),
+                    (SELECT coalesce(max(seq) + 1, 0) FROM open_journal),
+                    (SELECT coalesce(max(next_seq), 0) FROM open_flows_checkpoint))::UBIGINT",
                 [],
                 |r| r.get(0),
             )
             .map_err(db_err("reading the last sequence number"))?;
+        let state = trail::state(&conn)?;
         let session_id = sessions::start(&conn, now_ns())?;
+        if let Some(last_commit_ns) = sessions::unclean_end_ns(&conn, session_id) {
+            // What the previous run received after its last commit is gone; flows still
+            // alive come back with the start-up dump, the others are this gap.
+            event_log::record_gap(
+                &conn,
+                &Gap {
+                    session_id,
+                    source: "restart",
+                    start_ns: last_commit_ns,
+                    end_ns: now_ns(),
+                    lost: None,
+                    reason: "the previous run ended without a clean stop (killed or crashed): \
+                             what it received after its last commit was not stored",
+                },
+            )?;
+            stats.gaps.fetch_add(1, Ordering::Relaxed);
+            warn!("the previous run ended without a clean stop: gap recorded from its last commit");
+        }
         let mut w = Writer {
-            app,
+            slices,
+            journal,
             conn,
             db: Arc::new(db),
             next_seq,
@@ -143,8 +195,15 @@ impl Writer {
             unpublished: Vec::new(),
             touched_at: Instant::now(),
             checkpointed_at: Instant::now(),
+            clock_ms: i64::MIN,
+            swept_hour: None,
+            sealed_hour: state.sealed_hour,
+            retained_hour: state.retained_from_ms.map(hour_of),
+            retain_days: cfg.retain_days,
+            checkpointed_clock_ms: i64::MIN,
         };
         w.load_open_flows()?;
+        w.refresh_oldest()?;
         let day_ago = (now_ns() / 1_000) as i64 - 86_400_000_000;
         for g in super::gaps::since(&w.conn, day_ago)? {
             w.recent_gaps.push(g);
@@ -179,14 +238,18 @@ impl Writer {
     }
 
     fn load_open_flows(&mut self) -> Result<(), StoreError> {
-        let r = open_flows::recover(&self.conn, &mut self.flows)?;
+        open_flows::recover(&self.conn, &mut self.flows)?;
         self.stats
             .open_flows
             .store(self.flows.len() as u64, Ordering::Relaxed);
-        if r.checkpoint.is_none() {
-            // A trail from before checkpoints (or a new one): the scan is paid once.
-            self.checkpoint_open_flows()?;
-        }
+        Ok(())
+    }
+
+    fn refresh_oldest(&self) -> Result<(), StoreError> {
+        let oldest = trail::oldest_ms(&self.conn)?.unwrap_or(0);
+        self.stats
+            .oldest_seconds
+            .store(oldest.max(0) as u64 / 1_000, Ordering::Relaxed);
         Ok(())
     }
 
@@ -194,6 +257,7 @@ impl Writer {
     fn checkpoint_open_flows(&mut self) -> Result<(), StoreError> {
         open_flows::checkpoint(&self.db, &self.conn, &self.flows, self.next_seq)?;
         self.checkpointed_at = Instant::now();
+        self.checkpointed_clock_ms = self.clock_ms;
         Ok(())
     }
 
@@ -279,16 +343,26 @@ impl Writer {
     }
 
     fn flow(&mut self, ev: FlowEvent, received_ns: u64) -> Result<usize, StoreError> {
-        match self.flows.on_event(&ev, received_ns) {
+        let (ts, _) = ev.event_time(received_ns);
+        self.advance(trail::end_ms(ts))?;
+        let seq = match self.flows.on_event(&ev, received_ns) {
             Verdict::Ignore => return Ok(0),
             Verdict::Duplicate => {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 return Ok(0);
             }
-            Verdict::Append => {}
-        }
-        let (ts, source) = ev.event_time(received_ns);
-        let seq = self.append(&ev, ts, source, None, false)?;
+            Verdict::Open => {
+                let key = FlowKey::of(&ev);
+                let Some(open) = self.flows.get(&key) else {
+                    return Ok(0);
+                };
+                let row = open_flows::open_row(&key, open);
+                let seq = self.next_seq();
+                columns::append_journal(&mut self.journal, &row, seq)?;
+                seq
+            }
+            Verdict::Close(open) => self.close(&ev, open, ts, None, 0)?,
+        };
         if ev.kind != EventKind::Dump && self.bus.flows_wanted() {
             self.unpublished
                 .push(event_log::connection_event(&ev, seq, ts));
@@ -296,10 +370,112 @@ impl Writer {
         Ok(1)
     }
 
+    fn next_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending += 1;
+        seq
+    }
+
+    /// Writes the slices of an ended flow: an interim one for each earlier hour no sweep
+    /// covered (it opened after the sweep, or before the trail saw it), then the final one.
+    /// Returns the final slice's sequence number.
+    fn close(
+        &mut self,
+        ev: &FlowEvent,
+        open: Option<OpenFlow>,
+        end_ns: u64,
+        end_lo_ns: Option<u64>,
+        flags: u8,
+    ) -> Result<u64, StoreError> {
+        let start = open
+            .and_then(|o| o.start_ns)
+            .or(ev.start_ns)
+            .map(trail::start_ms);
+        let end = trail::end_ms(end_ns);
+        let end_hour = hour_of(end);
+        let by_dump = if open.is_some_and(|o| o.by_dump) {
+            BY_DUMP
+        } else {
+            0
+        };
+        let mut slice = Slice {
+            hour: end_hour,
+            flags: by_dump,
+            proto: ev.proto,
+            zone: ev.zone,
+            public: (ev.reply.dst, ev.reply.dport),
+            src: (ev.orig.src, ev.orig.sport),
+            dst: (ev.orig.dst, ev.orig.dport),
+            dnat: dnat(ev.proto, &ev.orig, &ev.reply),
+            start_ms: start,
+            end_ms: None,
+            end_lo_ms: None,
+            out: None,
+            back: None,
+            ct_id: ev.ct_id,
+            seq: 0,
+        };
+        if let Some(s) = start {
+            let first = hour_of(s).max(open.map_or(i32::MIN, |o| o.covered.saturating_add(1)));
+            for h in first..end_hour {
+                slice.hour = h;
+                slice.seq = self.next_seq();
+                columns::append_slice(&mut self.slices, &slice)?;
+            }
+        }
+        slice.hour = end_hour;
+        slice.flags = FINAL | by_dump | flags;
+        slice.end_ms = Some(end);
+        slice.end_lo_ms = end_lo_ns.map(trail::start_ms);
+        slice.out = ev.counters_orig;
+        slice.back = ev.counters_reply;
+        slice.seq = self.next_seq();
+        columns::append_slice(&mut self.slices, &slice)?;
+        Ok(slice.seq)
+    }
+
+    /// Moves the events' clock to `ms`; when an hour has ended by it, every flow open across
+    /// that hour's end gets an interim slice in it.
+    fn advance(&mut self, ms: i64) -> Result<(), StoreError> {
+        if ms <= self.clock_ms {
+            return Ok(());
+        }
+        self.clock_ms = ms;
+        let ended = hour_of(ms) - 1;
+        if self.swept_hour.is_some_and(|h| h >= ended) {
+            return Ok(());
+        }
+        let mut interim = Vec::new();
+        self.flows.sweep(ended, |k, v, h| interim.push((*k, *v, h)));
+        for (k, v, h) in interim {
+            let slice = Slice {
+                hour: h,
+                flags: if v.by_dump { BY_DUMP } else { 0 },
+                proto: k.proto,
+                zone: k.zone,
+                public: (v.reply.dst, v.reply.dport),
+                src: (k.orig.src, k.orig.sport),
+                dst: (k.orig.dst, k.orig.dport),
+                dnat: dnat(k.proto, &k.orig, &v.reply),
+                start_ms: v.start_ns.map(trail::start_ms),
+                end_ms: None,
+                end_lo_ms: None,
+                out: None,
+                back: None,
+                ct_id: k.ct_id,
+                seq: self.next_seq(),
+            };
+            columns::append_slice(&mut self.slices, &slice)?;
+        }
+        self.swept_hour = Some(ended);
+        Ok(())
+    }
+
     fn dump_end(&mut self, at_ns: u64, alive_until_ns: Option<u64>) -> Result<usize, StoreError> {
         let closed = self.flows.dump_end(at_ns, alive_until_ns);
         for c in &closed {
-            self.append(&c.ev, at_ns, TimeSource::Receive, c.end_lo_ns, true)?;
+            self.close(&c.ev, Some(c.flow), at_ns, c.end_lo_ns, INEXACT)?;
         }
         if !closed.is_empty() {
             info!(
@@ -313,30 +489,49 @@ impl Writer {
         Ok(closed.len())
     }
 
-    /// Appends one flow row; returns its sequence number.
-    fn append(
-        &mut self,
-        ev: &FlowEvent,
-        ts_ns: u64,
-        source: TimeSource,
-        end_lo_ns: Option<u64>,
-        inexact: bool,
-    ) -> Result<u64, StoreError> {
-        let seq = self.next_seq;
-        columns::append(
-            &mut self.app,
-            FlowRow {
-                seq,
-                ev,
-                ts_ns,
-                source,
-                end_lo_ns,
-                inexact,
-            },
-        )?;
-        self.next_seq += 1;
-        self.pending += 1;
-        Ok(seq)
+    /// Sorts the hours that ended more than `SEAL_GRACE_MS` ago into the sealed trail (after
+    /// a checkpoint, so recovery needs none of their sequence numbers), then applies
+    /// retention. Called after a commit.
+    fn seal_and_retain(&mut self) -> Result<(), StoreError> {
+        if self.clock_ms == i64::MIN {
+            return Ok(());
+        }
+        let upto = hour_of(self.clock_ms - SEAL_GRACE_MS) - 1;
+        if self.sealed_hour.is_some_and(|h| h >= upto) || self.swept_hour.is_none_or(|h| h < upto) {
+            return Ok(());
+        }
+        self.checkpoint_open_flows()?;
+        let t0 = Instant::now();
+        let moved = trail::seal(&self.conn, upto)?;
+        self.sealed_hour = Some(upto);
+        self.stats.partitions_sealed.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .slices_sealed
+            .fetch_add(moved as u64, Ordering::Relaxed);
+        debug!(
+            hour = upto,
+            slices = moved,
+            ms = t0.elapsed().as_millis() as u64,
+            "hour sealed"
+        );
+        if self.retain_days > 0 {
+            let from = hour_of(self.clock_ms) - (self.retain_days as i32).saturating_mul(24);
+            if self.retained_hour.is_none_or(|h| h < from) {
+                let removed = trail::retain(&self.conn, from)?;
+                self.retained_hour = Some(from);
+                self.stats
+                    .slices_expired
+                    .fetch_add(removed as u64, Ordering::Relaxed);
+                if removed > 0 {
+                    info!(
+                        from_hour = from,
+                        slices = removed,
+                        "retention removed old hours"
+                    );
+                }
+            }
+        }
+        self.refresh_oldest()
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
@@ -347,15 +542,20 @@ impl Writer {
         if self.pending == 0 && self.unpublished.is_empty() && !touch_due {
             return Ok(());
         }
-        self.app.flush()?;
+        self.slices.flush()?;
+        self.journal.flush()?;
         for ev in self.unpublished.drain(..) {
             self.bus.publish(ev);
         }
         sessions::touch(&self.conn, self.session_id, now_ns())?;
         self.touched_at = Instant::now();
-        if self.checkpointed_at.elapsed() >= OPEN_FLOWS_CHECKPOINT {
+        if self.checkpointed_at.elapsed() >= OPEN_FLOWS_CHECKPOINT
+            || self.clock_ms.saturating_sub(self.checkpointed_clock_ms)
+                >= OPEN_FLOWS_CHECKPOINT.as_millis() as i64
+        {
             self.checkpoint_open_flows()?;
         }
+        self.seal_and_retain()?;
         self.stats
             .rows
             .fetch_add(self.pending as u64, Ordering::Relaxed);
@@ -438,6 +638,12 @@ impl Writer {
                 deadline = Instant::now() + cfg.commit_interval;
             }
         }
+        self.finish()
+    }
+
+    /// A clean stop: commits, checkpoints the open flows (so a start replays nothing) and
+    /// closes the capture session.
+    pub fn finish(mut self) -> Result<(), StoreError> {
         self.commit()?;
         self.checkpoint_open_flows()?;
         sessions::stop(&self.conn, self.session_id, now_ns())?;
@@ -496,6 +702,14 @@ impl Writer {
         }
         self.commit()
     }
+}
+
+/// The reply source of a flow whose destination was translated (destination NAT), else None.
+/// ICMP carries its id in the source port of both directions: only the address counts.
+fn dnat(proto: u8, orig: &Tuple, reply: &Tuple) -> Option<(Addr, u16)> {
+    let icmp = matches!(proto, 1 | 58);
+    (reply.src != orig.dst || (!icmp && reply.sport != orig.dport))
+        .then_some((reply.src, reply.sport))
 }
 
 /// The first message waiting on `sources`, in the order of `live` (their priority); stages
@@ -669,24 +883,224 @@ mod tests {
     }
 
     #[test]
-    fn a_trail_without_a_checkpoint_is_scanned_once_then_checkpointed() {
-        use EventKind::{Destroy, New};
-        let (dir, cfg, _, mut w) = test_writer("nocheckpoint");
-        w.write_batch([
-            flow(New, 1, 1001),
-            flow(New, 2, 1002),
-            flow(Destroy, 2, 1002),
-        ])
-        .unwrap();
-        // As a trail written before schema 7 would be.
-        w.conn
-            .execute_batch("DELETE FROM open_flows; DELETE FROM open_flows_checkpoint")
+    fn a_version_7_trail_migrates_into_hourly_slices_and_open_flows() {
+        use crate::query::who::{WhoQuery, WhoStatus, who};
+        let dir = std::env::temp_dir().join(format!("nattrail-v7-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.duckdb");
+        {
+            // A schema-7 trail as the previous release wrote it: flow 1 from t0 to t0 + 2 h
+            // (three hours), flow 2 still open, flow 3 a DESTROY whose start it never saw.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL, description VARCHAR NOT NULL)",
+            )
             .unwrap();
-        drop(w);
+            for (v, sql) in crate::store::schema::migrations_up_to(7) {
+                c.execute_batch(sql).unwrap();
+                c.execute(
+                    "INSERT INTO schema_version VALUES (?, now()::TIMESTAMP, 'old')",
+                    [v],
+                )
+                .unwrap();
+            }
+            let (client, server, public) = (
+                281470849515522u128,
+                281474007000066u128,
+                281474087547137u128,
+            );
+            let row = |seq: u64, kind: u8, id: u32, port: u16, ts_s: i64, stop: bool| {
+                format!(
+                    "({seq}, make_timestamp({ts}), 0, {kind}, 4, 6, 0, {id}, 0, 384,
+                      {client}, {server}, {port}, 443, {server}, {public}, 443, {p2},
+                      make_timestamp({start}), {stop_ts}, NULL, false,
+                      {c}, {c}, {c}, {c}, NULL, NULL, NULL)",
+                    ts = ts_s * 1_000_000,
+                    p2 = port + 10_000,
+                    start = if kind == 2 && id == 3 {
+                        "NULL".to_string()
+                    } else {
+                        "1700000000000000".to_string()
+                    },
+                    stop_ts = if stop {
+                        format!("make_timestamp({})", ts_s * 1_000_000)
+                    } else {
+                        "NULL".into()
+                    },
+                    c = if kind == 2 {
+                        "7".to_string()
+                    } else {
+                        "NULL".to_string()
+                    },
+                )
+            };
+            let rows = [
+                row(0, 1, 1, 1001, 1_700_000_000, false),
+                row(1, 1, 2, 1002, 1_700_000_000, false),
+                row(2, 2, 1, 1001, 1_700_007_200, true),
+                row(3, 2, 3, 1003, 1_700_000_500, true),
+            ];
+            c.execute_batch(&format!(
+                "INSERT INTO conntrack_events VALUES {};
+                 INSERT INTO capture_sessions VALUES (1, make_timestamp(1699990000000000),
+                     make_timestamp(1700010000000000), make_timestamp(1700010000000000), 'gw', 'old');",
+                rows.join(", ")
+            ))
+            .unwrap();
+        }
+        let cfg = WriterConfig {
+            db_path: path.clone(),
+            ..WriterConfig::from_config(&crate::config::Config::default())
+        };
         let w = Writer::open(&cfg, Arc::new(WriterStats::default())).unwrap();
-        assert_eq!(open_ids(&w), [1]);
-        let r = open_flows::recover(&w.conn, &mut OpenFlows::default()).unwrap();
-        assert_eq!((r.checkpoint, r.loaded, r.replayed), (Some(3), 1, 0));
+        assert_eq!(open_ids(&w), [2]);
+        let slices: Vec<(i32, u8, u16)> = w
+            .conn
+            .prepare("SELECT hour, flags, src_port FROM flow_trail ORDER BY src_port, hour")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            slices,
+            [
+                (472_222, 0, 1001),
+                (472_223, 0, 1001),
+                (472_224, 1, 1001),
+                (472_222, 1, 1003)
+            ]
+        );
+        assert_eq!(trail::state(&w.conn).unwrap().sealed_hour, Some(472_224));
+        let ask = |port: u16, at_s: i64| {
+            who(
+                &w.conn,
+                &WhoQuery {
+                    ip: "203.0.113.1".parse().unwrap(),
+                    port,
+                    at: chrono::DateTime::from_timestamp(at_s, 0).unwrap(),
+                    tolerance: Duration::ZERO,
+                    proto: None,
+                    dst_ip: None,
+                    dst_port: None,
+                    live: true,
+                },
+            )
+            .unwrap()
+        };
+        // Flow 1 asked about in its middle hour: the interim slice, resolved to its end.
+        let a = ask(11_001, 1_700_003_600);
+        assert_eq!(a.status, WhoStatus::Found, "{a:?}");
+        let f = &a.matches[0].flow;
+        assert_eq!(
+            (
+                f.internal_port,
+                f.start.as_deref(),
+                f.end.as_deref(),
+                f.bytes_out
+            ),
+            (
+                1001,
+                Some("2023-11-14T22:13:20Z"),
+                Some("2023-11-15T00:13:20Z"),
+                Some(7)
+            )
+        );
+        let b = ask(11_002, 1_700_003_600);
+        assert_eq!(b.status, WhoStatus::Found, "{b:?}");
+        assert!(b.matches[0].flow.open && b.matches[0].flow.end.is_none());
+        let c = ask(11_003, 1_700_000_500);
+        assert_eq!(
+            (c.status, c.matches[0].flow.start.as_deref()),
+            (WhoStatus::Found, None)
+        );
+        assert_eq!(ask(11_003, 1_700_000_600).status, WhoStatus::None);
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn retention_removes_whole_old_hours_and_who_says_so() {
+        use crate::query::coverage::HoleKind;
+        use crate::query::who::{WhoQuery, WhoStatus, who};
+        use EventKind::{Destroy, New};
+        const T0: u64 = 1_700_000_000_000_000_000;
+        const HOUR: u64 = 3_600_000_000_000;
+        let dir = std::env::temp_dir().join(format!("nattrail-retain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = WriterConfig {
+            db_path: dir.join("t.duckdb"),
+            retain_days: 1,
+            ..WriterConfig::from_config(&crate::config::Config::default())
+        };
+        let stats = Arc::new(WriterStats::default());
+        let mut w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        let at = |kind, id, sport, start: u64| {
+            let mut ev = crate::store::reconcile::test_flow(kind, id, sport);
+            ev.start_ns = Some(start);
+            ev.event_ns = Some(start + if kind == Destroy { 60_000_000_000 } else { 0 });
+            ev.stop_ns = (kind == Destroy).then_some(start + 60_000_000_000);
+            WriterMsg::Flow { ev, received_ns: 0 }
+        };
+        // One flow on day 0, one 26 hours later, one 50 hours later (its clock seals hour
+        // 48 and keeps the last day: hours from 26 on).
+        for (id, port, start) in [
+            (1, 1001, T0),
+            (2, 1002, T0 + 26 * HOUR),
+            (3, 1003, T0 + 50 * HOUR),
+        ] {
+            w.write_batch([at(New, id, port, start), at(Destroy, id, port, start)])
+                .unwrap();
+        }
+        assert!(stats.slices_expired.load(Ordering::Relaxed) >= 1);
+        let oldest = stats.oldest_seconds.load(Ordering::Relaxed);
+        assert_eq!(
+            oldest,
+            (T0 + 26 * HOUR) / 1_000_000_000,
+            "oldest instant held"
+        );
+        w.conn
+            .execute(
+                "UPDATE capture_sessions SET started = make_timestamp(?)",
+                [(T0 / 1_000 - 3_600_000_000) as i64],
+            )
+            .unwrap();
+        let ask = |port: u16, at_ns: u64| {
+            who(
+                &w.conn,
+                &WhoQuery {
+                    ip: "203.0.113.1".parse().unwrap(),
+                    port,
+                    at: chrono::DateTime::from_timestamp_nanos(at_ns as i64),
+                    tolerance: Duration::ZERO,
+                    proto: None,
+                    dst_ip: None,
+                    dst_port: None,
+                    live: true,
+                },
+            )
+            .unwrap()
+        };
+        let gone = ask(1001, T0 + 30_000_000_000);
+        assert_eq!(gone.status, WhoStatus::Incomplete, "{gone:?}");
+        assert!(gone.matches.is_empty());
+        assert!(
+            gone.holes.iter().any(|h| h.kind == HoleKind::Retention
+                && h.contains(((T0 + 30_000_000_000) / 1_000) as i64)),
+            "{gone:?}"
+        );
+        let kept = ask(1002, T0 + 26 * HOUR + 30_000_000_000);
+        assert_eq!(kept.status, WhoStatus::Found, "{kept:?}");
+        let left: i64 = w
+            .conn
+            .query_row(
+                "SELECT count(*) FROM flow_sealed WHERE src_port = 1001",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 0);
         drop(w);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -1,0 +1,263 @@
+//! The flow trail's hourly partitions: which hour a slice belongs to, sealing an hour (sorted
+//! by public address and port, so a lookup reads one row group of it), retention, and the
+//! one-time move of a version-7 event trail into slices.
+
+use duckdb::{Connection, params};
+use tracing::info;
+
+use super::schema::{StoreError, db_err};
+
+/// One partition, in milliseconds.
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// The hour (since the epoch) an instant in milliseconds falls in.
+pub fn hour_of(ms: i64) -> i32 {
+    ms.div_euclid(HOUR_MS) as i32
+}
+
+/// The first millisecond after `hour`.
+pub fn hour_end_ms(hour: i32) -> i64 {
+    (i64::from(hour) + 1) * HOUR_MS
+}
+
+/// A start in nanoseconds as stored: rounded down to the millisecond.
+pub fn start_ms(ns: u64) -> i64 {
+    (ns / 1_000_000) as i64
+}
+
+/// An end in nanoseconds as stored: rounded up, so the stored interval holds the true one.
+pub fn end_ms(ns: u64) -> i64 {
+    ns.div_ceil(1_000_000) as i64
+}
+
+/// The order of a sealed hour: public address and port first, which is what `who` asks by,
+/// so DuckDB's per-row-group min/max skip all but one row group of the hour. Interim slices
+/// come first, apart: their old starts would widen the bit-packing of the final ones.
+pub const SEAL_ORDER: &str = "hour, flags & 1, pub6 NULLS FIRST, pub4, pub_port, start_ms";
+
+/// The partitions' state: the newest sealed hour and the retention horizon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrailState {
+    /// Hours up to this one are sorted into `flow_trail`.
+    pub sealed_hour: Option<i32>,
+    /// Milliseconds since the epoch before which retention removed the trail.
+    pub retained_from_ms: Option<i64>,
+}
+
+/// Reads the partitions' state.
+pub fn state(conn: &Connection) -> Result<TrailState, StoreError> {
+    conn.query_row(
+        "SELECT max(sealed_hour), max(retained_from) FROM trail_state",
+        [],
+        |r| {
+            Ok(TrailState {
+                sealed_hour: r.get(0)?,
+                retained_from_ms: r.get(1)?,
+            })
+        },
+    )
+    .map_err(db_err("reading the trail's partition state"))
+}
+
+/// Moves the slices of every hour up to `hour` from `trail_recent` into `flow_sealed`,
+/// sorted, with their destinations in the hour's dictionary; returns the slices moved. The
+/// conntrack id and sequence number are dropped: they serve recovery, which the checkpoint
+/// taken before this has made moot. In one transaction.
+pub fn seal(conn: &Connection, hour: i32) -> Result<usize, StoreError> {
+    conn.execute_batch("BEGIN TRANSACTION")
+        .map_err(db_err("beginning a seal"))?;
+    match seal_in_transaction(conn, hour).and_then(|n| {
+        conn.execute_batch("COMMIT")
+            .map_err(db_err("committing a seal"))?;
+        Ok(n)
+    }) {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// `seal` inside the caller's transaction.
+fn seal_in_transaction(conn: &Connection, hour: i32) -> Result<usize, StoreError> {
+    let (n, first): (i64, Option<i32>) = conn
+        .query_row(
+            "SELECT count(*), min(hour) FROM trail_recent WHERE hour <= ?",
+            params![hour],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(db_err("counting the slices to seal"))?;
+    let Some(first) = first else {
+        return Ok(0);
+    };
+    // Hours sealed before (late slices of an old hour) keep their dictionary entries; new
+    // destinations get the ids after the hour's last.
+    conn.execute_batch(&format!(
+        "CREATE TEMP TABLE nt_seal AS
+             SELECT *, nt_addr(dst4, dst6) AS dkey FROM trail_recent WHERE hour <= {hour};
+         INSERT INTO trail_dst
+             SELECT n.hour, (coalesce(m.top + 1, 0)
+                    + row_number() OVER (PARTITION BY n.hour ORDER BY n.dkey, n.dst_port) - 1)::UINTEGER,
+                    n.dst4, n.dst6, n.dst_port
+             FROM (SELECT DISTINCT hour, dkey, dst4, dst6, dst_port FROM nt_seal) n
+             LEFT JOIN (SELECT hour, max(id) AS top FROM trail_dst
+                        WHERE hour BETWEEN {first} AND {hour} GROUP BY hour) m ON m.hour = n.hour
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM trail_dst d
+                 WHERE d.hour BETWEEN {first} AND {hour} AND d.hour = n.hour
+                   AND nt_addr(d.dst4, d.dst6) = n.dkey AND d.dst_port = n.dst_port)
+             ORDER BY n.hour, n.dkey, n.dst_port;
+         INSERT INTO flow_sealed
+             SELECT s.hour, s.flags, s.proto, s.zone, s.pub4, s.pub6, s.pub_port, s.src4, s.src6,
+                    s.src_port, d.id, s.dnat4, s.dnat6, s.dnat_port, s.start_ms, s.end_ms,
+                    s.end_lo_ms, s.packets_out, s.bytes_out, s.packets_in, s.bytes_in
+             FROM nt_seal s JOIN (SELECT * FROM trail_dst WHERE hour BETWEEN {first} AND {hour}) d
+               ON d.hour = s.hour AND nt_addr(d.dst4, d.dst6) = s.dkey AND d.dst_port = s.dst_port
+             ORDER BY s.{order};
+         DELETE FROM trail_recent WHERE hour <= {hour};
+         UPDATE trail_state SET sealed_hour = greatest(coalesce(sealed_hour, {hour}), {hour});
+         DROP TABLE nt_seal;",
+        order = SEAL_ORDER.replace(", ", ", s.")
+    ))
+    .map_err(db_err(format!("sealing the hours {first}..={hour}")))?;
+    Ok(n as usize)
+}
+
+/// Removes every hour before `from_hour` (whole partitions, while ingest and lookups go on)
+/// and records the horizon; returns the slices removed.
+pub fn retain(conn: &Connection, from_hour: i32) -> Result<usize, StoreError> {
+    let from_ms = i64::from(from_hour) * HOUR_MS;
+    let removed: i64 = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM flow_sealed WHERE hour < ?1)
+                  + (SELECT count(*) FROM trail_recent WHERE hour < ?1)",
+            params![from_hour],
+            |r| r.get(0),
+        )
+        .map_err(db_err("counting the slices retention removes"))?;
+    conn.execute_batch(&format!(
+        "BEGIN TRANSACTION;
+         DELETE FROM flow_sealed WHERE hour < {from_hour};
+         DELETE FROM trail_dst WHERE hour < {from_hour};
+         DELETE FROM trail_recent WHERE hour < {from_hour};
+         UPDATE trail_state SET retained_from = greatest(coalesce(retained_from, {from_ms}), {from_ms});
+         COMMIT;"
+    ))
+    .map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        db_err(format!("removing the hours before {from_ms} ms"))(e)
+    })?;
+    Ok(removed as usize)
+}
+
+/// The oldest instant the trail holds (its oldest slice's start, else its end), in ms.
+pub fn oldest_ms(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    conn.query_row(
+        "SELECT min(m) FROM (
+            SELECT min(coalesce(start_ms, end_ms)) AS m FROM flow_sealed
+             WHERE hour = (SELECT min(hour) FROM flow_sealed)
+            UNION ALL SELECT min(coalesce(start_ms, end_ms)) FROM trail_recent
+            UNION ALL SELECT min(start_us) // 1000 FROM open_flows
+            UNION ALL SELECT min(start_us) // 1000 FROM open_journal)",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db_err("reading the trail's oldest instant"))
+}
+
+/// Part of migration 8, inside its transaction: turns the version-7 event rows into slices.
+/// Finished flows become a final slice plus an interim one for each earlier hour; open
+/// flows become the open-flow checkpoint. Logs its progress a day at a time.
+pub fn move_events(conn: &Connection) -> Result<(), StoreError> {
+    let t0 = std::time::Instant::now();
+    // The join of starts and ends, once (the old `flows` view); reply source and port are
+    // not in it, so flows moved from before version 8 carry no destination-NAT columns.
+    conn.execute_batch(
+        "CREATE TEMP TABLE nt_moved AS
+         SELECT epoch_us(start) // 1000 AS start_ms,
+                CASE WHEN \"end\" IS NULL THEN NULL ELSE (epoch_us(\"end\") + 999) // 1000 END AS end_ms,
+                epoch_us(end_lo) // 1000 AS end_lo_ms,
+                (CASE WHEN \"end\" IS NOT NULL THEN 1 ELSE 0 END
+                 | CASE WHEN found_by_dump THEN 2 ELSE 0 END
+                 | CASE WHEN end_inexact THEN 4 ELSE 0 END)::UTINYINT AS final_flags,
+                proto_num AS proto, zone, reply_dst, public_port, orig_src, internal_port,
+                orig_dst, dst_port, packets_out, bytes_out, packets_in, bytes_in, ct_id,
+                start_seq, end_seq
+         FROM flows",
+    )
+    .map_err(db_err("joining the version-7 events into flows"))?;
+    let (flows, first, last): (i64, Option<i32>, Option<i32>) = conn
+        .query_row(
+            "SELECT count(*), min(end_ms // 3600000)::INTEGER, max(end_ms // 3600000)::INTEGER
+             FROM nt_moved",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .map_err(db_err("counting the flows to move"))?;
+    info!(
+        flows,
+        secs = t0.elapsed().as_secs_f64(),
+        "migration 8: version-7 events joined into flows"
+    );
+    if let (Some(first), Some(last)) = (first, last) {
+        let mut day = first;
+        while day <= last {
+            let upto = (day + 23).min(last);
+            let n = conn
+                .execute(
+                    &format!(
+                        "INSERT INTO trail_recent
+                         SELECT h AS hour,
+                                CASE WHEN h = end_ms // 3600000 THEN final_flags
+                                     ELSE final_flags & 2 END::UTINYINT AS flags,
+                                proto, zone, nt_v4(reply_dst) AS pub4, nt_v6(reply_dst) AS pub6,
+                                public_port AS pub_port,
+                                nt_v4(orig_src), nt_v6(orig_src), internal_port,
+                                nt_v4(orig_dst), nt_v6(orig_dst), dst_port, NULL, NULL, NULL,
+                                start_ms, CASE WHEN h = end_ms // 3600000 THEN end_ms END,
+                                CASE WHEN h = end_ms // 3600000 THEN end_lo_ms END,
+                                CASE WHEN h = end_ms // 3600000 THEN packets_out END,
+                                CASE WHEN h = end_ms // 3600000 THEN bytes_out END,
+                                CASE WHEN h = end_ms // 3600000 THEN packets_in END,
+                                CASE WHEN h = end_ms // 3600000 THEN bytes_in END,
+                                NULL, NULL
+                         FROM (SELECT *, unnest(generate_series(
+                                   coalesce(start_ms, end_ms) // 3600000, end_ms // 3600000)) AS h
+                               FROM nt_moved WHERE end_ms IS NOT NULL)
+                         WHERE h BETWEEN {day} AND {upto}"
+                    ),
+                    [],
+                )
+                .map_err(db_err(format!("moving the hours {day}..={upto} of flows")))?;
+            seal_in_transaction(conn, upto)?;
+            info!(
+                hours = format!("{day}..={upto}"),
+                slices = n,
+                secs = t0.elapsed().as_secs_f64(),
+                "migration 8: a day of flows sealed"
+            );
+            day = upto + 1;
+        }
+    }
+    // The flows still open become the checkpoint, with what only their start row holds.
+    conn.execute_batch(
+        "DELETE FROM open_flows;
+         INSERT INTO open_flows
+         SELECT e.ct_id, e.zone, e.proto, e.orig_src, e.orig_dst, e.orig_sport, e.orig_dport,
+                e.reply_src, e.reply_dst, e.reply_sport, e.reply_dport, e.family, e.mark,
+                e.status, m.start_ms * 1000, e.kind = 3
+         FROM nt_moved m JOIN conntrack_events e ON e.seq = m.start_seq
+         WHERE m.end_ms IS NULL;
+         DELETE FROM open_flows_checkpoint;
+         INSERT INTO open_flows_checkpoint VALUES (0, now()::TIMESTAMP);
+         DROP TABLE nt_moved;",
+    )
+    .map_err(db_err("moving the open flows into the checkpoint"))?;
+    info!(
+        flows,
+        secs = t0.elapsed().as_secs_f64(),
+        "migration 8: events moved into hourly slices"
+    );
+    Ok(())
+}
