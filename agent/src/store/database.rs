@@ -37,6 +37,20 @@ const LOCKDOWN: &[(&str, &str)] = &[
     ("lock_configuration", "true"),
 ];
 
+/// DuckDB's memory limit while migrating: a quarter of the machine's memory, between 1 and
+/// 8 GiB.
+fn migration_memory_mb() -> u64 {
+    let total_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(4 << 20);
+    (total_kb / 1024 / 4).clamp(1024, 8192)
+}
+
 /// How to open a database.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
@@ -138,6 +152,20 @@ impl Database {
 
     /// Opens the database with the lockdown settings; read-write opens migrate it.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Self, StoreError> {
+        if !opts.read_only && path.exists() {
+            // Migrations may rewrite the whole trail (schema 8 joins a day of events into
+            // flows): they run in an instance of their own with room for that, and the
+            // agent's then opens with its own limit (nothing left to migrate).
+            let roomy = OpenOptions {
+                read_only: false,
+                memory_limit_mb: Some(migration_memory_mb().max(opts.memory_limit_mb.unwrap_or(0))),
+            };
+            drop(Self::open_once(path, roomy)?);
+        }
+        Self::open_once(path, opts)
+    }
+
+    fn open_once(path: &Path, opts: OpenOptions) -> Result<Self, StoreError> {
         if opts.read_only {
             if !path.exists() {
                 return Err(StoreError::Missing(path.to_path_buf()));
