@@ -60,6 +60,26 @@ pub(crate) fn migrations_up_to(version: u32) -> impl Iterator<Item = (u32, &'sta
         .map(|m| (m.0, m.2))
 }
 
+/// A database as the release with schema `version` left it (for migration tests): its
+/// migrations applied, nothing else.
+#[cfg(test)]
+pub(crate) fn database_at_version(path: &Path, version: u32) -> Connection {
+    let c = Connection::open(path).expect("opening the old database");
+    c.execute_batch(
+        "CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL, description VARCHAR NOT NULL)",
+    )
+    .expect("schema_version");
+    for (v, sql) in migrations_up_to(version) {
+        c.execute_batch(sql).expect("an old migration");
+        c.execute(
+            "INSERT INTO schema_version VALUES (?, now()::TIMESTAMP, 'old')",
+            [v],
+        )
+        .expect("recording an old migration");
+    }
+    c
+}
+
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = 8;
 

@@ -882,9 +882,31 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// `who` for 203.0.113.1:`port` at `at`, no tolerance, as a live trail.
+    fn who_at(
+        conn: &Connection,
+        port: u16,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> crate::query::who::WhoAnswer {
+        crate::query::who::who(
+            conn,
+            &crate::query::who::WhoQuery {
+                ip: "203.0.113.1".parse().unwrap(),
+                port,
+                at,
+                tolerance: Duration::ZERO,
+                proto: None,
+                dst_ip: None,
+                dst_port: None,
+                live: true,
+            },
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_version_7_trail_migrates_into_hourly_slices_and_open_flows() {
-        use crate::query::who::{WhoQuery, WhoStatus, who};
+        use crate::query::who::WhoStatus;
         let dir = std::env::temp_dir().join(format!("nattrail-v7-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -892,19 +914,7 @@ mod tests {
         {
             // A schema-7 trail as the previous release wrote it: flow 1 from t0 to t0 + 2 h
             // (three hours), flow 2 still open, flow 3 a DESTROY whose start it never saw.
-            let c = Connection::open(&path).unwrap();
-            c.execute_batch(
-                "CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL, description VARCHAR NOT NULL)",
-            )
-            .unwrap();
-            for (v, sql) in crate::store::schema::migrations_up_to(7) {
-                c.execute_batch(sql).unwrap();
-                c.execute(
-                    "INSERT INTO schema_version VALUES (?, now()::TIMESTAMP, 'old')",
-                    [v],
-                )
-                .unwrap();
-            }
+            let c = crate::store::schema::database_at_version(&path, 7);
             let (client, server, public) = (
                 281470849515522u128,
                 281474007000066u128,
@@ -974,20 +984,11 @@ mod tests {
         );
         assert_eq!(trail::state(&w.conn).unwrap().sealed_hour, Some(472_224));
         let ask = |port: u16, at_s: i64| {
-            who(
+            who_at(
                 &w.conn,
-                &WhoQuery {
-                    ip: "203.0.113.1".parse().unwrap(),
-                    port,
-                    at: chrono::DateTime::from_timestamp(at_s, 0).unwrap(),
-                    tolerance: Duration::ZERO,
-                    proto: None,
-                    dst_ip: None,
-                    dst_port: None,
-                    live: true,
-                },
+                port,
+                chrono::DateTime::from_timestamp(at_s, 0).unwrap(),
             )
-            .unwrap()
         };
         // Flow 1 asked about in its middle hour: the interim slice, resolved to its end.
         let a = ask(11_001, 1_700_003_600);
@@ -1023,7 +1024,7 @@ mod tests {
     #[test]
     fn retention_removes_whole_old_hours_and_who_says_so() {
         use crate::query::coverage::HoleKind;
-        use crate::query::who::{WhoQuery, WhoStatus, who};
+        use crate::query::who::WhoStatus;
         use EventKind::{Destroy, New};
         const T0: u64 = 1_700_000_000_000_000_000;
         const HOUR: u64 = 3_600_000_000_000;
@@ -1067,20 +1068,11 @@ mod tests {
             )
             .unwrap();
         let ask = |port: u16, at_ns: u64| {
-            who(
+            who_at(
                 &w.conn,
-                &WhoQuery {
-                    ip: "203.0.113.1".parse().unwrap(),
-                    port,
-                    at: chrono::DateTime::from_timestamp_nanos(at_ns as i64),
-                    tolerance: Duration::ZERO,
-                    proto: None,
-                    dst_ip: None,
-                    dst_port: None,
-                    live: true,
-                },
+                port,
+                chrono::DateTime::from_timestamp_nanos(at_ns as i64),
             )
-            .unwrap()
         };
         let gone = ask(1001, T0 + 30_000_000_000);
         assert_eq!(gone.status, WhoStatus::Incomplete, "{gone:?}");

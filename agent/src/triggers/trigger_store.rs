@@ -498,19 +498,7 @@ mod tests {
         let path = dir.join("t.duckdb");
         {
             // A schema-5 database as the previous release wrote it.
-            let c = Connection::open(&path).unwrap();
-            c.execute_batch(
-                "CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL, description VARCHAR NOT NULL)",
-            )
-            .unwrap();
-            for (v, sql) in crate::store::schema::migrations_up_to(5) {
-                c.execute_batch(sql).unwrap();
-                c.execute(
-                    "INSERT INTO schema_version VALUES (?, now()::TIMESTAMP, 'old')",
-                    [v],
-                )
-                .unwrap();
-            }
+            let c = crate::store::schema::database_at_version(&path, 5);
             c.execute_batch(
                 "INSERT INTO event_triggers (name, enabled, filter, rate_per_min, url, secret, headers, updated)
                  VALUES ('old', true, '{}', 0, 'https://hooks.example.org/o', 'whsec_old', '{\"x-k\": \"hv\"}', now()::TIMESTAMP)",
