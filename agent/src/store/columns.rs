@@ -5,7 +5,7 @@ use duckdb::ffi;
 
 use super::chunk_appender::ChunkAppender;
 use super::schema::StoreError;
-use crate::pipeline::flow::{Addr, Counters};
+use crate::pipeline::flow::{Addr, Counters, Tuple};
 
 use ffi::{
     DUCKDB_TYPE_DUCKDB_TYPE_BIGINT as I64, DUCKDB_TYPE_DUCKDB_TYPE_BOOLEAN as BOOL,
@@ -66,6 +66,48 @@ pub struct Slice {
     pub ct_id: u32,
     /// Writer's sequence number.
     pub seq: u64,
+}
+
+impl Slice {
+    /// An interim slice of hour `hour` (no end, no counters, sequence number 0): the fields
+    /// every slice of one flow shares; a final slice sets the rest.
+    #[allow(clippy::too_many_arguments)]
+    pub fn interim(
+        hour: i32,
+        proto: u8,
+        zone: u16,
+        ct_id: u32,
+        orig: &Tuple,
+        reply: &Tuple,
+        start_ms: Option<i64>,
+        by_dump: bool,
+    ) -> Slice {
+        Slice {
+            hour,
+            flags: if by_dump { BY_DUMP } else { 0 },
+            proto,
+            zone,
+            public: (reply.dst, reply.dport),
+            src: (orig.src, orig.sport),
+            dst: (orig.dst, orig.dport),
+            dnat: dnat(proto, orig, reply),
+            start_ms,
+            end_ms: None,
+            end_lo_ms: None,
+            out: None,
+            back: None,
+            ct_id,
+            seq: 0,
+        }
+    }
+}
+
+/// The reply source of a flow whose destination was translated (destination NAT), else None.
+/// ICMP carries its id in the source port of both directions: only the address counts.
+fn dnat(proto: u8, orig: &Tuple, reply: &Tuple) -> Option<(Addr, u16)> {
+    let icmp = matches!(proto, 1 | 58);
+    (reply.src != orig.dst || (!icmp && reply.sport != orig.dport))
+        .then_some((reply.src, reply.sport))
 }
 
 fn set_addr(app: &mut ChunkAppender, col: usize, a: Option<Addr>) {

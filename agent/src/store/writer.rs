@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::bus::{EventBus, StoredEvent};
 use super::chunk_appender::ChunkAppender;
-use super::columns::{self, BY_DUMP, FINAL, INEXACT, JOURNAL_COLUMNS, SLICE_COLUMNS, Slice};
+use super::columns::{self, FINAL, INEXACT, JOURNAL_COLUMNS, SLICE_COLUMNS, Slice};
 use super::cursors;
 use super::database::{Database, OpenOptions};
 use super::event_log::{self, Gap};
@@ -23,7 +23,7 @@ use super::schema::{StoreError, db_err};
 use super::sessions;
 use super::trail::{self, hour_of};
 use crate::pipeline::clock::now_ns;
-use crate::pipeline::flow::{Addr, EventKind, FlowEvent, Tuple};
+use crate::pipeline::flow::{EventKind, FlowEvent};
 use crate::pipeline::messages::{LogBatch, WriterMsg};
 use crate::pipeline::metrics::counters;
 use crate::pipeline::stage::{Overflow, StageRx};
@@ -394,28 +394,16 @@ impl Writer {
             .map(trail::start_ms);
         let end = trail::end_ms(end_ns);
         let end_hour = hour_of(end);
-        let by_dump = if open.is_some_and(|o| o.by_dump) {
-            BY_DUMP
-        } else {
-            0
-        };
-        let mut slice = Slice {
-            hour: end_hour,
-            flags: by_dump,
-            proto: ev.proto,
-            zone: ev.zone,
-            public: (ev.reply.dst, ev.reply.dport),
-            src: (ev.orig.src, ev.orig.sport),
-            dst: (ev.orig.dst, ev.orig.dport),
-            dnat: dnat(ev.proto, &ev.orig, &ev.reply),
-            start_ms: start,
-            end_ms: None,
-            end_lo_ms: None,
-            out: None,
-            back: None,
-            ct_id: ev.ct_id,
-            seq: 0,
-        };
+        let mut slice = Slice::interim(
+            end_hour,
+            ev.proto,
+            ev.zone,
+            ev.ct_id,
+            &ev.orig,
+            &ev.reply,
+            start,
+            open.is_some_and(|o| o.by_dump),
+        );
         if let Some(s) = start {
             let first = hour_of(s).max(open.map_or(i32::MIN, |o| o.covered.saturating_add(1)));
             for h in first..end_hour {
@@ -425,7 +413,7 @@ impl Writer {
             }
         }
         slice.hour = end_hour;
-        slice.flags = FINAL | by_dump | flags;
+        slice.flags |= FINAL | flags;
         slice.end_ms = Some(end);
         slice.end_lo_ms = end_lo_ns.map(trail::start_ms);
         slice.out = ev.counters_orig;
@@ -449,23 +437,17 @@ impl Writer {
         let mut interim = Vec::new();
         self.flows.sweep(ended, |k, v, h| interim.push((*k, *v, h)));
         for (k, v, h) in interim {
-            let slice = Slice {
-                hour: h,
-                flags: if v.by_dump { BY_DUMP } else { 0 },
-                proto: k.proto,
-                zone: k.zone,
-                public: (v.reply.dst, v.reply.dport),
-                src: (k.orig.src, k.orig.sport),
-                dst: (k.orig.dst, k.orig.dport),
-                dnat: dnat(k.proto, &k.orig, &v.reply),
-                start_ms: v.start_ns.map(trail::start_ms),
-                end_ms: None,
-                end_lo_ms: None,
-                out: None,
-                back: None,
-                ct_id: k.ct_id,
-                seq: self.next_seq(),
-            };
+            let mut slice = Slice::interim(
+                h,
+                k.proto,
+                k.zone,
+                k.ct_id,
+                &k.orig,
+                &v.reply,
+                v.start_ns.map(trail::start_ms),
+                v.by_dump,
+            );
+            slice.seq = self.next_seq();
             columns::append_slice(&mut self.slices, &slice)?;
         }
         self.swept_hour = Some(ended);
@@ -702,14 +684,6 @@ impl Writer {
         }
         self.commit()
     }
-}
-
-/// The reply source of a flow whose destination was translated (destination NAT), else None.
-/// ICMP carries its id in the source port of both directions: only the address counts.
-fn dnat(proto: u8, orig: &Tuple, reply: &Tuple) -> Option<(Addr, u16)> {
-    let icmp = matches!(proto, 1 | 58);
-    (reply.src != orig.dst || (!icmp && reply.sport != orig.dport))
-        .then_some((reply.src, reply.sport))
 }
 
 /// The first message waiting on `sources`, in the order of `live` (their priority); stages
