@@ -11,7 +11,8 @@
 -- Slices of hours not sealed yet, in order of writing.
 CREATE TABLE trail_recent (
     hour        INTEGER   NOT NULL,  -- partition: hours since the epoch
-    flags       UTINYINT  NOT NULL,  -- 1 final (else interim), 2 found by dump, 4 end inexact
+    flags       UTINYINT  NOT NULL,  -- 1 final (else interim), 2 found by dump, 4 end inexact,
+                                     -- 16 start not seen (NEW lost; start from the end event)
     proto       UTINYINT  NOT NULL,
     zone        USMALLINT NOT NULL,
     pub4        UINTEGER,            -- public address after source NAT (reply destination)
@@ -117,7 +118,7 @@ SELECT NULL::INTEGER AS hour, (8 | CASE WHEN by_dump THEN 2 ELSE 0 END)::UTINYIN
 FROM (SELECT * FROM open_journal UNION ALL BY NAME SELECT * FROM open_flows);
 
 -- One row per flow: its final slice, or while open its open record, else its newest interim
--- slice (flags: 1 final, 2 found by dump, 4 end inexact, 8 open).
+-- slice (flags: 1 final, 2 found by dump, 4 end inexact, 8 open, 16 start not seen).
 CREATE VIEW flows AS
 SELECT make_timestamp(start_ms * 1000) AS start,
        make_timestamp(CASE WHEN flags & 1 = 1 THEN end_ms END * 1000) AS "end",
@@ -136,7 +137,7 @@ QUALIFY row_number() OVER (
     ORDER BY flags & 1 DESC, flags & 8 DESC, flags & 4, hour DESC) = 1;
 
 -- The conntrack events a flow stands for, rebuilt from its row for older queries: a start
--- (1 new, 3 found by dump) where the trail saw it, an end (2 destroy) once it ended. seq is
+-- (1 new, 3 found by dump) where the trail saw it (not where only the end was seen), an end (2 destroy) once it ended. seq is
 -- the rank in time order, not the order of receipt (which is no longer stored).
 CREATE VIEW conntrack_events AS
 WITH f AS (
@@ -146,7 +147,7 @@ WITH f AS (
         ORDER BY flags & 1 DESC, flags & 8 DESC, flags & 4, hour DESC) = 1),
 e AS (
     SELECT start_ms AS t, CASE WHEN flags & 2 = 2 THEN 3 ELSE 1 END AS kind, * EXCLUDE (seq)
-    FROM f WHERE start_ms IS NOT NULL
+    FROM f WHERE start_ms IS NOT NULL AND flags & 16 = 0
     UNION ALL
     SELECT end_ms, 2, * EXCLUDE (seq) FROM f WHERE flags & 1 = 1)
 SELECT (row_number() OVER (ORDER BY t, kind, proto, zone, nt_addr(src4, src6), src_port,

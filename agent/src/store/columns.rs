@@ -32,13 +32,16 @@ pub const FINAL: u8 = 1;
 pub const BY_DUMP: u8 = 2;
 /// Slice flag: the end is only bounded (the flow was found gone by a dump).
 pub const INEXACT: u8 = 4;
+/// Slice flag: the trail never saw the flow begin (its NEW was lost); the start is the
+/// kernel's timestamp carried by the end.
+pub const UNSEEN: u8 = 16;
 
 /// One hour of one flow.
 #[derive(Debug, Clone, Copy)]
 pub struct Slice {
     /// Partition.
     pub hour: i32,
-    /// FINAL, BY_DUMP, INEXACT.
+    /// FINAL, BY_DUMP, INEXACT, UNSEEN.
     pub flags: u8,
     /// IP protocol.
     pub proto: u8,

@@ -180,7 +180,8 @@ pub fn move_events(conn: &Connection) -> Result<(), StoreError> {
                 epoch_us(end_lo) // 1000 AS end_lo_ms,
                 (CASE WHEN \"end\" IS NOT NULL THEN 1 ELSE 0 END
                  | CASE WHEN found_by_dump THEN 2 ELSE 0 END
-                 | CASE WHEN end_inexact THEN 4 ELSE 0 END)::UTINYINT AS final_flags,
+                 | CASE WHEN end_inexact THEN 4 ELSE 0 END
+                 | CASE WHEN start_seq IS NULL AND \"end\" IS NOT NULL THEN 16 ELSE 0 END)::UTINYINT AS final_flags,
                 proto_num AS proto, zone, reply_dst, public_port, orig_src, internal_port,
                 orig_dst, dst_port, packets_out, bytes_out, packets_in, bytes_in, ct_id,
                 start_seq, end_seq
@@ -210,7 +211,7 @@ pub fn move_events(conn: &Connection) -> Result<(), StoreError> {
                         "INSERT INTO trail_recent
                          SELECT h AS hour,
                                 CASE WHEN h = end_ms // 3600000 THEN final_flags
-                                     ELSE final_flags & 2 END::UTINYINT AS flags,
+                                     ELSE final_flags & 18 END::UTINYINT AS flags,
                                 proto, zone, nt_v4(reply_dst) AS pub4, nt_v6(reply_dst) AS pub6,
                                 public_port AS pub_port,
                                 nt_v4(orig_src), nt_v6(orig_src), internal_port,

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::bus::{EventBus, StoredEvent};
 use super::chunk_appender::ChunkAppender;
-use super::columns::{self, FINAL, INEXACT, JOURNAL_COLUMNS, SLICE_COLUMNS, Slice};
+use super::columns::{self, FINAL, INEXACT, JOURNAL_COLUMNS, SLICE_COLUMNS, Slice, UNSEEN};
 use super::cursors;
 use super::database::{Database, OpenOptions};
 use super::event_log::{self, Gap};
@@ -404,6 +404,9 @@ impl Writer {
             start,
             open.is_some_and(|o| o.by_dump),
         );
+        if open.is_none() {
+            slice.flags |= UNSEEN;
+        }
         if let Some(s) = start {
             let first = hour_of(s).max(open.map_or(i32::MIN, |o| o.covered.saturating_add(1)));
             for h in first..end_hour {
@@ -1067,6 +1070,48 @@ mod tests {
             )
             .unwrap();
         assert_eq!(left, 0);
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A flow whose NEW was lost (seen only at its end) stands for one event, not two: the
+    /// events view counts what the trail received, before and after its hour is sealed.
+    #[test]
+    fn a_flow_seen_only_at_its_end_stands_for_its_end_alone() {
+        use EventKind::{Destroy, New};
+        const T0: u64 = 1_700_000_000_000_000_000;
+        const HOUR: u64 = 3_600_000_000_000;
+        let (dir, _, stats, mut w) = test_writer("unseen");
+        let at = |kind, id, sport, start: u64| {
+            let mut ev = crate::store::reconcile::test_flow(kind, id, sport);
+            ev.start_ns = Some(start);
+            ev.event_ns = Some(start + if kind == Destroy { 60_000_000_000 } else { 0 });
+            ev.stop_ns = (kind == Destroy).then_some(start + 60_000_000_000);
+            WriterMsg::Flow { ev, received_ns: 0 }
+        };
+        // Flow 1: its end only. Flow 2: both. Flow 3: its start only (still open).
+        w.write_batch([
+            at(Destroy, 1, 1001, T0),
+            at(New, 2, 1002, T0),
+            at(Destroy, 2, 1002, T0),
+            at(New, 3, 1003, T0),
+        ])
+        .unwrap();
+        let by_kind = |w: &Writer| -> Vec<(u8, i64)> {
+            let mut st = w
+                .conn
+                .prepare("SELECT kind, count(*) FROM conntrack_events GROUP BY kind ORDER BY kind")
+                .unwrap();
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(by_kind(&w), [(1, 2), (2, 2)], "four events received");
+        // A flow three hours on moves the clock past the seal of the first hour.
+        w.write_batch([at(New, 4, 1004, T0 + 3 * HOUR)]).unwrap();
+        assert!(stats.partitions_sealed.load(Ordering::Relaxed) >= 1);
+        assert_eq!(by_kind(&w), [(1, 3), (2, 2)], "five events received");
         drop(w);
         let _ = std::fs::remove_dir_all(&dir);
     }
