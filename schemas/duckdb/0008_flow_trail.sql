@@ -81,6 +81,11 @@ SELECT s.hour, s.flags, s.proto, s.zone, s.pub4, s.pub6, s.pub_port, s.src4, s.s
        NULL::UINTEGER AS ct_id, NULL::UBIGINT AS seq
 FROM flow_sealed s JOIN trail_dst d ON d.hour = s.hour AND d.id = s.dst_id;
 
+-- An open flow's conntrack mark and status bits are not kept: nothing reads them back, and
+-- the writer holds every open flow in memory (at most 64 B each).
+ALTER TABLE open_flows DROP COLUMN mark;
+ALTER TABLE open_flows DROP COLUMN status;
+
 -- Flows opened since the open-flow checkpoint (the checkpoint removes what it covers).
 CREATE TABLE open_journal AS SELECT *, 0::UBIGINT AS seq, false AS by_dump FROM open_flows LIMIT 0;
 ALTER TABLE open_flows ADD COLUMN by_dump BOOLEAN DEFAULT false;

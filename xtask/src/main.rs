@@ -31,7 +31,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `ingest`, `scan`, `alert`, `steady`, `burst`, `trail`.
+    /// Benchmarks: `ingest`, `scan`, `open-flows`, `alert`, `steady`, `burst`, `trail`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -197,6 +197,7 @@ fn contracts(root: &Path) -> Result<()> {
 fn bench(root: &Path, name: &str) -> Result<()> {
     match name {
         "ingest" | "scan" => cargo(root, &["bench", "-p", "nattrail", "--bench", name]),
+        "open-flows" => cargo(root, &["bench", "-p", "nattrail", "--bench", "open_flows"]),
         "trail" => {
             // The baselines: grep over the text export, and an indexed SQLite table.
             packages::ensure(&["sqlite3", "python3", "grep"])?;
@@ -219,7 +220,7 @@ fn bench(root: &Path, name: &str) -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; available: ingest, scan, alert, steady, burst, trail"
+                "unknown benchmark {other:?}; available: ingest, scan, open-flows, alert, steady, burst, trail"
             )
         }
     }

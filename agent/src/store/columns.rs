@@ -22,8 +22,8 @@ pub const SLICE_COLUMNS: [ffi::DUCKDB_TYPE; 25] = [
 ];
 
 /// The column types of `open_journal`, in table order.
-pub const JOURNAL_COLUMNS: [ffi::DUCKDB_TYPE; 17] = [
-    U32, U16, U8, U128, U128, U16, U16, U128, U128, U16, U16, U8, U32, U32, I64, U64, BOOL,
+pub const JOURNAL_COLUMNS: [ffi::DUCKDB_TYPE; 15] = [
+    U32, U16, U8, U128, U128, U16, U16, U128, U128, U16, U16, U8, I64, U64, BOOL,
 ];
 
 /// Slice flag: the flow ended in this hour (else it was alive past the hour's end).
@@ -173,17 +173,13 @@ pub struct OpenRow {
     pub reply: crate::pipeline::flow::Tuple,
     /// 4 or 6.
     pub family: u8,
-    /// conntrack mark.
-    pub mark: u32,
-    /// conntrack status bits.
-    pub status: u32,
     /// Start in µs.
     pub start_us: i64,
     /// Found by a dump.
     pub by_dump: bool,
 }
 
-/// Appends the 16 columns `open_flows` and `open_journal` share.
+/// Appends the 13 columns `open_flows` and `open_journal` share.
 pub fn append_open(app: &mut ChunkAppender, r: &OpenRow) {
     app.set(0, r.ct_id);
     app.set(1, r.zone);
@@ -197,17 +193,15 @@ pub fn append_open(app: &mut ChunkAppender, r: &OpenRow) {
     app.set(9, r.reply.sport);
     app.set(10, r.reply.dport);
     app.set(11, r.family);
-    app.set(12, r.mark);
-    app.set(13, r.status);
-    app.set(14, r.start_us);
+    app.set(12, r.start_us);
 }
 
 /// Appends one journal row: the open flow, its sequence number.
 pub fn append_journal(app: &mut ChunkAppender, r: &OpenRow, seq: u64) -> Result<(), StoreError> {
     app.begin_row()?;
     append_open(app, r);
-    app.set(15, seq);
-    app.set(16, r.by_dump);
+    app.set(13, seq);
+    app.set(14, r.by_dump);
     app.end_row();
     Ok(())
 }

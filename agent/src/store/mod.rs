@@ -9,6 +9,7 @@ pub mod event_log;
 pub mod files;
 pub mod gaps;
 pub mod open_flows;
+mod open_table;
 pub mod patch;
 pub mod reconcile;
 pub mod schema;

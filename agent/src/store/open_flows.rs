@@ -13,7 +13,7 @@ use crate::pipeline::flow::{Addr, Tuple};
 
 /// The columns every query here selects, in this order (`open_flows`' own order).
 const FLOW_COLUMNS: &str = "ct_id, zone, proto, orig_src, orig_dst, orig_sport, orig_dport, \
-     reply_src, reply_dst, reply_sport, reply_dport, family, mark, status, start_us, by_dump";
+     reply_src, reply_dst, reply_sport, reply_dport, family, start_us, by_dump";
 
 /// How the open set was recovered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +38,8 @@ fn flow_of(r: &Row<'_>) -> duckdb::Result<(FlowKey, OpenFlow)> {
             dport: r.get(6)?,
         },
     };
-    let start_us: i64 = r.get(14)?;
-    let by_dump: Option<bool> = r.get(15)?;
+    let start_us: i64 = r.get(12)?;
+    let by_dump: Option<bool> = r.get(13)?;
     let flow = OpenFlow::loaded(
         Tuple {
             src: Addr(r.get(7)?),
@@ -47,9 +47,6 @@ fn flow_of(r: &Row<'_>) -> duckdb::Result<(FlowKey, OpenFlow)> {
             sport: r.get(9)?,
             dport: r.get(10)?,
         },
-        r.get(11)?,
-        r.get(12)?,
-        r.get(13)?,
         start_us.max(0) as u64 * 1_000,
         by_dump.unwrap_or(false),
     );
@@ -85,7 +82,7 @@ pub fn recover(conn: &Connection, flows: &mut OpenFlows) -> Result<Recovery, Sto
              UNION ALL
              SELECT ct_id, zone, proto, nt_addr(src4, src6), nt_addr(dst4, dst6), src_port,
                     dst_port, 0::UHUGEINT, 0::UHUGEINT, 0::USMALLINT, 0::USMALLINT, 0::UTINYINT,
-                    0::UINTEGER, 0::UINTEGER, 0::BIGINT, false, seq, true
+                    0::BIGINT, false, seq, true
              FROM trail_recent WHERE seq >= ?1 AND flags & 1 = 1
              ORDER BY seq"
         ))
@@ -93,7 +90,7 @@ pub fn recover(conn: &Connection, flows: &mut OpenFlows) -> Result<Recovery, Sto
     let mut replayed = 0;
     for row in st
         .query_map(params![next_seq], |r| {
-            Ok((flow_of(r)?, r.get::<_, bool>(17)?))
+            Ok((flow_of(r)?, r.get::<_, bool>(15)?))
         })
         .map_err(db_err("replaying the trail since the checkpoint"))?
     {
@@ -130,10 +127,10 @@ pub fn checkpoint(
     conn.execute_batch("DELETE FROM open_flows_staging")
         .map_err(db_err("clearing the open-flow staging table"))?;
     let mut app = db.appender("open_flows_staging")?;
-    for (k, v) in flows.iter() {
+    for (k, v) in flows.iter_by_public() {
         app.begin_row()?;
-        columns::append_open(&mut app, &open_row(k, v));
-        app.set(15, v.by_dump);
+        columns::append_open(&mut app, &open_row(&k, &v));
+        app.set(13, v.by_dump);
         app.end_row();
     }
     app.flush()?;
@@ -141,8 +138,7 @@ pub fn checkpoint(
     conn.execute_batch(&format!(
         "BEGIN TRANSACTION;
          DELETE FROM open_flows;
-         INSERT INTO open_flows SELECT * FROM open_flows_staging
-             ORDER BY nt_v6(reply_dst) NULLS FIRST, nt_v4(reply_dst), reply_dport;
+         INSERT INTO open_flows SELECT * FROM open_flows_staging;
          DELETE FROM open_journal WHERE seq < {next_seq};
          DELETE FROM open_flows_checkpoint;
          INSERT INTO open_flows_checkpoint VALUES ({next_seq}, now()::TIMESTAMP);
@@ -163,9 +159,7 @@ pub fn open_row(k: &FlowKey, v: &OpenFlow) -> OpenRow {
         proto: k.proto,
         orig: k.orig,
         reply: v.reply,
-        family: v.family,
-        mark: v.mark,
-        status: v.status,
+        family: if k.orig.src.is_v4() { 4 } else { 6 },
         start_us: (v.start_ns.unwrap_or(0) / 1_000) as i64,
         by_dump: v.by_dump,
     }

@@ -2,8 +2,7 @@
 //! open flows a table dump shows gone. Pure state, no database: the writer asks it what to
 //! write.
 
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-
+use super::open_table::{self, Narrow, Slot, Table, Wide};
 use crate::pipeline::flow::{EventKind, FlowEvent, Tuple};
 
 /// Identity of a live conntrack entry: its zone, original tuple and kernel id.
@@ -31,17 +30,13 @@ impl FlowKey {
     }
 }
 
-/// What the trail remembers of an open flow, enough to write an inexact DESTROY row.
+/// What the trail remembers of an open flow: enough to write its slices, and an inexact end
+/// when a dump shows it gone. (Its conntrack mark and status bits are not kept: nothing
+/// reads them back, and an open flow must stay small.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OpenFlow {
     /// Reply-direction tuple.
     pub reply: Tuple,
-    /// 4 or 6.
-    pub family: u8,
-    /// conntrack mark.
-    pub mark: u32,
-    /// conntrack status bits.
-    pub status: u32,
     /// When the flow began, if known.
     pub start_ns: Option<u64>,
     /// Found by a table dump rather than a NEW event.
@@ -49,8 +44,6 @@ pub struct OpenFlow {
     /// The last hour an interim slice of the flow was written for (the hour before its start
     /// while none was).
     pub covered: i32,
-    /// Dump generation at insertion: flows added after a dump began are not judged by it.
-    generation: u64,
 }
 
 /// The hour before the one a start falls in: no interim slice written yet.
@@ -61,24 +54,13 @@ fn uncovered(start_ns: Option<u64>) -> i32 {
 }
 
 impl OpenFlow {
-    /// An open flow loaded from the trail at start (older than any dump).
-    pub fn loaded(
-        reply: Tuple,
-        family: u8,
-        mark: u32,
-        status: u32,
-        start_ns: u64,
-        by_dump: bool,
-    ) -> Self {
+    /// An open flow loaded from the trail at start.
+    pub fn loaded(reply: Tuple, start_ns: u64, by_dump: bool) -> Self {
         OpenFlow {
             reply,
-            family,
-            mark,
-            status,
             start_ns: Some(start_ns),
             by_dump,
             covered: uncovered(Some(start_ns)),
-            generation: 0,
         }
     }
 }
@@ -108,54 +90,73 @@ pub struct Closed {
     pub flow: OpenFlow,
 }
 
-/// The open flows of the trail, and the table dump in progress.
-#[derive(Debug)]
+/// The open flows of the trail, and whether a table dump is in progress. A flow lives in
+/// the narrow table when its layout fits (see `open_table`), else in the wide one.
+#[derive(Debug, Default)]
 pub struct OpenFlows {
-    open: HashMap<FlowKey, OpenFlow>,
-    generation: u64,
-    dump: Option<(u64, HashSet<FlowKey>)>,
-}
-
-impl Default for OpenFlows {
-    fn default() -> Self {
-        OpenFlows {
-            open: HashMap::new(),
-            generation: 1,
-            dump: None,
-        }
-    }
+    narrow: Table<Narrow>,
+    wide: Table<Wide>,
+    dumping: bool,
 }
 
 impl OpenFlows {
     /// Flows open now.
     pub fn len(&self) -> usize {
-        self.open.len()
+        self.narrow.len() + self.wide.len()
     }
 
     /// Whether no flow is open.
     pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
+        self.len() == 0
+    }
+
+    /// Flows held in the wide layout (IPv6, destination NAT).
+    pub fn wide_len(&self) -> usize {
+        self.wide.len()
+    }
+
+    fn contains(&self, key: &FlowKey) -> bool {
+        self.narrow.contains(key) || self.wide.contains(key)
+    }
+
+    fn insert(&mut self, key: &FlowKey, flow: &OpenFlow, seen: bool) {
+        if !self.narrow.insert(key, flow, seen) {
+            self.wide.insert(key, flow, seen);
+        }
     }
 
     /// Adds a flow found open in the trail at start (kept if already there: the first
     /// record of a flow is its start).
     pub fn load(&mut self, key: FlowKey, flow: OpenFlow) {
-        self.open.entry(key).or_insert(flow);
+        if !self.contains(&key) {
+            self.insert(&key, &flow, false);
+        }
     }
 
     /// Forgets a flow that ended (replaying the trail at start).
     pub fn unload(&mut self, key: &FlowKey) {
-        self.open.remove(key);
+        self.remove(key);
+    }
+
+    fn remove(&mut self, key: &FlowKey) -> Option<OpenFlow> {
+        self.narrow.remove(key).or_else(|| self.wide.remove(key))
     }
 
     /// The open flow of `key`, if any.
-    pub fn get(&self, key: &FlowKey) -> Option<&OpenFlow> {
-        self.open.get(key)
+    pub fn get(&self, key: &FlowKey) -> Option<OpenFlow> {
+        self.narrow.get(key).or_else(|| self.wide.get(key))
     }
 
     /// Every open flow, in no particular order (for the checkpoint).
-    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &OpenFlow)> {
-        self.open.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (FlowKey, OpenFlow)> + '_ {
+        self.narrow.iter().chain(self.wide.iter())
+    }
+
+    /// Every open flow, IPv4 source NAT first, each layout by public address and port.
+    pub fn iter_by_public(&self) -> impl Iterator<Item = (FlowKey, OpenFlow)> + '_ {
+        self.narrow
+            .iter_by_public()
+            .chain(self.wide.iter_by_public())
     }
 
     /// Takes one event: updates the open set and says whether it makes a row.
@@ -164,83 +165,75 @@ impl OpenFlows {
         match ev.kind {
             EventKind::Update => Verdict::Ignore,
             EventKind::New | EventKind::Dump => {
-                if ev.kind == EventKind::Dump
-                    && let Some((_, seen)) = self.dump.as_mut()
-                {
-                    seen.insert(key);
+                let listed = ev.kind == EventKind::Dump && self.dumping;
+                if listed && (self.narrow.mark_seen(&key) || self.wide.mark_seen(&key)) {
+                    return Verdict::Duplicate;
                 }
-                if self.open.contains_key(&key) {
+                if self.contains(&key) {
                     return Verdict::Duplicate;
                 }
                 let start_ns = ev.start_ns.or(ev.event_ns).or(Some(received_ns));
-                self.open.insert(
-                    key,
-                    OpenFlow {
-                        reply: ev.reply,
-                        family: ev.family,
-                        mark: ev.mark,
-                        status: ev.status,
-                        start_ns,
-                        by_dump: ev.kind == EventKind::Dump,
-                        covered: uncovered(start_ns),
-                        generation: self.generation,
-                    },
-                );
+                let flow = OpenFlow {
+                    reply: ev.reply,
+                    start_ns,
+                    by_dump: ev.kind == EventKind::Dump,
+                    covered: uncovered(start_ns),
+                };
+                // Opened while a dump runs: that dump cannot be expected to list it.
+                self.insert(&key, &flow, self.dumping);
                 Verdict::Open
             }
-            EventKind::Destroy => Verdict::Close(self.open.remove(&key)),
+            EventKind::Destroy => Verdict::Close(self.remove(&key)),
         }
     }
 
     /// The hour `hour` ended: calls `f` once for each hour up to it that an open flow
     /// (started by then) has no interim slice for yet, and marks those hours covered.
     pub fn sweep(&mut self, hour: i32, mut f: impl FnMut(&FlowKey, &OpenFlow, i32)) {
-        for (k, v) in self.open.iter_mut() {
-            let first = uncovered(v.start_ns) + 1;
-            if first > hour || v.covered >= hour {
-                continue;
+        self.narrow.for_each_mut(|s| {
+            if let Some((flow, hours)) = open_table::cover(s, hour) {
+                let key = s.key();
+                hours.for_each(|h| f(&key, &flow, h));
             }
-            for h in (v.covered + 1).max(first)..=hour {
-                f(k, v, h);
+        });
+        self.wide.for_each_mut(|s| {
+            if let Some((flow, hours)) = open_table::cover(s, hour) {
+                let key = s.key();
+                hours.for_each(|h| f(&key, &flow, h));
             }
-            v.covered = hour;
-        }
+        });
     }
 
     /// A dump of the table begins: flows open now are judged by what it lists.
     pub fn dump_begin(&mut self) {
-        self.dump = Some((self.generation, HashSet::new()));
-        self.generation += 1;
+        self.narrow.for_each_mut(open_table::unsee);
+        self.wide.for_each_mut(open_table::unsee);
+        self.dumping = true;
     }
 
     /// The dump ended at `at_ns`: every flow open before it began and not listed is gone,
     /// at some instant after `alive_until_ns` (when it was last known alive) and before
     /// `at_ns`. Returns those flows, closed, in no particular order.
     pub fn dump_end(&mut self, at_ns: u64, alive_until_ns: Option<u64>) -> Vec<Closed> {
-        let Some((dump_gen, seen)) = self.dump.take() else {
+        if !std::mem::take(&mut self.dumping) {
             return Vec::new();
-        };
-        let gone: Vec<FlowKey> = self
-            .open
-            .iter()
-            .filter(|(k, v)| v.generation <= dump_gen && !seen.contains(k))
-            .map(|(k, _)| *k)
-            .collect();
+        }
+        let mut gone = self.narrow.remove_where(|s| !open_table::seen(s));
+        gone.extend(self.wide.remove_where(|s| !open_table::seen(s)));
         gone.into_iter()
-            .filter_map(|key| {
-                let flow = self.open.remove(&key)?;
+            .map(|(key, flow)| {
                 let lo = alive_until_ns.max(flow.start_ns).map(|lo| lo.min(at_ns));
-                Some(Closed {
+                Closed {
                     ev: FlowEvent {
                         kind: EventKind::Destroy,
-                        family: flow.family,
+                        family: if key.orig.src.is_v4() { 4 } else { 6 },
                         proto: key.proto,
                         orig: key.orig,
                         reply: flow.reply,
                         ct_id: key.ct_id,
                         zone: key.zone,
-                        mark: flow.mark,
-                        status: flow.status,
+                        mark: 0,
+                        status: 0,
                         tcp_state: None,
                         icmp: None,
                         counters_orig: None,
@@ -251,7 +244,7 @@ impl OpenFlows {
                     },
                     end_lo_ns: lo,
                     flow,
-                })
+                }
             })
             .collect()
     }
@@ -294,7 +287,6 @@ pub(crate) fn test_flow(kind: EventKind, id: u32, sport: u16) -> FlowEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::flow::IPS_SRC_NAT;
 
     fn ev(kind: EventKind, id: u32, sport: u16) -> FlowEvent {
         test_flow(kind, id, sport)
@@ -343,14 +335,7 @@ mod tests {
         o.on_event(&gone, 0);
         o.load(
             FlowKey::of(&ev(EventKind::New, 3, 3000)),
-            OpenFlow::loaded(
-                ev(EventKind::New, 3, 3000).reply,
-                4,
-                0,
-                IPS_SRC_NAT,
-                50,
-                false,
-            ),
+            OpenFlow::loaded(ev(EventKind::New, 3, 3000).reply, 50, false),
         );
         o.dump_begin();
         // Opened while the dump runs: the dump cannot be expected to list it.

@@ -246,8 +246,8 @@ pub fn move_events(conn: &Connection) -> Result<(), StoreError> {
         "DELETE FROM open_flows;
          INSERT INTO open_flows
          SELECT e.ct_id, e.zone, e.proto, e.orig_src, e.orig_dst, e.orig_sport, e.orig_dport,
-                e.reply_src, e.reply_dst, e.reply_sport, e.reply_dport, e.family, e.mark,
-                e.status, m.start_ms * 1000, e.kind = 3
+                e.reply_src, e.reply_dst, e.reply_sport, e.reply_dport, e.family,
+                m.start_ms * 1000, e.kind = 3
          FROM nt_moved m JOIN conntrack_events e ON e.seq = m.start_seq
          WHERE m.end_ms IS NULL;
          DELETE FROM open_flows_checkpoint;

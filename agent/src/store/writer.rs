@@ -356,7 +356,7 @@ impl Writer {
                 let Some(open) = self.flows.get(&key) else {
                     return Ok(0);
                 };
-                let row = open_flows::open_row(&key, open);
+                let row = open_flows::open_row(&key, &open);
                 let seq = self.next_seq();
                 columns::append_journal(&mut self.journal, &row, seq)?;
                 seq
@@ -437,9 +437,11 @@ impl Writer {
         if self.swept_hour.is_some_and(|h| h >= ended) {
             return Ok(());
         }
-        let mut interim = Vec::new();
-        self.flows.sweep(ended, |k, v, h| interim.push((*k, *v, h)));
-        for (k, v, h) in interim {
+        // Appended as the sweep goes: a list of millions of interim slices first would cost
+        // more memory than the open flows themselves.
+        let (slices, next_seq, pending) = (&mut self.slices, &mut self.next_seq, &mut self.pending);
+        let mut failed = None;
+        self.flows.sweep(ended, |k, v, h| {
             let mut slice = Slice::interim(
                 h,
                 k.proto,
@@ -450,8 +452,17 @@ impl Writer {
                 v.start_ns.map(trail::start_ms),
                 v.by_dump,
             );
-            slice.seq = self.next_seq();
-            columns::append_slice(&mut self.slices, &slice)?;
+            slice.seq = *next_seq;
+            *next_seq += 1;
+            *pending += 1;
+            if failed.is_none()
+                && let Err(e) = columns::append_slice(slices, &slice)
+            {
+                failed = Some(e);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
         }
         self.swept_hour = Some(ended);
         Ok(())
@@ -956,7 +967,8 @@ mod tests {
                 (472_222, 0, 1001),
                 (472_223, 0, 1001),
                 (472_224, 1, 1001),
-                (472_222, 1, 1003)
+                // Only its end was in the trail: final, start not seen.
+                (472_222, 1 | UNSEEN, 1003)
             ]
         );
         assert_eq!(trail::state(&w.conn).unwrap().sealed_hour, Some(472_224));
