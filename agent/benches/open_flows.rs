@@ -167,6 +167,17 @@ fn writer_config(db: &Path) -> WriterConfig {
     }
 }
 
+/// Resident set size now, in MiB.
+fn rss_now_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
 /// With NATTRAIL_BENCH_MEMORY set: DuckDB's own account of its memory, by tag.
 fn memory(w: &Writer, when: &str) {
     if std::env::var_os("NATTRAIL_BENCH_MEMORY").is_none() {
@@ -190,13 +201,19 @@ fn memory(w: &Writer, when: &str) {
         .expect("duckdb_memory")
         .map(|r| r.expect("row"))
         .collect();
-    println!("duckdb memory ({when}, MiB): {}", tags.join(", "));
+    let rss = rss_now_mib();
+    println!(
+        "duckdb memory ({when}, MiB): {}; RSS now {rss} MiB, peak {} MiB",
+        tags.join(", "),
+        peak_rss_mib()
+    );
 }
 
 fn writer(db: &Path) {
     let cfg = writer_config(db);
     let stats = Arc::new(WriterStats::default());
     let mut w = Writer::open(&cfg, Arc::clone(&stats)).expect("opening the bench database");
+    memory(&w, "opened");
     let t = Instant::now();
     let mut batch = Vec::with_capacity(1_000);
     for i in 0..FLOWS {
@@ -206,6 +223,9 @@ fn writer(db: &Path) {
         });
         if batch.len() == 1_000 {
             w.write_batch(batch.drain(..)).expect("writing");
+        }
+        if i % 500_000 == 499_999 {
+            memory(&w, &format!("{} fed", i + 1));
         }
     }
     let fed = t.elapsed();
@@ -227,8 +247,9 @@ fn writer(db: &Path) {
     println!(
         "writer: {open} open flows fed in {:.1} s, {sealed} slices sealed at the hour's end; \
          peak RSS {peak_fed} MiB once fed, {peak_hour} MiB past the hour, {peak} MiB after \
-         the clean stop (budget {RSS_BUDGET_MIB} MiB)",
-        fed.as_secs_f64()
+         the clean stop (budget {RSS_BUDGET_MIB} MiB); RSS after the stop {} MiB",
+        fed.as_secs_f64(),
+        rss_now_mib()
     );
     println!("RESULT writer_rss={peak} open={open}");
 }

@@ -138,6 +138,7 @@ pub struct Writer {
 impl Writer {
     /// Opens (and migrates) the database, loads the open flows and starts a capture session.
     pub fn open(cfg: &WriterConfig, stats: Arc<WriterStats>) -> Result<Self, StoreError> {
+        super::database::return_freed_blocks();
         let db = Database::open(
             &cfg.db_path,
             OpenOptions {
