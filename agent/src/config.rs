@@ -2,7 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// Default cap on one reassembled container log line: 1 MiB (the config is a leaf of the
 /// module graph, so the Docker source takes its default from here).
@@ -57,7 +58,7 @@ pub enum ConfigError {
 }
 
 /// Which flows the conntrack reader keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CaptureFilter {
     /// Only flows with IPS_SRC_NAT (the gateway's translations).
@@ -68,7 +69,7 @@ pub enum CaptureFilter {
 }
 
 /// Top-level configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// DuckDB file.
@@ -88,13 +89,14 @@ pub struct Config {
 }
 
 /// `[webhooks]`: trigger delivery.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhooksConfig {
     /// Dispatch triggers at all.
     pub enabled: bool,
     /// Networks the SSRF guard lets through despite its rules (e.g. "127.0.0.1/32" for a
     /// local receiver).
+    #[schemars(with = "Vec<String>")]
     pub allow: Vec<ipnet::IpNet>,
     /// Deliveries waiting before new ones are dropped (and counted).
     pub queue_capacity: usize,
@@ -123,7 +125,7 @@ impl Default for WebhooksConfig {
 }
 
 /// `[docker]`: container discovery, log tails and the scan workers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DockerConfig {
     /// Scan container logs at all.
@@ -164,7 +166,7 @@ impl Default for DockerConfig {
 }
 
 /// `[api]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// Serve the API at all.
@@ -213,7 +215,7 @@ impl Default for ApiConfig {
 }
 
 /// `[pipeline]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// At most one backlog warning per stage per this many seconds.
@@ -232,7 +234,7 @@ impl Default for PipelineConfig {
 }
 
 /// `[conntrack]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConntrackConfig {
     /// Whether to read conntrack at all.
@@ -256,7 +258,7 @@ pub struct ConntrackConfig {
 }
 
 /// `[store]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Commit after this many rows.

@@ -226,6 +226,11 @@ pub fn run(cfg: Config) -> Result<()> {
         if !announced && ready.load(Ordering::Relaxed) {
             info!("nattrail running");
             announced = true;
+            // systemd's Type=notify: ready once the start-up dump is in the trail. Outside
+            // systemd there is no NOTIFY_SOCKET and this does nothing.
+            if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+                warn!(error = %e, "could not tell systemd the agent is ready");
+            }
         }
         if reader_thread.as_ref().is_some_and(|t| t.is_finished()) || writer_thread.is_finished() {
             break;
@@ -243,6 +248,7 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     shutdown.store(true, Ordering::Relaxed);
     info!("stopping");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // The daemon's own sender kept the writer open while no source ran (conntrack off); the
     // writer drains and stops once the sources' senders are gone too.
     if let Some(api) = api {
@@ -315,6 +321,16 @@ fn start_log_scan(
     registry: &Registry,
 ) -> Result<(Option<DockerSource>, ScanWorkers)> {
     let d = &cfg.docker;
+    // A gateway without dockerd (or without access to it) keeps its NAT trail: log scanning
+    // is off, said once, rather than the agent refusing to start.
+    if let Err(e) = std::os::unix::net::UnixStream::connect(&d.socket) {
+        warn!(
+            socket = %d.socket.display(),
+            error = %e,
+            "dockerd is not reachable: container log scanning is off (restart the agent once dockerd runs)"
+        );
+        return Ok((None, Vec::new()));
+    }
     let positions = {
         let conn = database.connect().context("connecting to the trail")?;
         cursors::load(&conn).context("loading the log cursors")?

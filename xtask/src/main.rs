@@ -36,6 +36,16 @@ enum Cmd {
         /// Which benchmark.
         name: String,
     },
+    /// Build the release binary and the .deb (cargo-deb; installed when missing); prints
+    /// the .deb's path.
+    Deb {
+        /// Debian version (default: the crate's version, revision 1).
+        #[arg(long)]
+        version: Option<String>,
+        /// Directory for the .deb (default: <target dir>/debian).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Capture a fresh conntrack fixture from the lab into tests/fixtures/.
     CaptureFixture,
     /// Write a synthetic trail through the agent's writer, and its ground-truth lookups
@@ -95,9 +105,25 @@ fn main() -> Result<()> {
                 ],
             )
         }
+        Cmd::Deb { version, out } => deb(&root, version.as_deref(), out),
         Cmd::CaptureFixture => capture_fixture(&root),
         Cmd::Fuzz { cases, seed } => fuzz(&root, cases, seed),
     }
+}
+
+fn deb(root: &Path, version: Option<&str>, out: Option<PathBuf>) -> Result<()> {
+    cargo(
+        root,
+        &["build", "--release", "-p", "nattrail", "--bin", "nattrail"],
+    )?;
+    let target = PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").context("target dir")?);
+    let out = match out {
+        Some(o) => std::path::absolute(o).context("the output directory")?,
+        None => target.join("debian"),
+    };
+    let deb = nattrail_lab::package::build_deb(root, &target, &built_binary(), version, &out)?;
+    println!("{}", deb.display());
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

@@ -3,6 +3,7 @@
 mod capture;
 mod events;
 mod flows;
+mod generate;
 mod output;
 mod remote;
 mod rules;
@@ -55,6 +56,9 @@ enum Command {
     Triggers(triggers::TriggersArgs),
     /// Record raw conntrack netlink datagrams to a file (test fixtures, bug reports).
     Capture(capture::CaptureArgs),
+    /// Generate the packaged config file, man pages or shell completions (for packaging).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 impl Cli {
@@ -81,6 +85,9 @@ pub fn main() -> Result<()> {
     // opened up explicitly.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
+    if let Command::Generate(a) = &cli.command {
+        return generate::run(a);
+    }
     let cfg = cli.load_config().context("loading configuration")?;
     init_tracing(matches!(cli.command, Command::Run | Command::Capture(_)));
     match &cli.command {
@@ -93,6 +100,7 @@ pub fn main() -> Result<()> {
         Command::Capture(a) => capture::run(&cfg, a),
         Command::Rules(a) => rules::run(&cfg, a),
         Command::Triggers(a) => triggers::run(&cfg, a),
+        Command::Generate(a) => generate::run(a),
     }
 }
 

@@ -10,10 +10,12 @@
 //! leaves the machine. Dropping the lab deletes the namespaces (and with them the veths).
 
 pub mod agent;
+pub mod booted;
 pub mod docker;
 pub mod http;
 pub mod memory;
 pub mod netns;
+pub mod package;
 pub mod packages;
 pub mod scratch;
 pub mod traffic;

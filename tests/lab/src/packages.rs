@@ -15,6 +15,11 @@ pub const NEEDED: &[&str] = &[
     "busybox-static",
     // promtool, which lints the agent's /metrics in the API test.
     "prometheus",
+    // The package test: cargo-deb's dpkg-shlibdeps, lintian, and a booted Debian.
+    "dpkg-dev",
+    "lintian",
+    "debootstrap",
+    "systemd-container",
 ];
 
 fn installed(pkg: &str) -> bool {
