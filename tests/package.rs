@@ -208,6 +208,23 @@ fn the_deb_installs_runs_upgrades_and_purges_on_a_booted_debian() -> Result<()> 
 
     let rootfs = booted::rootfs()?;
     let prepared = t0.elapsed();
+
+    // Where systemd does not run (a chroot, a container build): the install succeeds, the
+    // user exists and the unit is enabled for the next boot, nothing is started.
+    let chroot = scratch.join("chroot");
+    sh(&[
+        "cp",
+        "-a",
+        &rootfs.display().to_string(),
+        &chroot.display().to_string(),
+    ])?;
+    std::fs::copy(&first, chroot.join("tmp/nattrail.deb"))?;
+    let chrooted =
+        |script: &str| sh(&["chroot", &chroot.display().to_string(), "sh", "-c", script]);
+    chrooted("dpkg -i /tmp/nattrail.deb")?;
+    let enabled = chrooted("id -u nattrail >/dev/null && systemctl is-enabled nattrail.service")?;
+    ensure!(enabled.trim() == "enabled", "in a chroot: {enabled}");
+    std::fs::remove_dir_all(&chroot)?;
     let _links = Links::create()?;
     let sys = Booted::boot(
         &rootfs,
