@@ -193,6 +193,23 @@ fn an_agent_with_only_cap_net_admin_keeps_the_trail_and_the_log_scanner() -> Res
         std::fs::metadata(&db)?.uid() == uid,
         "the trail belongs to the agent's user"
     );
+    // Without CAP_BPF the eBPF programs are refused; status says so and why, and the
+    // trail and the scanner above ran regardless.
+    let status: Value = serde_json::from_str(&run(&["status", "--json"])?)?;
+    let ebpf = &status["agent"]["ebpf"];
+    ensure!(
+        ebpf["running"] == false
+            && ebpf["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("nattrail_exec") || e.contains("loading")),
+        "eBPF in status: {ebpf}"
+    );
+    ensure!(
+        agent
+            .log_text()
+            .contains("eBPF program not loaded: process executions are not recorded"),
+        "one clear line in the log"
+    );
     ensure!(agent.stop()?.success(), "agent exit");
     server.stop()?;
     Ok(())

@@ -301,7 +301,10 @@ fn hostile_sql_is_refused_and_secrets_never_come_back() -> Result<()> {
     let (db, cfg) = (dir.join("state/trail.duckdb"), dir.join("agent.toml"));
     std::fs::write(
         &cfg,
-        "[docker]\nenabled = false\n[store]\ncommit_interval_ms = 100\n\
+        // eBPF off: every table's row count must stand still while the hostile SQL runs,
+        // and the exec program would record the test's own commands (that secrets on a
+        // nattrail command line are masked there is checked by tests/ebpf_exec.rs).
+        "[docker]\nenabled = false\n[ebpf]\nenabled = false\n[store]\ncommit_interval_ms = 100\n\
          [api]\nlisten = \"127.0.0.1:7466\"\nsql_row_limit = 100000\nsql_max_concurrent = 2\n",
     )?;
     let agent = AgentProcess::start(&bin(), &lab.gw_ns, &cfg, &db, &dir.join("agent.log"))?;

@@ -1,6 +1,6 @@
 //! The .deb as an operator meets it: lintian on the package, then a Debian 12 booted with
 //! systemd as PID 1 (systemd-nspawn) that is the NAT gateway itself: the package installs
-//! and starts the service as user nattrail with CAP_NET_ADMIN alone, the gateway's own
+//! and starts the service as user nattrail with CAP_NET_ADMIN, CAP_BPF and CAP_PERFMON (and its eBPF exec program running), the gateway's own
 //! MASQUERADE is recorded and `nattrail who` finds it for root and for a member of group
 //! nattrail, the man page renders, an upgrade keeps the flows and the changed conffile,
 //! remove keeps the trail and purge deletes it.
@@ -25,8 +25,9 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 99, 2);
 const SERVER_PORT: u16 = 9000;
 /// Highest exposure `systemd-analyze security` may give the unit.
 const MAX_EXPOSURE: f64 = 4.5;
-/// CAP_NET_ADMIN alone, as /proc/<pid>/status prints a capability set.
-const CAP_NET_ADMIN_ONLY: &str = "0000000000001000";
+/// CAP_NET_ADMIN (12), CAP_PERFMON (38) and CAP_BPF (39), as /proc/<pid>/status prints a
+/// capability set.
+const SERVICE_CAPS: &str = "000000c000001000";
 
 /// The client and server namespaces, with the gateway's ends of their links left on the
 /// host for the booted system to take.
@@ -300,11 +301,19 @@ fn the_deb_installs_runs_upgrades_and_purges_on_a_booted_debian() -> Result<()> 
     );
     for set in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         ensure!(
-            field(set) == CAP_NET_ADMIN_ONLY,
-            "{set} is {}, not CAP_NET_ADMIN alone",
+            field(set) == SERVICE_CAPS,
+            "{set} is {}, not CAP_NET_ADMIN, CAP_BPF and CAP_PERFMON",
             field(set)
         );
     }
+
+    // With those, its eBPF exec program runs: the install's own commands are recorded.
+    let status: serde_json::Value = serde_json::from_str(&sys.sh("nattrail status --json")?)?;
+    ensure!(
+        status["agent"]["ebpf"]["running"] == true,
+        "eBPF in the service: {}",
+        status["agent"]["ebpf"]
+    );
 
     // The unit as systemd sees it.
     let verify = sys.sh("systemd-analyze verify /lib/systemd/system/nattrail.service 2>&1")?;

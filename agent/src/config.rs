@@ -86,6 +86,35 @@ pub struct Config {
     pub docker: DockerConfig,
     /// Webhook delivery of triggers.
     pub webhooks: WebhooksConfig,
+    /// eBPF host attribution.
+    pub ebpf: EbpfConfig,
+}
+
+/// `[ebpf]`: host attribution with eBPF programs (CAP_BPF and CAP_PERFMON needed; without
+/// them the agent runs on and `status` says why eBPF is off).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfConfig {
+    /// Load the eBPF programs at all.
+    pub enabled: bool,
+    /// Record process executions (`process_events`).
+    pub exec: bool,
+    /// The exec program's name in the eBPF object (for tests of a refused load).
+    pub exec_program: String,
+    /// Capacity of the channel from the eBPF reader to the writer, in records (it waits
+    /// when full; records then queue in the ring buffer, and a full ring is counted as lost).
+    pub channel_capacity: usize,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        EbpfConfig {
+            enabled: true,
+            exec: true,
+            exec_program: "nattrail_exec".into(),
+            channel_capacity: 8192,
+        }
+    }
 }
 
 /// `[webhooks]`: trigger delivery.
@@ -281,6 +310,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             docker: DockerConfig::default(),
             webhooks: WebhooksConfig::default(),
+            ebpf: EbpfConfig::default(),
         }
     }
 }
@@ -381,6 +411,11 @@ impl Config {
                 MAX_WEBHOOK_QUEUE,
             ),
             ("webhooks.workers", w.workers, MAX_WEBHOOK_WORKERS),
+            (
+                "ebpf.channel_capacity",
+                self.ebpf.channel_capacity,
+                MAX_CONNTRACK_CHANNEL,
+            ),
         ] {
             if value > max {
                 return Err(ConfigError::Invalid {

@@ -22,6 +22,7 @@ use crate::conntrack::reader::{GAP_SOURCE_BACKLOG, Reader, ReaderConfig, ReaderS
 use crate::conntrack::sysctl;
 use crate::docker::logscan::LogScan;
 use crate::docker::source::{DockerSource, SourceConfig};
+use crate::ebpf::source::{EbpfSource, EbpfSourceConfig, EbpfStats};
 use crate::pipeline::messages::ScanMsg;
 use crate::pipeline::messages::{LogEvent, WriterMsg};
 use crate::pipeline::metrics::Metrics;
@@ -94,10 +95,20 @@ pub fn run(cfg: Config) -> Result<()> {
         ..StageConfig::new("logs->writer", cfg.docker.channel_capacity, Overflow::Wait)
     });
     registry.add(log_handle);
+    // eBPF records wait when their stage is full: they queue in the ring buffer, whose
+    // overflow the programs count exactly (a gap of source `ebpf`).
+    let (ebpf_tx, ebpf_rx, ebpf_handle) = stage(StageConfig {
+        max_wait: Duration::from_millis(cfg.pipeline.max_wait_ms),
+        warn_interval: Duration::from_secs(cfg.pipeline.warn_interval_secs),
+        ..StageConfig::new("ebpf->writer", cfg.ebpf.channel_capacity, Overflow::Wait)
+    });
+    registry.add(ebpf_handle);
     let writer_thread = thread::Builder::new()
         .name("writer".into())
-        .spawn(move || writer.serve(&[rx, log_rx], &writer_cfg))
+        .spawn(move || writer.serve(&[rx, log_rx, ebpf_rx], &writer_cfg))
         .context("starting the writer thread")?;
+    let ebpf_stats = Arc::new(EbpfStats::default());
+    let (ebpf, ebpf_error) = start_ebpf(&cfg, ebpf_tx, &ebpf_stats);
 
     // One runtime for everything async (the API, the Docker source, the dispatcher): two
     // workers, whatever is enabled. The conntrack reader, the writer and the scan workers
@@ -191,6 +202,9 @@ pub fn run(cfg: Config) -> Result<()> {
         Some(Arc::clone(&logscan)),
     );
     source.with_database(&cfg.db_path);
+    if cfg.ebpf.enabled {
+        source.with_ebpf(Arc::clone(&ebpf_stats), ebpf_error);
+    }
     if let Some(d) = &dispatch {
         source.with_webhooks(Arc::clone(&d.dispatcher.stats));
     }
@@ -254,6 +268,9 @@ pub fn run(cfg: Config) -> Result<()> {
     if let Some(api) = api {
         api.stop();
     }
+    if let Some(e) = ebpf {
+        e.stop();
+    }
     // Tails first: the workers then drain what was read, save the last positions and let
     // go of the writer.
     if let Some(d) = docker {
@@ -312,6 +329,32 @@ pub fn run(cfg: Config) -> Result<()> {
 type ScanWorkers = Vec<thread::JoinHandle<()>>;
 
 /// Starts the scan workers and the Docker source (discovery and tails).
+/// Loads the eBPF programs the config asks for. A refusal (no CAP_BPF, an old kernel, a
+/// container) is one clear line per program and a reason in `status`; the rest of the agent
+/// runs on.
+fn start_ebpf(
+    cfg: &Config,
+    tx: StageTx<WriterMsg>,
+    stats: &Arc<EbpfStats>,
+) -> (Option<EbpfSource>, Option<String>) {
+    if !cfg.ebpf.enabled || !cfg.ebpf.exec {
+        return (None, None);
+    }
+    let source_cfg = EbpfSourceConfig {
+        exec_program: cfg.ebpf.exec_program.clone(),
+    };
+    match EbpfSource::start(&source_cfg, tx, Arc::clone(stats)) {
+        Ok(s) => {
+            info!(program = %cfg.ebpf.exec_program, "eBPF exec program attached: process executions are recorded");
+            (Some(s), None)
+        }
+        Err(e) => {
+            warn!(program = %cfg.ebpf.exec_program, error = %e, "eBPF program not loaded: process executions are not recorded (the conntrack trail runs on)");
+            (None, Some(e.to_string()))
+        }
+    }
+}
+
 fn start_log_scan(
     rt: &tokio::runtime::Handle,
     cfg: &Config,

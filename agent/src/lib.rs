@@ -6,6 +6,7 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod docker;
+pub mod ebpf;
 pub mod pipeline;
 pub mod query;
 pub mod scan;

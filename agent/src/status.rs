@@ -13,6 +13,7 @@ use crate::conntrack::reader::{ReaderCounters, ReaderStats};
 use crate::docker::logscan::{LogScan, LogScanCounters, RULE_FIELDS, RULES_COMPONENT};
 use crate::docker::source::SourceStats;
 use crate::docker::tail::TailStats;
+use crate::ebpf::source::{EbpfCounters, EbpfStats};
 use crate::pipeline::metrics::{CounterSet, Field, Kind, Metrics, Role, counters};
 use crate::pipeline::registry::Registry;
 use crate::pipeline::stage::{STAGE_FIELDS, StageSnapshot};
@@ -49,6 +50,21 @@ pub struct AgentStatus {
     /// Connections of the API's listeners, when it serves.
     #[serde(default)]
     pub api: Option<ApiConnCounters>,
+    /// The eBPF programs, when enabled.
+    #[serde(default)]
+    pub ebpf: Option<EbpfStatus>,
+}
+
+/// The eBPF programs: whether they run, why not, and their counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EbpfStatus {
+    /// Whether the programs are attached.
+    pub running: bool,
+    /// Why they are not, when they are not.
+    pub error: Option<String>,
+    /// Their counters.
+    #[serde(flatten)]
+    pub counters: EbpfCounters,
 }
 
 counters! {
@@ -105,6 +121,8 @@ pub struct StatusSource {
     pub webhooks: Option<Arc<DispatchStats>>,
     /// API connection counters, when the API serves.
     pub api: Option<Arc<ApiConnStats>>,
+    /// The eBPF source's counters and, when it did not start, why.
+    pub ebpf: Option<(Arc<EbpfStats>, Option<String>)>,
 }
 
 impl StatusSource {
@@ -133,7 +151,15 @@ impl StatusSource {
             logscan,
             webhooks: None,
             api: None,
+            ebpf: None,
         }
+    }
+
+    /// Adds the eBPF source's counters, and why it is off when it is.
+    pub fn with_ebpf(&mut self, stats: Arc<EbpfStats>, error: Option<String>) {
+        self.metrics
+            .register(EbpfStats::COMPONENT, None, stats.clone());
+        self.ebpf = Some((stats, error));
     }
 
     /// Adds the trigger dispatcher's counters.
@@ -175,6 +201,11 @@ impl StatusSource {
             logscan: self.logscan.as_ref().map(|l| l.counters()),
             webhooks: self.webhooks.as_ref().map(|w| w.snapshot()),
             api: self.api.as_ref().map(|a| a.snapshot()),
+            ebpf: self.ebpf.as_ref().map(|(s, e)| EbpfStatus {
+                running: e.is_none(),
+                error: e.clone(),
+                counters: s.snapshot(),
+            }),
         }
     }
 }
@@ -297,6 +328,7 @@ pub fn catalogue() -> Vec<(&'static str, &'static [Field], &'static [&'static st
             ApiConnStats::FIELDS,
             &["agent", "api"],
         ),
+        (EbpfStats::COMPONENT, EbpfStats::FIELDS, &["agent", "ebpf"]),
         (DATABASE_COMPONENT, DATABASE_FIELDS, &["database"]),
     ]
 }

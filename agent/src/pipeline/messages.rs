@@ -52,6 +52,8 @@ pub enum WriterMsg {
     LogBatch(LogBatch),
     /// A container was removed: its cursor is no longer needed.
     ForgetCursor(String),
+    /// A process execution seen by the eBPF exec program.
+    Exec(Box<crate::pipeline::process::ProcessExec>),
     /// Commit now and answer on the channel (tests and orderly shutdown of callers).
     Sync(crossbeam_channel::Sender<()>),
 }

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod flow;
 pub mod messages;
 pub mod metrics;
+pub mod process;
 pub mod ratelimit;
 pub mod registry;
 pub mod service;

@@ -46,6 +46,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "one row per flow, hourly partitions",
         include_str!("../../../schemas/duckdb/0008_flow_trail.sql"),
     ),
+    (
+        9,
+        "process executions",
+        include_str!("../../../schemas/duckdb/0009_process_events.sql"),
+    ),
 ];
 
 /// Where migration 8 hands over to Rust to move the event rows (with progress logs).
@@ -81,7 +86,7 @@ pub(crate) fn database_at_version(path: &Path, version: u32) -> Connection {
 }
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 8;
+pub const SCHEMA_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// Errors of opening or migrating the database.
 #[derive(Debug, thiserror::Error)]

@@ -266,6 +266,34 @@ impl Writer {
     fn handle(&mut self, msg: WriterMsg) -> Result<usize, StoreError> {
         match msg {
             WriterMsg::Flow { ev, received_ns } => self.flow(ev, received_ns),
+            WriterMsg::Exec(ev) => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO process_events VALUES (make_timestamp(?), 1, ?, ?, ?, ?, ?, ?, ?,
+                         from_json(?, '[\"VARCHAR\"]'), ?, make_timestamp(?), ?, ?, ?)",
+                    )
+                    .and_then(|mut st| {
+                        st.execute(duckdb::params![
+                            (ev.ts_ns / 1_000) as i64,
+                            ev.pid,
+                            ev.tid,
+                            ev.ppid,
+                            ev.uid,
+                            ev.comm,
+                            ev.filename,
+                            ev.filename_truncated,
+                            serde_json::to_string(&ev.argv).unwrap_or_else(|_| "[]".into()),
+                            ev.argv_truncated,
+                            (ev.start_ns / 1_000) as i64,
+                            ev.cgroup_id,
+                            ev.netns,
+                            ev.mntns,
+                        ])
+                    })
+                    .map_err(db_err("storing a process execution"))?;
+                self.pending += 1;
+                Ok(1)
+            }
             WriterMsg::DumpBegin => {
                 self.flows.dump_begin();
                 Ok(0)

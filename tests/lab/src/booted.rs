@@ -96,6 +96,10 @@ impl Booted {
             "--keep-unit".into(),
             "--console=pipe".into(),
             "--machine=ntpkg".into(),
+            // nspawn's default capability set and system-call filter lack what the service's
+            // eBPF programs need (its own seccomp filter answers bpf() with EPERM).
+            "--capability=CAP_BPF,CAP_PERFMON".into(),
+            "--system-call-filter=bpf".into(),
         ];
         args.extend(ifaces.iter().map(|i| format!("--network-interface={i}")));
         args.extend(

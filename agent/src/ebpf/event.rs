@@ -1,0 +1,226 @@
+//! The records the eBPF programs write (`agent-ebpf/src/process.h`), decoded as hostile
+//! bytes: the size and version are checked and every length is bounded by its field.
+
+use crate::pipeline::process::ProcessExec;
+
+/// Layout version the programs write.
+pub const VERSION: u16 = 1;
+/// `kind` of an exec record.
+pub const KIND_EXEC: u16 = 1;
+const COMM_LEN: usize = 16;
+const FILENAME_LEN: usize = 256;
+const ARGV_LEN: usize = 1024;
+const ARGV_TRUNCATED: u32 = 1;
+const FILENAME_TRUNCATED: u32 = 2;
+/// Size of `struct nt_exec`.
+pub const EXEC_SIZE: usize = HEADER + COMM_LEN + FILENAME_LEN + ARGV_LEN;
+/// Bytes before `comm`.
+const HEADER: usize = 64;
+
+/// Flags of nattrail's own command line whose values are secrets (`triggers add --secret`,
+/// `--header`). The exec program records every process's arguments, and the agent's secrets
+/// are write-only: wherever a `nattrail` command line is recorded (itself, or under a
+/// wrapper such as `ip netns exec`), the values of these flags are masked before storing.
+const SECRET_FLAGS: &[&str] = &["--secret", "--header"];
+/// What a masked value reads as.
+pub const MASK: &str = "********";
+
+/// Masks the values of nattrail's secret-taking flags in `argv` when it runs nattrail.
+pub fn mask_own_secrets(argv: &mut [String]) {
+    let ours = argv.iter().any(|a| {
+        std::path::Path::new(a)
+            .file_name()
+            .is_some_and(|n| n == "nattrail")
+    });
+    if !ours {
+        return;
+    }
+    let mut mask_next = false;
+    for a in argv.iter_mut() {
+        if std::mem::take(&mut mask_next) {
+            *a = MASK.into();
+        } else if SECRET_FLAGS.contains(&a.as_str()) {
+            mask_next = true;
+        } else if let Some((flag, _)) = a.split_once('=')
+            && SECRET_FLAGS.contains(&flag)
+        {
+            *a = format!("{flag}={MASK}");
+        }
+    }
+}
+
+/// Why a record was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EventError {
+    /// Not the size of an exec record.
+    #[error("eBPF record of {0} bytes, expected {EXEC_SIZE}")]
+    Size(usize),
+    /// Another layout version or kind.
+    #[error(
+        "eBPF record version {version} kind {kind}, expected version {VERSION} kind {KIND_EXEC}"
+    )]
+    Version {
+        /// Version read.
+        version: u16,
+        /// Kind read.
+        kind: u16,
+    },
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The text of a NUL-terminated field, at most `len` bytes of it.
+fn text(b: &[u8], len: usize) -> String {
+    let b = &b[..len.min(b.len())];
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Decodes an exec record; `boot_to_wall_ns` turns CLOCK_BOOTTIME into ns since the epoch.
+pub fn decode_exec(b: &[u8], boot_to_wall_ns: i128) -> Result<ProcessExec, EventError> {
+    if b.len() != EXEC_SIZE {
+        return Err(EventError::Size(b.len()));
+    }
+    let (version, kind) = (u16_at(b, 0), u16_at(b, 2));
+    if version != VERSION || kind != KIND_EXEC {
+        return Err(EventError::Version { version, kind });
+    }
+    let flags = u32_at(b, 4);
+    let wall =
+        |boot: u64| (i128::from(boot) + boot_to_wall_ns).clamp(0, i128::from(u64::MAX)) as u64;
+    let (comm_at, filename_at) = (HEADER, HEADER + COMM_LEN);
+    let argv_at = filename_at + FILENAME_LEN;
+    let filename_len = u32_at(b, 56) as usize;
+    let argv_len = (u32_at(b, 60) as usize).min(ARGV_LEN);
+    let argv_bytes = &b[argv_at..argv_at + argv_len];
+    // Arguments are NUL-terminated in the process's memory; a cut record ends mid-argument.
+    let mut argv: Vec<String> = argv_bytes
+        .strip_suffix(&[0])
+        .unwrap_or(argv_bytes)
+        .split(|&c| c == 0)
+        .filter(|_| argv_len > 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    mask_own_secrets(&mut argv);
+    Ok(ProcessExec {
+        ts_ns: wall(u64_at(b, 24)),
+        pid: u32_at(b, 8),
+        tid: u32_at(b, 12),
+        ppid: u32_at(b, 16),
+        uid: u32_at(b, 20),
+        comm: text(&b[comm_at..], COMM_LEN),
+        filename: text(&b[filename_at..], filename_len.min(FILENAME_LEN)),
+        filename_truncated: flags & FILENAME_TRUNCATED != 0,
+        argv,
+        argv_truncated: flags & ARGV_TRUNCATED != 0,
+        start_ns: wall(u64_at(b, 32)),
+        cgroup_id: u64_at(b, 40),
+        netns: u32_at(b, 48),
+        mntns: u32_at(b, 52),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(argv: &[u8], flags: u32) -> Vec<u8> {
+        let mut b = vec![0u8; EXEC_SIZE];
+        b[0..2].copy_from_slice(&VERSION.to_ne_bytes());
+        b[2..4].copy_from_slice(&KIND_EXEC.to_ne_bytes());
+        b[4..8].copy_from_slice(&flags.to_ne_bytes());
+        b[8..12].copy_from_slice(&42u32.to_ne_bytes());
+        b[24..32].copy_from_slice(&1_000u64.to_ne_bytes());
+        b[56..60].copy_from_slice(&7u32.to_ne_bytes());
+        b[60..64].copy_from_slice(&(argv.len() as u32).to_ne_bytes());
+        b[64..68].copy_from_slice(b"true");
+        b[80..87].copy_from_slice(b"/bin/tr");
+        b[336..336 + argv.len()].copy_from_slice(argv);
+        b
+    }
+
+    #[test]
+    fn an_exec_record_decodes_with_its_arguments() {
+        let e = decode_exec(&record(b"true\0a b\0\xff\0", 0), 5).unwrap();
+        assert_eq!(
+            (e.pid, e.ts_ns, e.comm.as_str(), e.filename.as_str()),
+            (42, 1_005, "true", "/bin/tr")
+        );
+        assert_eq!(e.argv, ["true", "a b", "\u{fffd}"]);
+        assert!(!e.argv_truncated);
+        let cut = decode_exec(&record(b"true\0abc", ARGV_TRUNCATED), 0).unwrap();
+        assert_eq!(
+            (cut.argv, cut.argv_truncated),
+            (vec!["true".into(), "abc".into()], true)
+        );
+        assert!(decode_exec(&record(b"", 0), 0).unwrap().argv.is_empty());
+    }
+
+    #[test]
+    fn the_values_of_our_own_secret_flags_are_never_stored() {
+        let mut argv: Vec<String> = [
+            "ip",
+            "netns",
+            "exec",
+            "gw",
+            "/usr/bin/nattrail",
+            "triggers",
+            "add",
+            "--secret",
+            "whsec_x",
+            "--header=x-a=1",
+            "--header",
+            "x-b=2",
+            "--url",
+            "https://h/",
+        ]
+        .map(String::from)
+        .to_vec();
+        mask_own_secrets(&mut argv);
+        assert_eq!(
+            argv[7..],
+            [
+                "--secret",
+                MASK,
+                "--header=********",
+                "--header",
+                MASK,
+                "--url",
+                "https://h/"
+            ]
+        );
+        // Another program's arguments are its own business.
+        let mut other: Vec<String> = ["curl", "--header", "a=b"].map(String::from).to_vec();
+        mask_own_secrets(&mut other);
+        assert_eq!(other, ["curl", "--header", "a=b"]);
+    }
+
+    #[test]
+    fn hostile_records_are_refused_or_bounded() {
+        assert_eq!(decode_exec(&[0; 10], 0), Err(EventError::Size(10)));
+        let mut b = record(b"x\0", 0);
+        b[0] = 9;
+        assert!(matches!(
+            decode_exec(&b, 0),
+            Err(EventError::Version { version: 9, .. })
+        ));
+        // Lengths past their fields are cut to the field.
+        let mut b = record(b"x\0", 0);
+        b[56..60].copy_from_slice(&u32::MAX.to_ne_bytes());
+        b[60..64].copy_from_slice(&u32::MAX.to_ne_bytes());
+        let e = decode_exec(&b, 0).unwrap();
+        assert!(e.filename.len() <= FILENAME_LEN);
+        assert_eq!(e.argv[0], "x");
+        assert!(e.argv.len() <= ARGV_LEN, "{} arguments", e.argv.len());
+    }
+}
