@@ -1039,6 +1039,16 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The NEW or DESTROY of a one-minute flow started at `start` (ns), as the writer gets it.
+    fn minute_flow(kind: EventKind, id: u32, sport: u16, start: u64) -> WriterMsg {
+        let destroy = kind == EventKind::Destroy;
+        let mut ev = crate::store::reconcile::test_flow(kind, id, sport);
+        ev.start_ns = Some(start);
+        ev.event_ns = Some(start + if destroy { 60_000_000_000 } else { 0 });
+        ev.stop_ns = destroy.then_some(start + 60_000_000_000);
+        WriterMsg::Flow { ev, received_ns: 0 }
+    }
+
     #[test]
     fn retention_removes_whole_old_hours_and_who_says_so() {
         use crate::query::coverage::HoleKind;
@@ -1055,13 +1065,6 @@ mod tests {
         };
         let stats = Arc::new(WriterStats::default());
         let mut w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
-        let at = |kind, id, sport, start: u64| {
-            let mut ev = crate::store::reconcile::test_flow(kind, id, sport);
-            ev.start_ns = Some(start);
-            ev.event_ns = Some(start + if kind == Destroy { 60_000_000_000 } else { 0 });
-            ev.stop_ns = (kind == Destroy).then_some(start + 60_000_000_000);
-            WriterMsg::Flow { ev, received_ns: 0 }
-        };
         // One flow on day 0, one 26 hours later, one 50 hours later (its clock seals hour
         // 48 and keeps the last day: hours from 26 on).
         for (id, port, start) in [
@@ -1069,8 +1072,11 @@ mod tests {
             (2, 1002, T0 + 26 * HOUR),
             (3, 1003, T0 + 50 * HOUR),
         ] {
-            w.write_batch([at(New, id, port, start), at(Destroy, id, port, start)])
-                .unwrap();
+            w.write_batch([
+                minute_flow(New, id, port, start),
+                minute_flow(Destroy, id, port, start),
+            ])
+            .unwrap();
         }
         assert!(stats.slices_expired.load(Ordering::Relaxed) >= 1);
         let oldest = stats.oldest_seconds.load(Ordering::Relaxed);
@@ -1123,19 +1129,12 @@ mod tests {
         const T0: u64 = 1_700_000_000_000_000_000;
         const HOUR: u64 = 3_600_000_000_000;
         let (dir, _, stats, mut w) = test_writer("unseen");
-        let at = |kind, id, sport, start: u64| {
-            let mut ev = crate::store::reconcile::test_flow(kind, id, sport);
-            ev.start_ns = Some(start);
-            ev.event_ns = Some(start + if kind == Destroy { 60_000_000_000 } else { 0 });
-            ev.stop_ns = (kind == Destroy).then_some(start + 60_000_000_000);
-            WriterMsg::Flow { ev, received_ns: 0 }
-        };
         // Flow 1: its end only. Flow 2: both. Flow 3: its start only (still open).
         w.write_batch([
-            at(Destroy, 1, 1001, T0),
-            at(New, 2, 1002, T0),
-            at(Destroy, 2, 1002, T0),
-            at(New, 3, 1003, T0),
+            minute_flow(Destroy, 1, 1001, T0),
+            minute_flow(New, 2, 1002, T0),
+            minute_flow(Destroy, 2, 1002, T0),
+            minute_flow(New, 3, 1003, T0),
         ])
         .unwrap();
         let by_kind = |w: &Writer| -> Vec<(u8, i64)> {
@@ -1150,7 +1149,8 @@ mod tests {
         };
         assert_eq!(by_kind(&w), [(1, 2), (2, 2)], "four events received");
         // A flow three hours on moves the clock past the seal of the first hour.
-        w.write_batch([at(New, 4, 1004, T0 + 3 * HOUR)]).unwrap();
+        w.write_batch([minute_flow(New, 4, 1004, T0 + 3 * HOUR)])
+            .unwrap();
         assert!(stats.partitions_sealed.load(Ordering::Relaxed) >= 1);
         assert_eq!(by_kind(&w), [(1, 3), (2, 2)], "five events received");
         drop(w);
