@@ -1,7 +1,8 @@
-//! The eBPF exec program on the real kernel: every process started by a shell loop on the
-//! host, by `docker exec` and by a shell loop inside a container is in `process_events`
-//! with its arguments; a burst of 20,000 execs is recorded whole, or the shortfall is the
-//! `ebpf` gaps' lost count.
+//! The eBPF process programs on the real kernel: every process started by a shell loop on
+//! the host, by `docker exec` and by a shell loop inside a container is in `process_events`
+//! with its arguments; a process's fork, exec and exit are there with its parent and exit
+//! status; a burst of 20,000 execs is recorded whole, or the shortfall is the `ebpf` gaps'
+//! lost count.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -37,6 +38,14 @@ fn executions_on_the_host_and_in_containers_are_recorded_with_their_arguments() 
     let mut agent = AgentProcess::start_on_host(&bin(), &cfg, &db, &log)?;
     agent.wait_for_log("eBPF exec program attached", Duration::from_secs(10))?;
     let tag = format!("ntx{}", std::process::id());
+
+    // One process from its fork to its exit status.
+    let child = std::process::Command::new("sh")
+        .args(["-c", &format!("exit 7 # {tag}-life")])
+        .spawn()?;
+    let child_pid = child.id();
+    let status = child.wait_with_output()?.status;
+    ensure!(status.code() == Some(7), "the child's exit: {status}");
 
     // A shell loop on the host.
     sh(&[
@@ -149,6 +158,24 @@ fn executions_on_the_host_and_in_containers_are_recorded_with_their_arguments() 
         "the trigger command: {} masked rows, secret in {} rows, header in {header_leaks}",
         masked.0,
         masked.1
+    );
+    let life: Vec<(u8, Option<u32>, Option<String>, Option<u32>)> = conn
+        .prepare(
+            "SELECT kind, ppid, argv[3], wait_status FROM process_events WHERE pid = ?
+             ORDER BY ts, kind",
+        )?
+        .query_map([child_pid], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let me = std::process::id();
+    ensure!(
+        life == [
+            (2, Some(me), None, None),
+            (1, Some(me), Some(format!("exit 7 # {tag}-life")), None),
+            (3, None, None, Some(7 << 8)),
+        ],
+        "the child's fork, exec and exit: {life:?}"
     );
     let recorded: u64 = conn.query_row(
         "SELECT count(*)::UBIGINT FROM process_events WHERE argv[2] = ?",

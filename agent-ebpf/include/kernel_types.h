@@ -64,6 +64,7 @@ struct task_struct {
 	struct mm_struct *mm;
 	struct nsproxy *nsproxy;
 	__u64 start_boottime;
+	int exit_code;
 	char comm[16];
 } CORE;
 

@@ -5,6 +5,8 @@
 
 #define NT_EVENT_VERSION 1
 #define NT_KIND_EXEC 1
+#define NT_KIND_FORK 2
+#define NT_KIND_EXIT 3
 
 #define NT_COMM_LEN 16
 #define NT_FILENAME_LEN 256
@@ -35,5 +37,20 @@ struct nt_exec {
 };
 
 _Static_assert(sizeof(struct nt_exec) == 1360, "agent/src/ebpf/event.rs reads 1360 bytes");
+
+/* A process begins (fork of a new thread group) or ends (its leader exits). */
+struct nt_life {
+	__u16 version;
+	__u16 kind;
+	__u32 pid;
+	__u32 ppid;           /* fork: the parent's thread group id */
+	__u32 wait_status;    /* exit: as wait(2) reports it, (code << 8) | signal */
+	__u64 ts_boot_ns;
+	__u64 start_boot_ns;
+	__u64 cgroup_id;
+	char comm[NT_COMM_LEN];
+};
+
+_Static_assert(sizeof(struct nt_life) == 56, "agent/src/ebpf/event.rs reads 56 bytes");
 
 #endif

@@ -99,6 +99,8 @@ pub struct EbpfConfig {
     pub enabled: bool,
     /// Record process executions (`process_events`).
     pub exec: bool,
+    /// Record process forks and exits (`process_events`).
+    pub fork_exit: bool,
     /// The exec program's name in the eBPF object (for tests of a refused load).
     pub exec_program: String,
     /// Capacity of the channel from the eBPF reader to the writer, in records (it waits
@@ -111,6 +113,7 @@ impl Default for EbpfConfig {
         EbpfConfig {
             enabled: true,
             exec: true,
+            fork_exit: true,
             exec_program: "nattrail_exec".into(),
             channel_capacity: 8192,
         }

@@ -342,6 +342,7 @@ fn start_ebpf(
     }
     let source_cfg = EbpfSourceConfig {
         exec_program: cfg.ebpf.exec_program.clone(),
+        fork_exit: cfg.ebpf.fork_exit,
     };
     match EbpfSource::start(&source_cfg, tx, Arc::clone(stats)) {
         Ok(s) => {

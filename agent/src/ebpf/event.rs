@@ -1,12 +1,18 @@
 //! The records the eBPF programs write (`agent-ebpf/src/process.h`), decoded as hostile
 //! bytes: the size and version are checked and every length is bounded by its field.
 
-use crate::pipeline::process::ProcessExec;
+use crate::pipeline::process::{LifeKind, ProcessExec, ProcessLife};
 
 /// Layout version the programs write.
 pub const VERSION: u16 = 1;
 /// `kind` of an exec record.
 pub const KIND_EXEC: u16 = 1;
+/// `kind` of a fork record.
+pub const KIND_FORK: u16 = 2;
+/// `kind` of an exit record.
+pub const KIND_EXIT: u16 = 3;
+/// Size of `struct nt_life`.
+pub const LIFE_SIZE: usize = 40 + COMM_LEN;
 const COMM_LEN: usize = 16;
 const FILENAME_LEN: usize = 256;
 const ARGV_LEN: usize = 1024;
@@ -52,13 +58,11 @@ pub fn mask_own_secrets(argv: &mut [String]) {
 /// Why a record was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EventError {
-    /// Not the size of an exec record.
-    #[error("eBPF record of {0} bytes, expected {EXEC_SIZE}")]
+    /// Not the size of a record.
+    #[error("eBPF record of {0} bytes, expected {EXEC_SIZE} or {LIFE_SIZE}")]
     Size(usize),
-    /// Another layout version or kind.
-    #[error(
-        "eBPF record version {version} kind {kind}, expected version {VERSION} kind {KIND_EXEC}"
-    )]
+    /// Another layout version, or a kind that does not match the size.
+    #[error("eBPF record version {version} kind {kind}: expected version {VERSION}, a known kind")]
     Version {
         /// Version read.
         version: u16,
@@ -86,6 +90,51 @@ fn text(b: &[u8], len: usize) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+/// A record of the process programs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// An exec.
+    Exec(ProcessExec),
+    /// A fork or an exit.
+    Life(ProcessLife),
+}
+
+fn wall(boot: u64, boot_to_wall_ns: i128) -> u64 {
+    (i128::from(boot) + boot_to_wall_ns).clamp(0, i128::from(u64::MAX)) as u64
+}
+
+/// Decodes any record, by its size and kind.
+pub fn decode(b: &[u8], boot_to_wall_ns: i128) -> Result<Record, EventError> {
+    match b.len() {
+        EXEC_SIZE => decode_exec(b, boot_to_wall_ns).map(Record::Exec),
+        LIFE_SIZE => decode_life(b, boot_to_wall_ns).map(Record::Life),
+        n => Err(EventError::Size(n)),
+    }
+}
+
+/// Decodes a fork or exit record.
+pub fn decode_life(b: &[u8], boot_to_wall_ns: i128) -> Result<ProcessLife, EventError> {
+    if b.len() != LIFE_SIZE {
+        return Err(EventError::Size(b.len()));
+    }
+    let (version, kind) = (u16_at(b, 0), u16_at(b, 2));
+    let kind = match (version, kind) {
+        (VERSION, KIND_FORK) => LifeKind::Fork,
+        (VERSION, KIND_EXIT) => LifeKind::Exit,
+        _ => return Err(EventError::Version { version, kind }),
+    };
+    Ok(ProcessLife {
+        kind,
+        ts_ns: wall(u64_at(b, 16), boot_to_wall_ns),
+        pid: u32_at(b, 4),
+        ppid: (kind == LifeKind::Fork).then(|| u32_at(b, 8)),
+        wait_status: (kind == LifeKind::Exit).then(|| u32_at(b, 12)),
+        start_ns: wall(u64_at(b, 24), boot_to_wall_ns),
+        cgroup_id: u64_at(b, 32),
+        comm: text(&b[40..], COMM_LEN),
+    })
+}
+
 /// Decodes an exec record; `boot_to_wall_ns` turns CLOCK_BOOTTIME into ns since the epoch.
 pub fn decode_exec(b: &[u8], boot_to_wall_ns: i128) -> Result<ProcessExec, EventError> {
     if b.len() != EXEC_SIZE {
@@ -96,8 +145,7 @@ pub fn decode_exec(b: &[u8], boot_to_wall_ns: i128) -> Result<ProcessExec, Event
         return Err(EventError::Version { version, kind });
     }
     let flags = u32_at(b, 4);
-    let wall =
-        |boot: u64| (i128::from(boot) + boot_to_wall_ns).clamp(0, i128::from(u64::MAX)) as u64;
+    let wall = |boot: u64| wall(boot, boot_to_wall_ns);
     let (comm_at, filename_at) = (HEADER, HEADER + COMM_LEN);
     let argv_at = filename_at + FILENAME_LEN;
     let filename_len = u32_at(b, 56) as usize;
@@ -203,6 +251,43 @@ mod tests {
         let mut other: Vec<String> = ["curl", "--header", "a=b"].map(String::from).to_vec();
         mask_own_secrets(&mut other);
         assert_eq!(other, ["curl", "--header", "a=b"]);
+    }
+
+    #[test]
+    fn fork_and_exit_records_decode() {
+        let mut b = vec![0u8; LIFE_SIZE];
+        b[0..2].copy_from_slice(&VERSION.to_ne_bytes());
+        b[2..4].copy_from_slice(&KIND_EXIT.to_ne_bytes());
+        b[4..8].copy_from_slice(&77u32.to_ne_bytes());
+        b[8..12].copy_from_slice(&5u32.to_ne_bytes());
+        b[12..16].copy_from_slice(&(7u32 << 8).to_ne_bytes());
+        b[16..24].copy_from_slice(&100u64.to_ne_bytes());
+        b[40..42].copy_from_slice(b"sh");
+        let Ok(Record::Life(e)) = decode(&b, 1) else {
+            panic!("not a life record")
+        };
+        assert_eq!(
+            (
+                e.kind,
+                e.pid,
+                e.ppid,
+                e.wait_status,
+                e.ts_ns,
+                e.comm.as_str()
+            ),
+            (LifeKind::Exit, 77, None, Some(7 << 8), 101, "sh")
+        );
+        b[2..4].copy_from_slice(&KIND_FORK.to_ne_bytes());
+        let Ok(Record::Life(f)) = decode(&b, 0) else {
+            panic!("not a life record")
+        };
+        assert_eq!(
+            (f.kind, f.ppid, f.wait_status),
+            (LifeKind::Fork, Some(5), None)
+        );
+        // A fork-sized record claiming to be an exec is refused.
+        b[2..4].copy_from_slice(&KIND_EXEC.to_ne_bytes());
+        assert!(decode(&b, 0).is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use nix::time::{ClockId, clock_gettime};
 use tracing::warn;
 
-use super::event::decode_exec;
+use super::event::{Record, decode};
 use crate::pipeline::messages::WriterMsg;
 use crate::pipeline::metrics::counters;
 use crate::pipeline::ratelimit::RateLimitedLog;
@@ -25,18 +25,23 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 
 /// The exec program, by its C function name.
 pub const EXEC_PROGRAM: &str = "nattrail_exec";
+/// The fork and exit programs, and their tracepoints.
+const LIFE_PROGRAMS: [(&str, &str); 2] = [
+    ("nattrail_fork", "sched_process_fork"),
+    ("nattrail_exit", "sched_process_exit"),
+];
 
 counters! {
     /// Counters of the eBPF process source.
     pub struct EbpfStats as "ebpf" =>
     /// A reading of [`EbpfStats`].
     EbpfCounters {
-        /// Exec records read from the ring buffer.
-        exec_received: Counter(Received),
-        /// Exec records handed to the writer.
-        exec_sent: Counter(Sent),
-        /// Execs the programs could not record (ring buffer full), as they counted them.
-        exec_lost: Counter(Lost),
+        /// Records read from the ring buffer (execs, forks, exits).
+        records_received: Counter(Received),
+        /// Records handed to the writer.
+        records_sent: Counter(Sent),
+        /// Records the programs could not write (ring buffer full), as they counted them.
+        records_lost: Counter(Lost),
         /// Records refused by the decoder (size or version).
         malformed: Counter(Lost),
         /// Programs attached and running.
@@ -85,6 +90,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 pub struct EbpfSourceConfig {
     /// The exec program's name (the config can name another, e.g. to test a refused load).
     pub exec_program: String,
+    /// Also the fork and exit programs.
+    pub fork_exit: bool,
 }
 
 /// The running source; dropped or stopped, the programs are detached.
@@ -117,19 +124,29 @@ impl EbpfSource {
     ) -> Result<EbpfSource, EbpfError> {
         let btf = Btf::from_sys_fs().ok();
         let mut bpf = EbpfLoader::new().btf(btf.as_ref()).load(OBJECT)?;
+        let mut wanted = vec![(cfg.exec_program.as_str(), "sched_process_exec")];
+        if cfg.fork_exit {
+            wanted.extend(LIFE_PROGRAMS);
+        }
+        for (name, tracepoint) in wanted {
+            let program = |detail: String| EbpfError::Program {
+                name: name.to_string(),
+                detail,
+            };
+            let prog: &mut RawTracePoint = bpf
+                .program_mut(name)
+                .ok_or_else(|| program("not in the eBPF object".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| program(e.to_string()))?;
+            prog.load().map_err(|e| program(e.to_string()))?;
+            prog.attach(tracepoint)
+                .map_err(|e| program(e.to_string()))?;
+            stats.programs_attached.fetch_add(1, Ordering::Relaxed);
+        }
         let program = |detail: String| EbpfError::Program {
-            name: cfg.exec_program.clone(),
+            name: "reader".into(),
             detail,
         };
-        let prog: &mut RawTracePoint = bpf
-            .program_mut(&cfg.exec_program)
-            .ok_or_else(|| program("not in the eBPF object".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| program(e.to_string()))?;
-        prog.load().map_err(|e| program(e.to_string()))?;
-        prog.attach("sched_process_exec")
-            .map_err(|e| program(e.to_string()))?;
-        stats.programs_attached.store(1, Ordering::Relaxed);
         let map = |bpf: &mut Ebpf, name: &'static str| {
             bpf.take_map(name).ok_or(EbpfError::Map {
                 name,
@@ -141,9 +158,9 @@ impl EbpfSource {
                 name: "process_events",
                 detail: e.to_string(),
             })?;
-        let lost: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map(&mut bpf, "exec_lost")?)
+        let lost: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map(&mut bpf, "process_lost")?)
             .map_err(|e| EbpfError::Map {
-                name: "exec_lost",
+                name: "process_lost",
                 detail: e.to_string(),
             })?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -201,13 +218,18 @@ fn read(
             let _ = poll(&mut fds, PollTimeout::from(100u16));
         }
         while let Some(item) = ring.next() {
-            stats.exec_received.fetch_add(1, Ordering::Relaxed);
-            match decode_exec(&item, offset) {
-                Ok(ev) => {
-                    if tx.send_wait(WriterMsg::Exec(Box::new(ev))).is_err() {
+            stats.records_received.fetch_add(1, Ordering::Relaxed);
+            let msg = match decode(&item, offset) {
+                Ok(Record::Exec(ev)) => Ok(WriterMsg::Exec(Box::new(ev))),
+                Ok(Record::Life(ev)) => Ok(WriterMsg::Life(ev)),
+                Err(e) => Err(e),
+            };
+            match msg {
+                Ok(msg) => {
+                    if tx.send_wait(msg).is_err() {
                         return;
                     }
-                    stats.exec_sent.fetch_add(1, Ordering::Relaxed);
+                    stats.records_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -224,13 +246,13 @@ fn read(
             let now = now_ns();
             if total > lost_seen {
                 let n = total - lost_seen;
-                stats.exec_lost.fetch_add(n, Ordering::Relaxed);
+                stats.records_lost.fetch_add(n, Ordering::Relaxed);
                 let gap = WriterMsg::Gap {
                     source: "ebpf",
                     start_ns: checked.1,
                     end_ns: now,
                     lost: Some(n),
-                    reason: "exec records lost: the eBPF ring buffer was full",
+                    reason: "process records lost: the eBPF ring buffer was full",
                 };
                 if tx.send_wait(gap).is_err() {
                     return;

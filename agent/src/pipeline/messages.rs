@@ -54,6 +54,8 @@ pub enum WriterMsg {
     ForgetCursor(String),
     /// A process execution seen by the eBPF exec program.
     Exec(Box<crate::pipeline::process::ProcessExec>),
+    /// A process began or ended, seen by the eBPF fork and exit programs.
+    Life(crate::pipeline::process::ProcessLife),
     /// Commit now and answer on the channel (tests and orderly shutdown of callers).
     Sync(crossbeam_channel::Sender<()>),
 }

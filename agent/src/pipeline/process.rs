@@ -1,5 +1,35 @@
 //! Process executions as they cross from the eBPF source to the writer.
 
+/// A process's beginning or end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifeKind {
+    /// A new thread group (fork, vfork, clone without CLONE_THREAD).
+    Fork,
+    /// The thread group's leader exited.
+    Exit,
+}
+
+/// A fork or an exit, as the kernel reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessLife {
+    /// Fork or exit.
+    pub kind: LifeKind,
+    /// When, ns since the epoch.
+    pub ts_ns: u64,
+    /// The process.
+    pub pid: u32,
+    /// Fork: the parent's process id.
+    pub ppid: Option<u32>,
+    /// Exit: the status as wait(2) reports it, `(code << 8) | signal`.
+    pub wait_status: Option<u32>,
+    /// When the process started, ns since the epoch.
+    pub start_ns: u64,
+    /// cgroup v2 id of the reporting task.
+    pub cgroup_id: u64,
+    /// Command name.
+    pub comm: String,
+}
+
 /// One process execution (exec), as the kernel reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessExec {

@@ -217,6 +217,27 @@ impl ChunkAppender {
         }
     }
 
+    /// Writes text into VARCHAR column `col` of the current row (DuckDB copies it).
+    pub fn set_str(&mut self, col: usize, v: &str) {
+        let c = &self.columns[col];
+        assert_eq!(
+            c.ty,
+            ffi::DUCKDB_TYPE_DUCKDB_TYPE_VARCHAR,
+            "column {col} of {} is not VARCHAR",
+            self.table
+        );
+        // SAFETY: a VARCHAR vector of the current chunk; `len < capacity` after begin_row;
+        // DuckDB copies the bytes (they need not be NUL-terminated).
+        unsafe {
+            ffi::duckdb_vector_assign_string_element_len(
+                c.vector,
+                self.len as u64,
+                v.as_ptr().cast(),
+                v.len() as u64,
+            )
+        }
+    }
+
     /// Writes NULL into column `col` of the current row.
     pub fn set_null(&mut self, col: usize) {
         let c = &mut self.columns[col];

@@ -132,7 +132,7 @@ pub fn record_gap(conn: &Connection, g: &Gap<'_>) -> Result<StoredEvent, StoreEr
 
 /// Runs `f` in one transaction on `conn` (an appender's rows are not touched: it only
 /// flushes when told).
-fn in_transaction<T>(
+pub(super) fn in_transaction<T>(
     conn: &Connection,
     what: &'static str,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,

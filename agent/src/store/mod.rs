@@ -11,6 +11,7 @@ pub mod gaps;
 pub mod open_flows;
 mod open_table;
 pub mod patch;
+pub mod processes;
 pub mod reconcile;
 pub mod schema;
 pub mod secrets;

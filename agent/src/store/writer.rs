@@ -18,6 +18,7 @@ use super::database::{Database, OpenOptions};
 use super::event_log::{self, Gap};
 use super::gaps::{GapRecord, RecentGaps};
 use super::open_flows;
+use super::processes::{self, ProcessRow};
 use super::reconcile::{FlowKey, OpenFlow, OpenFlows, Verdict};
 use super::schema::{StoreError, db_err};
 use super::sessions;
@@ -110,6 +111,8 @@ pub struct Writer {
     // Field order is drop order: the appenders and connection go before the database.
     slices: ChunkAppender,
     journal: ChunkAppender,
+    /// Process rows, staged until the commit moves them.
+    procs: ChunkAppender,
     conn: Connection,
     db: Arc<Database>,
     next_seq: u64,
@@ -121,6 +124,8 @@ pub struct Writer {
     bus: EventBus,
     // Connection events of the open commit, published once it is committed.
     unpublished: Vec<StoredEvent>,
+    /// Rows in `procs` since the last move.
+    staged: usize,
     touched_at: Instant,
     checkpointed_at: Instant,
     // The events' clock (ms): the newest event time seen; hours end by it, not by the wall
@@ -151,6 +156,9 @@ impl Writer {
         slices.expect_types(&SLICE_COLUMNS)?;
         let journal = db.appender("open_journal")?;
         journal.expect_types(&JOURNAL_COLUMNS)?;
+        // Rows a crash left staged move first.
+        processes::move_staged(&conn)?;
+        let procs = db.appender(processes::STAGING)?;
         let next_seq: u64 = conn
             .query_row(
                 "SELECT greatest(
@@ -194,6 +202,8 @@ impl Writer {
             recent_gaps: Arc::default(),
             bus: EventBus::default(),
             unpublished: Vec::new(),
+            procs,
+            staged: 0,
             touched_at: Instant::now(),
             checkpointed_at: Instant::now(),
             clock_ms: i64::MIN,
@@ -266,34 +276,8 @@ impl Writer {
     fn handle(&mut self, msg: WriterMsg) -> Result<usize, StoreError> {
         match msg {
             WriterMsg::Flow { ev, received_ns } => self.flow(ev, received_ns),
-            WriterMsg::Exec(ev) => {
-                self.conn
-                    .prepare_cached(
-                        "INSERT INTO process_events VALUES (make_timestamp(?), 1, ?, ?, ?, ?, ?, ?, ?,
-                         from_json(?, '[\"VARCHAR\"]'), ?, make_timestamp(?), ?, ?, ?)",
-                    )
-                    .and_then(|mut st| {
-                        st.execute(duckdb::params![
-                            (ev.ts_ns / 1_000) as i64,
-                            ev.pid,
-                            ev.tid,
-                            ev.ppid,
-                            ev.uid,
-                            ev.comm,
-                            ev.filename,
-                            ev.filename_truncated,
-                            serde_json::to_string(&ev.argv).unwrap_or_else(|_| "[]".into()),
-                            ev.argv_truncated,
-                            (ev.start_ns / 1_000) as i64,
-                            ev.cgroup_id,
-                            ev.netns,
-                            ev.mntns,
-                        ])
-                    })
-                    .map_err(db_err("storing a process execution"))?;
-                self.pending += 1;
-                Ok(1)
-            }
+            WriterMsg::Exec(ev) => self.process(ProcessRow::Exec(ev)),
+            WriterMsg::Life(ev) => self.process(ProcessRow::Life(ev)),
             WriterMsg::DumpBegin => {
                 self.flows.dump_begin();
                 Ok(0)
@@ -396,6 +380,14 @@ impl Writer {
             self.unpublished
                 .push(event_log::connection_event(&ev, seq, ts));
         }
+        Ok(1)
+    }
+
+    /// Stages a process row; the commit moves the staged rows into `process_events`.
+    fn process(&mut self, row: ProcessRow) -> Result<usize, StoreError> {
+        processes::append(&mut self.procs, &row)?;
+        self.staged += 1;
+        self.pending += 1;
         Ok(1)
     }
 
@@ -569,6 +561,11 @@ impl Writer {
         }
         self.slices.flush()?;
         self.journal.flush()?;
+        if self.staged > 0 {
+            self.procs.flush()?;
+            processes::move_staged(&self.conn)?;
+            self.staged = 0;
+        }
         for ev in self.unpublished.drain(..) {
             self.bus.publish(ev);
         }
