@@ -20,6 +20,9 @@ fn bin() -> PathBuf {
 
 const BURST: u64 = 20_000;
 
+/// kind, ppid, argv[3], wait_status of one process_events row.
+type LifeRow = (u8, Option<u32>, Option<String>, Option<u32>);
+
 #[test]
 fn executions_on_the_host_and_in_containers_are_recorded_with_their_arguments() -> Result<()> {
     docker::ensure_dockerd()?;
@@ -159,7 +162,7 @@ fn executions_on_the_host_and_in_containers_are_recorded_with_their_arguments() 
         masked.0,
         masked.1
     );
-    let life: Vec<(u8, Option<u32>, Option<String>, Option<u32>)> = conn
+    let life: Vec<LifeRow> = conn
         .prepare(
             "SELECT kind, ppid, argv[3], wait_status FROM process_events WHERE pid = ?
              ORDER BY ts, kind",
