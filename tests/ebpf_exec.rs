@@ -38,9 +38,13 @@ fn executions_on_the_host_and_in_containers_are_recorded_with_their_arguments() 
         "[conntrack]\nenabled = false\n[docker]\nenabled = false\n[api]\nenabled = false\n\
          [webhooks]\nenabled = false\n[store]\ncommit_interval_ms = 100\n",
     )?;
+    let tag = format!("ntx{}", std::process::id());
+    // Alive before the agent starts: found by its /proc snapshot.
+    let mut before = std::process::Command::new("sh")
+        .args(["-c", &format!("sleep 60; : {tag}-snap")])
+        .spawn()?;
     let mut agent = AgentProcess::start_on_host(&bin(), &cfg, &db, &log)?;
     agent.wait_for_log("eBPF exec program attached", Duration::from_secs(10))?;
-    let tag = format!("ntx{}", std::process::id());
 
     // One process from its fork to its exit status.
     let child = std::process::Command::new("sh")
@@ -180,6 +184,18 @@ fn executions_on_the_host_and_in_containers_are_recorded_with_their_arguments() 
         ],
         "the child's fork, exec and exit: {life:?}"
     );
+    let snap: Vec<(u8, u32)> = conn
+        .prepare("SELECT kind, pid FROM process_events WHERE argv[3] = ?")?
+        .query_map([format!("sleep 60; : {tag}-snap")], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        snap == [(0, before.id())],
+        "the process alive before the start: {snap:?}"
+    );
+    let _ = before.kill();
+    let _ = before.wait();
     let recorded: u64 = conn.query_row(
         "SELECT count(*)::UBIGINT FROM process_events WHERE argv[2] = ?",
         [format!("{tag}-burst")],

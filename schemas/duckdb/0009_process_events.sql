@@ -3,7 +3,8 @@
 -- an event kind does not carry are NULL.
 CREATE TABLE process_events (
     ts                  TIMESTAMP NOT NULL,  -- when it happened (UTC)
-    kind                UTINYINT  NOT NULL,  -- 1 exec, 2 fork, 3 exit
+    kind                UTINYINT  NOT NULL,  -- 1 exec, 2 fork, 3 exit, 0 alive when the
+                                             -- programs were attached (read from /proc)
     pid                 UINTEGER  NOT NULL,  -- the process (thread group id)
     tid                 UINTEGER,            -- exec: the thread that called exec
     ppid                UINTEGER,            -- exec, fork: the parent

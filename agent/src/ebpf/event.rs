@@ -161,6 +161,7 @@ pub fn decode_exec(b: &[u8], boot_to_wall_ns: i128) -> Result<ProcessExec, Event
         .collect();
     mask_own_secrets(&mut argv);
     Ok(ProcessExec {
+        snapshot: false,
         ts_ns: wall(u64_at(b, 24)),
         pid: u32_at(b, 8),
         tid: u32_at(b, 12),

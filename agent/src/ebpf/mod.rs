@@ -2,4 +2,5 @@
 //! from their ring buffer into the pipeline. So far: process executions.
 
 pub mod event;
+pub mod proc_snapshot;
 pub mod source;

@@ -208,6 +208,12 @@ fn read(
 ) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let mut offset = boot_to_wall();
+    // What was alive before the programs were attached (they were attached already).
+    for p in super::proc_snapshot::snapshot(std::path::Path::new("/proc"), now_ns(), offset) {
+        if tx.send_wait(WriterMsg::Exec(Box::new(p))).is_err() {
+            return;
+        }
+    }
     let mut lost_seen = lost_total(&lost);
     let mut checked = (Instant::now(), now_ns());
     let mut bad = RateLimitedLog::new(Duration::from_secs(60));

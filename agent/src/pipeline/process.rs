@@ -30,9 +30,12 @@ pub struct ProcessLife {
     pub comm: String,
 }
 
-/// One process execution (exec), as the kernel reported it.
+/// One process execution (exec) as the kernel reported it, or a process found alive in /proc
+/// when the programs were attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessExec {
+    /// Read from /proc at start rather than reported by the exec program.
+    pub snapshot: bool,
     /// When, ns since the epoch.
     pub ts_ns: u64,
     /// The process (thread group id).

@@ -28,7 +28,7 @@ pub fn append(app: &mut ChunkAppender, row: &ProcessRow) -> Result<(), StoreErro
     match row {
         ProcessRow::Exec(ev) => {
             app.set(0, (ev.ts_ns / 1_000) as i64);
-            app.set(1, 1u8);
+            app.set(1, if ev.snapshot { 0u8 } else { 1u8 });
             app.set(2, ev.pid);
             app.set(3, ev.tid);
             app.set(4, ev.ppid);
