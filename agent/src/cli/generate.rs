@@ -74,11 +74,15 @@ fn out_dir(a: &GenerateArgs) -> Result<&Path> {
 }
 
 /// Generated files are package contents, readable by all (the agent's umask is 077).
-fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+fn readable(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
         .with_context(|| format!("making {} readable", path.display()))
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    readable(path)
 }
 
 /// The description the config type's doc comment gives `key` in the schema object `obj`.
@@ -161,9 +165,7 @@ fn man_pages(dir: &Path) -> Result<()> {
         .with_context(|| format!("writing the man pages into {}", dir.display()))?;
     // Written under the agent's umask (077): package contents are readable by all.
     for page in std::fs::read_dir(dir)? {
-        let page = page?.path();
-        let bytes = std::fs::read(&page)?;
-        write(&page, &bytes)?;
+        readable(&page?.path())?;
     }
     Ok(())
 }

@@ -15,7 +15,8 @@ pub const KIND_EXIT: u16 = 3;
 pub const LIFE_SIZE: usize = 40 + COMM_LEN;
 const COMM_LEN: usize = 16;
 const FILENAME_LEN: usize = 256;
-const ARGV_LEN: usize = 1024;
+/// Bytes of arguments kept per process, by the exec program and the /proc snapshot alike.
+pub const ARGV_LEN: usize = 1024;
 const ARGV_TRUNCATED: u32 = 1;
 const FILENAME_TRUNCATED: u32 = 2;
 /// Size of `struct nt_exec`.
@@ -53,6 +54,22 @@ pub fn mask_own_secrets(argv: &mut [String]) {
             *a = format!("{flag}={MASK}");
         }
     }
+}
+
+/// A process's arguments from their bytes in its memory (each NUL-terminated; a cut copy
+/// ends mid-argument), invalid UTF-8 replaced, our own secrets masked.
+pub fn arguments(bytes: &[u8]) -> Vec<String> {
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    let mut argv: Vec<String> = bytes
+        .strip_suffix(&[0])
+        .unwrap_or(bytes)
+        .split(|&c| c == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    mask_own_secrets(&mut argv);
+    argv
 }
 
 /// Why a record was refused.
@@ -150,16 +167,7 @@ pub fn decode_exec(b: &[u8], boot_to_wall_ns: i128) -> Result<ProcessExec, Event
     let argv_at = filename_at + FILENAME_LEN;
     let filename_len = u32_at(b, 56) as usize;
     let argv_len = (u32_at(b, 60) as usize).min(ARGV_LEN);
-    let argv_bytes = &b[argv_at..argv_at + argv_len];
-    // Arguments are NUL-terminated in the process's memory; a cut record ends mid-argument.
-    let mut argv: Vec<String> = argv_bytes
-        .strip_suffix(&[0])
-        .unwrap_or(argv_bytes)
-        .split(|&c| c == 0)
-        .filter(|_| argv_len > 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    mask_own_secrets(&mut argv);
+    let argv = arguments(&b[argv_at..argv_at + argv_len]);
     Ok(ProcessExec {
         snapshot: false,
         ts_ns: wall(u64_at(b, 24)),

@@ -6,10 +6,8 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use super::event::{ARGV_LEN, arguments};
 use crate::pipeline::process::ProcessExec;
-
-/// At most this much of a command line is kept, as the exec program keeps.
-const ARGV_LEN: usize = 1024;
 
 /// Fields 4 (ppid) and 22 (start time in clock ticks since boot) of /proc/PID/stat; the
 /// command name in parentheses may itself hold spaces and parentheses.
@@ -55,13 +53,7 @@ fn process(
         .trim_end()
         .to_string();
     let argv_truncated = cmdline.len() > ARGV_LEN;
-    let kept = &cmdline[..cmdline.len().min(ARGV_LEN)];
-    let argv = kept
-        .strip_suffix(&[0])
-        .unwrap_or(kept)
-        .split(|&c| c == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let argv = arguments(&cmdline[..cmdline.len().min(ARGV_LEN)]);
     let filename = std::fs::read_link(dir.join("exe"))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();

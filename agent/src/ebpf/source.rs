@@ -15,6 +15,7 @@ use nix::time::{ClockId, clock_gettime};
 use tracing::warn;
 
 use super::event::{Record, decode};
+use crate::pipeline::clock::now_ns;
 use crate::pipeline::messages::WriterMsg;
 use crate::pipeline::metrics::counters;
 use crate::pipeline::ratelimit::RateLimitedLog;
@@ -109,10 +110,6 @@ fn ns(clock: ClockId) -> i128 {
 /// Wall clock minus boot clock: what turns the programs' CLOCK_BOOTTIME into wall time.
 fn boot_to_wall() -> i128 {
     ns(ClockId::CLOCK_REALTIME) - ns(ClockId::CLOCK_BOOTTIME)
-}
-
-fn now_ns() -> u64 {
-    ns(ClockId::CLOCK_REALTIME).max(0) as u64
 }
 
 impl EbpfSource {
