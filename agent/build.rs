@@ -9,42 +9,47 @@ fn main() {
         .parent()
         .expect("the workspace")
         .join("agent-ebpf");
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("process.bpf.o");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     for f in [
         "src/process.bpf.c",
         "src/process.h",
+        "src/socket.bpf.c",
+        "src/socket.h",
         "include/kernel_types.h",
     ] {
         println!("cargo:rerun-if-changed={}", dir.join(f).display());
     }
+    println!("cargo:rerun-if-env-changed=NATTRAIL_CLANG");
     let clang = std::env::var("NATTRAIL_CLANG").unwrap_or_else(|_| "clang".into());
-    let status = Command::new(&clang)
-        .args([
-            "-O2",
-            "-g",
-            "-target",
-            "bpf",
-            "-D__TARGET_ARCH_x86",
-            "-Wall",
-            "-Werror",
-        ])
-        .arg("-I")
-        .arg(dir.join("include"))
-        // asm/types.h, which libbpf's headers include, lives under the multiarch directory.
-        .args(["-I", "/usr/include/x86_64-linux-gnu"])
-        .arg("-c")
-        .arg(dir.join("src/process.bpf.c"))
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!(
-                "running {clang} to build the eBPF programs: {e}; install clang and libbpf-dev \
-                 (cargo xtask test and demo install them)"
-            )
-        });
-    assert!(
-        status.success(),
-        "{clang} failed on agent-ebpf/src/process.bpf.c"
-    );
+    // Two objects, so that a kernel refusing one (socket storage, cgroup attach) keeps the
+    // other.
+    for name in ["process", "socket"] {
+        let src = dir.join(format!("src/{name}.bpf.c"));
+        let status = Command::new(&clang)
+            .args([
+                "-O2",
+                "-g",
+                "-target",
+                "bpf",
+                "-D__TARGET_ARCH_x86",
+                "-Wall",
+                "-Werror",
+            ])
+            .arg("-I")
+            .arg(dir.join("include"))
+            // asm/types.h, which the UAPI headers include, lives under the multiarch directory.
+            .args(["-I", "/usr/include/x86_64-linux-gnu"])
+            .arg("-c")
+            .arg(&src)
+            .arg("-o")
+            .arg(out_dir.join(format!("{name}.bpf.o")))
+            .status()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "running {clang} to build the eBPF programs: {e}; install clang and \
+                     libbpf-dev (cargo xtask test and demo install them)"
+                )
+            });
+        assert!(status.success(), "{clang} failed on {}", src.display());
+    }
 }

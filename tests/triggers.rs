@@ -202,7 +202,9 @@ fn webhooks_for_a_log_line_a_watched_connection_and_a_capture_gap() -> Result<()
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let agent = AgentProcess::start(&bin(), &ns, &cfg, &db, &dir.join("agent.log"))?;
+    // Entering the gateway's network namespace only: the socket programs need the host's
+    // cgroup hierarchy, which `ip netns exec` hides.
+    let agent = AgentProcess::start_keeping_mounts(&bin(), &ns, &cfg, &db, &dir.join("agent.log"))?;
     let result = (|| -> Result<()> {
         // 1. A container logs a matching line.
         let c = "ntl-trig-logger";
@@ -244,6 +246,11 @@ fn webhooks_for_a_log_line_a_watched_connection_and_a_capture_gap() -> Result<()
         ensure!(
             m["public_ip"] == GW_PUBLIC_V4.to_string(),
             "public endpoint: {body}"
+        );
+        // The lab's client is a socket of this very test process: the event names it.
+        ensure!(
+            m["owner"]["status"] == "local" && m["owner"]["pid"] == std::process::id(),
+            "owner: {body}"
         );
         // Its end: the kernel reaps an expired entry (and sends its DESTROY) when its
         // garbage collector or a table dump comes across it; a dump now and then stands in

@@ -5,24 +5,8 @@
 #ifndef NATTRAIL_KERNEL_TYPES_H
 #define NATTRAIL_KERNEL_TYPES_H
 
-typedef unsigned char __u8;
-typedef unsigned short __u16;
-typedef unsigned int __u32;
-typedef unsigned long long __u64;
-typedef int __s32;
-typedef long long __s64;
-typedef __u16 __be16;
-typedef __u32 __be32;
-typedef __u32 __wsum;
-
-enum bpf_map_type {
-	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
-	BPF_MAP_TYPE_RINGBUF = 27,
-};
-
-struct bpf_raw_tracepoint_args {
-	__u64 args[0];
-};
+/* The UAPI types (__u32, struct bpf_sock_addr, ...) come from <linux/bpf.h>, which every
+ * program includes first. */
 
 #define CORE __attribute__((preserve_access_index))
 
@@ -60,6 +44,7 @@ struct task_struct {
 	int pid;
 	int tgid;
 	struct task_struct *real_parent;
+	struct task_struct *group_leader;
 	const struct cred *cred;
 	struct mm_struct *mm;
 	struct nsproxy *nsproxy;

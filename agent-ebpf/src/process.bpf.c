@@ -3,8 +3,9 @@
  * tracefs needed to attach). Each becomes one ring-buffer record; a record that finds the
  * ring full is counted in process_lost, which user space turns into a capture gap. GPL: the
  * helpers that read kernel and user memory require it. */
-#include "kernel_types.h"
+#include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include "kernel_types.h"
 #include <bpf/bpf_core_read.h>
 #include "process.h"
 

@@ -101,6 +101,9 @@ pub struct EbpfConfig {
     pub exec: bool,
     /// Record process forks and exits (`process_events`).
     pub fork_exit: bool,
+    /// Record which process and container owned each socket (`socket_events`): programs on
+    /// socket(), connect(), sendmsg() and egress, attached at the cgroup-v2 root.
+    pub sockets: bool,
     /// The exec program's name in the eBPF object (for tests of a refused load).
     pub exec_program: String,
     /// Capacity of the channel from the eBPF reader to the writer, in records (it waits
@@ -114,6 +117,7 @@ impl Default for EbpfConfig {
             enabled: true,
             exec: true,
             fork_exit: true,
+            sockets: true,
             exec_program: "nattrail_exec".into(),
             channel_capacity: 8192,
         }

@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::conntrack::reader::{GAP_SOURCE_BACKLOG, Reader, ReaderConfig, ReaderStats};
 use crate::conntrack::sysctl;
 use crate::docker::logscan::LogScan;
-use crate::docker::source::{DockerSource, SourceConfig};
+use crate::docker::source::{DockerSource, Outputs, SourceConfig};
 use crate::ebpf::source::{EbpfSource, EbpfSourceConfig, EbpfStats};
 use crate::pipeline::messages::ScanMsg;
 use crate::pipeline::messages::{LogEvent, WriterMsg};
@@ -337,23 +337,39 @@ fn start_ebpf(
     tx: StageTx<WriterMsg>,
     stats: &Arc<EbpfStats>,
 ) -> (Option<EbpfSource>, Option<String>) {
-    if !cfg.ebpf.enabled || !cfg.ebpf.exec {
+    if !cfg.ebpf.enabled || (!cfg.ebpf.exec && !cfg.ebpf.sockets) {
         return (None, None);
     }
-    let source_cfg = EbpfSourceConfig {
-        exec_program: cfg.ebpf.exec_program.clone(),
-        fork_exit: cfg.ebpf.fork_exit,
+    let mut errors = Vec::new();
+    let socket_cgroup = if cfg.ebpf.sockets {
+        let root = crate::pipeline::cgroups::v2_root();
+        if root.is_none() {
+            let e = "socket programs: no cgroup-v2 hierarchy is mounted (started by `ip netns exec`? it hides /sys/fs/cgroup; `nsenter --net` does not)";
+            warn!("eBPF program not loaded: socket owners are not recorded: {e}");
+            errors.push(e.to_string());
+        }
+        root
+    } else {
+        None
     };
-    match EbpfSource::start(&source_cfg, tx, Arc::clone(stats)) {
-        Ok(s) => {
-            info!(program = %cfg.ebpf.exec_program, "eBPF exec program attached: process executions are recorded");
-            (Some(s), None)
-        }
-        Err(e) => {
-            warn!(program = %cfg.ebpf.exec_program, error = %e, "eBPF program not loaded: process executions are not recorded (the conntrack trail runs on)");
-            (None, Some(e.to_string()))
-        }
+    let source_cfg = EbpfSourceConfig {
+        exec_program: cfg.ebpf.exec.then(|| cfg.ebpf.exec_program.clone()),
+        fork_exit: cfg.ebpf.fork_exit,
+        socket_cgroup,
+    };
+    let started = EbpfSource::start(&source_cfg, tx, Arc::clone(stats));
+    for (what, e) in &started.refused {
+        warn!(error = %e, "eBPF program not loaded: {what} are not recorded (the conntrack trail and the log scanner run on)");
+        errors.push(e.to_string());
     }
+    if started.processes {
+        info!(program = %cfg.ebpf.exec_program, "eBPF exec program attached: process executions are recorded");
+    }
+    if started.sockets {
+        info!("eBPF socket programs attached: socket owners are recorded");
+    }
+    let source = started.source;
+    (source, (!errors.is_empty()).then(|| errors.join("; ")))
 }
 
 fn start_log_scan(
@@ -418,7 +434,10 @@ fn start_log_scan(
             max_line: d.max_line_bytes,
         },
         Arc::clone(&logscan.live),
-        shards,
+        Outputs {
+            shards,
+            runs: writer.clone(),
+        },
         positions,
         Arc::clone(&logscan.source),
         Arc::clone(&logscan.tails),

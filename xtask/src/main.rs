@@ -229,6 +229,11 @@ fn bench(root: &Path, name: &str) -> Result<()> {
             packages::ensure(&["sqlite3", "python3", "grep"])?;
             cargo(root, &["bench", "-p", "nattrail", "--bench", name])
         }
+        "ebpf" => {
+            require_root()?;
+            packages::ensure(packages::NEEDED)?;
+            cargo(root, &["bench", "-p", "nattrail", "--bench", name])
+        }
         "alert" => {
             require_root()?;
             packages::ensure(packages::NEEDED)?;
@@ -246,7 +251,7 @@ fn bench(root: &Path, name: &str) -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; available: ingest, scan, open-flows, alert, steady, burst, trail"
+                "unknown benchmark {other:?}; available: ingest, scan, open-flows, ebpf, alert, steady, burst, trail"
             )
         }
     }

@@ -20,6 +20,7 @@ use super::auth::{authorised, require_token};
 use super::error::ApiError;
 use super::rules;
 use super::triggers;
+use crate::query::attribution::attribute;
 use crate::query::events::{EventsPage, events};
 use crate::query::flows::{FlowRow, flows};
 use crate::query::request::{EventsRequest, FlowsRequest, SqlRequest, WhoRequest};
@@ -200,7 +201,13 @@ async fn who_route(
     q: Result<Query<WhoRequest>, QueryRejection>,
 ) -> Result<Json<WhoAnswer>, ApiError> {
     let q = q?.0.to_query(true)?;
-    with_conn(&st, move |c| Ok(who(c, &q)?)).await.map(Json)
+    with_conn(&st, move |c| {
+        let mut ans = who(c, &q)?;
+        attribute(c, ans.matches.iter_mut().map(|m| &mut m.flow))?;
+        Ok(ans)
+    })
+    .await
+    .map(Json)
 }
 
 async fn flows_route(
@@ -208,7 +215,13 @@ async fn flows_route(
     q: Result<Query<FlowsRequest>, QueryRejection>,
 ) -> Result<Json<Vec<FlowRow>>, ApiError> {
     let q = q?.0.to_query()?;
-    with_conn(&st, move |c| Ok(flows(c, &q)?)).await.map(Json)
+    with_conn(&st, move |c| {
+        let mut rows = flows(c, &q)?;
+        attribute(c, rows.iter_mut())?;
+        Ok(rows)
+    })
+    .await
+    .map(Json)
 }
 
 async fn events_route(

@@ -5,6 +5,7 @@ use clap::Args;
 
 use super::output::{Format, endpoint, opt, pick, print_csv, print_json, print_table};
 use crate::config::Config;
+use crate::query::attribution::{SINCE_SCHEMA, attribute};
 use crate::query::flows::{FlowRow, flows};
 use crate::query::request::FlowsRequest;
 
@@ -67,7 +68,13 @@ pub fn run(cfg: &Config, a: &FlowsArgs) -> Result<()> {
         Some(api) => api.get_json("/api/v1/flows", &req)?,
         None => {
             let q = req.to_query()?;
-            flows(&super::open_for_query(cfg)?.connect()?, &q)?
+            let db = super::open_for_query(cfg)?;
+            let conn = db.connect()?;
+            let mut rows = flows(&conn, &q)?;
+            if db.schema_version() >= SINCE_SCHEMA {
+                attribute(&conn, rows.iter_mut())?;
+            }
+            rows
         }
     };
     match pick(a.format, a.json) {

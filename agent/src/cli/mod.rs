@@ -118,21 +118,32 @@ fn init_tracing(daemon: bool) {
         .try_init();
 }
 
-/// Opens the trail for a query command, explaining the lock held by a running agent.
-fn open_for_query(cfg: &Config) -> Result<crate::store::database::Database> {
-    match crate::store::database::Database::open_ro(&cfg.db_path) {
-        Ok(c) => Ok(c),
-        Err(e @ crate::store::schema::StoreError::Locked { .. }) => Err(anyhow::anyhow!(
-            "{e}\nThe running agent holds the database and its API did not answer on \
-             api.listen = {:?} (is [api] enabled, and is this the same --db and --config?).",
-            cfg.api.listen
-        )),
+/// The trail a query command opened; kept until the process ends.
+static QUERY_DB: std::sync::OnceLock<crate::store::database::Database> = std::sync::OnceLock::new();
+
+/// Opens the trail for a query command, explaining the lock held by a running agent. The
+/// database lives in a static, never dropped: it is read-only, so there is nothing to flush,
+/// and DuckDB's teardown (4-5 ms) would only delay the exit that follows the answer.
+fn open_for_query(cfg: &Config) -> Result<&'static crate::store::database::Database> {
+    if let Some(db) = QUERY_DB.get() {
+        return Ok(db);
+    }
+    let db = match crate::store::database::Database::open_ro(&cfg.db_path) {
+        Ok(c) => c,
+        Err(e @ crate::store::schema::StoreError::Locked { .. }) => {
+            return Err(anyhow::anyhow!(
+                "{e}\nThe running agent holds the database and its API did not answer on \
+                 api.listen = {:?} (is [api] enabled, and is this the same --db and --config?).",
+                cfg.api.listen
+            ));
+        }
         Err(e) => {
-            if cfg.db_path == std::path::Path::new(DEFAULT_DB_PATH) {
+            return if cfg.db_path == std::path::Path::new(DEFAULT_DB_PATH) {
                 Err(anyhow::Error::new(e).context("use --db or NATTRAIL_DB to name another file"))
             } else {
                 Err(e.into())
-            }
+            };
         }
-    }
+    };
+    Ok(QUERY_DB.get_or_init(|| db))
 }

@@ -5,6 +5,7 @@ use clap::Args;
 
 use super::output::{endpoint, opt, print_json, print_table};
 use crate::config::Config;
+use crate::query::attribution::{Attribution, OwnerStatus, SINCE_SCHEMA, attribute};
 use crate::query::request::WhoRequest;
 use crate::query::who::{WhoAnswer, WhoStatus, who};
 
@@ -59,7 +60,14 @@ pub fn run(cfg: &Config, a: &WhoArgs) -> Result<()> {
         None => {
             // The CLI reads the database itself only when no agent holds it.
             let q = req.to_query(false)?;
-            who(&super::open_for_query(cfg)?.connect()?, &q)?
+            let db = super::open_for_query(cfg)?;
+            let conn = db.connect()?;
+            let mut ans = who(&conn, &q)?;
+            // A trail older than the socket rows is read as it is (the CLI does not migrate).
+            if db.schema_version() >= SINCE_SCHEMA {
+                attribute(&conn, ans.matches.iter_mut().map(|m| &mut m.flow))?;
+            }
+            ans
         }
     };
     if a.json {
@@ -132,6 +140,7 @@ fn print_human(public: &str, ans: &WhoAnswer) {
                     0 => String::new(),
                     id => id.to_string(),
                 },
+                owner(f.attribution.as_ref()),
             ]
         })
         .collect();
@@ -151,10 +160,36 @@ fn print_human(public: &str, ans: &WhoAnswer) {
             "bytes out/in",
             "pkts out/in",
             "ct id",
+            "owner",
         ],
         &rows,
     );
     print_holes(ans);
+}
+
+/// The owner column: process and container, or why there is none.
+fn owner(a: Option<&Attribution>) -> String {
+    let Some(a) = a else {
+        return String::new();
+    };
+    match a.status {
+        OwnerStatus::None => "none (not from this host)".into(),
+        OwnerStatus::Unknown => "attribution unknown".into(),
+        OwnerStatus::Local => {
+            let mut s = format!(
+                "pid {} {}",
+                a.pid.map(|p| p.to_string()).unwrap_or_default(),
+                a.exe.as_deref().or(a.comm.as_deref()).unwrap_or("")
+            );
+            if let Some(c) = &a.container {
+                s.push_str(&format!(
+                    " in {c} ({})",
+                    a.workload.as_deref().unwrap_or(c.as_str())
+                ));
+            }
+            s
+        }
+    }
 }
 
 fn print_holes(ans: &WhoAnswer) {

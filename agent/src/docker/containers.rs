@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use bollard::models::ContainerInspectResponse;
 
-use crate::pipeline::messages::ContainerInfo;
+use crate::pipeline::messages::{ContainerInfo, ContainerSeen};
 
 /// Docker compose's label naming a container's service.
 pub const COMPOSE_SERVICE_LABEL: &str = "com.docker.compose.service";
@@ -39,6 +39,67 @@ impl ContainerInfo {
             .map(String::as_str)
             .unwrap_or(&self.name)
     }
+}
+
+/// An RFC 3339 time from dockerd in ns since the epoch; None for its zero time (never).
+fn docker_time(t: Option<&str>) -> Option<u64> {
+    let t = chrono::DateTime::parse_from_rfc3339(t?).ok()?;
+    u64::try_from(t.timestamp_nanos_opt()?)
+        .ok()
+        .filter(|&ns| ns > 0)
+}
+
+/// This run of a container from `docker inspect`, with its cgroup under `cgroup_root` and
+/// its network namespace; None when Docker left out the id or the start.
+pub fn run_of(
+    c: &ContainerInspectResponse,
+    info: &ContainerInfo,
+    cgroup_root: Option<&std::path::Path>,
+) -> Option<ContainerSeen> {
+    use std::os::unix::fs::MetadataExt;
+    let state = c.state.as_ref()?;
+    let started_ns = docker_time(state.started_at.as_deref())?;
+    let running = state.running.unwrap_or(false);
+    let ended_ns = if running {
+        None
+    } else {
+        docker_time(state.finished_at.as_deref()).filter(|&e| e >= started_ns)
+    };
+    let settings = c.network_settings.as_ref();
+    // The namespace file dockerd keeps while the container runs (a bind mount of nsfs).
+    let netns = settings
+        .and_then(|n| n.sandbox_key.as_deref())
+        .filter(|k| running && !k.is_empty())
+        .and_then(|k| std::fs::metadata(k).ok())
+        .and_then(|m| u32::try_from(m.ino()).ok());
+    let mut addresses: Vec<std::net::IpAddr> = settings
+        .and_then(|n| n.networks.as_ref())
+        .into_iter()
+        .flat_map(|nets| nets.values())
+        .flat_map(|e| [e.ip_address.as_deref(), e.global_ipv6_address.as_deref()])
+        .flatten()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    Some(ContainerSeen {
+        id: info.id.clone(),
+        name: info.name.clone(),
+        image: c
+            .config
+            .as_ref()
+            .and_then(|c| c.image.clone())
+            .or_else(|| c.image.clone())
+            .unwrap_or_default(),
+        workload: info.workload().to_string(),
+        started_ns,
+        ended_ns,
+        cgroup_id: cgroup_root
+            .filter(|_| running)
+            .and_then(|root| crate::pipeline::cgroups::docker_container_id(root, &info.id)),
+        netns,
+        addresses,
+    })
 }
 
 fn workloads(

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::tail::{FollowEnd, Streams, TailCtx, TailError, TailStats, follow};
 use crate::pipeline::messages::Pos;
-use crate::pipeline::messages::{ContainerInfo, ScanMsg};
+use crate::pipeline::messages::{ContainerInfo, ScanMsg, WriterMsg};
 use crate::pipeline::metrics::counters;
 use crate::pipeline::ratelimit::RateLimitedLog;
 use crate::pipeline::service::Service;
@@ -71,10 +71,21 @@ struct Shared {
     docker: Docker,
     ctx: TailCtx,
     shards: Vec<StageTx<ScanMsg>>,
+    // Container runs go to the writer (what sockets and flows are attributed to).
+    runs: StageTx<WriterMsg>,
+    cgroup_root: Option<std::path::PathBuf>,
     tails: Mutex<HashMap<String, TailEntry>>,
     positions: Mutex<HashMap<String, Pos>>,
     stats: Arc<SourceStats>,
     warn: Mutex<RateLimitedLog>,
+}
+
+/// Where the source sends: lines to the scan workers, container runs to the writer.
+pub struct Outputs {
+    /// One stage per scan worker; a container's lines go to `shards[hash(id) % len]`.
+    pub shards: Vec<StageTx<ScanMsg>>,
+    /// The writer's stage, for container runs (what sockets are attributed to).
+    pub runs: StageTx<WriterMsg>,
 }
 
 /// The running source; dropping it does not stop it, [`DockerSource::stop`] does.
@@ -84,12 +95,12 @@ pub struct DockerSource {
 
 impl DockerSource {
     /// Starts discovery and tails on `rt`. `positions` are the saved cursors;
-    /// lines go to `shards[hash(container id) % len]`.
+    /// lines go to the shards of `out`, container runs to its writer stage.
     pub fn start(
         rt: &Handle,
         cfg: SourceConfig,
         live: Arc<LiveRules>,
-        shards: Vec<StageTx<ScanMsg>>,
+        out: Outputs,
         positions: HashMap<String, Pos>,
         stats: Arc<SourceStats>,
         tail_stats: Arc<TailStats>,
@@ -108,7 +119,9 @@ impl DockerSource {
             },
             cfg,
             docker,
-            shards,
+            shards: out.shards,
+            runs: out.runs,
+            cgroup_root: crate::pipeline::cgroups::v2_root(),
             tails: Mutex::new(HashMap::new()),
             positions: Mutex::new(positions),
             stats,
@@ -158,7 +171,19 @@ impl Shared {
             )
             .await
         {
-            Ok(c) => Ok(ContainerInfo::from_inspect(&c, &self.cfg.workload_labels)),
+            Ok(c) => {
+                let info = ContainerInfo::from_inspect(&c, &self.cfg.workload_labels);
+                if let Some(run) = info
+                    .as_ref()
+                    .and_then(|i| super::containers::run_of(&c, i, self.cgroup_root.as_deref()))
+                {
+                    let _ = self
+                        .runs
+                        .send_async(WriterMsg::Container(Box::new(run)))
+                        .await;
+                }
+                Ok(info)
+            }
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),
@@ -242,6 +267,7 @@ impl Shared {
                 self.start_tail(id, false).await;
             }
             "start" => self.start_tail(id, true).await,
+            // "die" included: the inspection records the run's end.
             _ => self.start_tail(id, false).await,
         }
     }

@@ -1,7 +1,9 @@
 //! The records the eBPF programs write (`agent-ebpf/src/process.h`), decoded as hostile
 //! bytes: the size and version are checked and every length is bounded by its field.
 
-use crate::pipeline::process::{LifeKind, ProcessExec, ProcessLife};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::pipeline::process::{LifeKind, ProcessExec, ProcessLife, SocketEvent, SocketOwner};
 
 /// Layout version the programs write.
 pub const VERSION: u16 = 1;
@@ -11,6 +13,11 @@ pub const KIND_EXEC: u16 = 1;
 pub const KIND_FORK: u16 = 2;
 /// `kind` of an exit record.
 pub const KIND_EXIT: u16 = 3;
+/// `kind` of a socket record (`agent-ebpf/src/socket.h`).
+pub const KIND_SOCKET: u16 = 4;
+/// Size of `struct nt_socket`.
+pub const SOCKET_SIZE: usize = 96 + COMM_LEN;
+const OWNER_KNOWN: u16 = 1;
 /// Size of `struct nt_life`.
 pub const LIFE_SIZE: usize = 40 + COMM_LEN;
 const COMM_LEN: usize = 16;
@@ -76,7 +83,7 @@ pub fn arguments(bytes: &[u8]) -> Vec<String> {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EventError {
     /// Not the size of a record.
-    #[error("eBPF record of {0} bytes, expected {EXEC_SIZE} or {LIFE_SIZE}")]
+    #[error("eBPF record of {0} bytes, expected {EXEC_SIZE}, {LIFE_SIZE} or {SOCKET_SIZE}")]
     Size(usize),
     /// Another layout version, or a kind that does not match the size.
     #[error("eBPF record version {version} kind {kind}: expected version {VERSION}, a known kind")]
@@ -114,6 +121,8 @@ pub enum Record {
     Exec(ProcessExec),
     /// A fork or an exit.
     Life(ProcessLife),
+    /// A socket's first packet to a destination.
+    Socket(SocketEvent),
 }
 
 fn wall(boot: u64, boot_to_wall_ns: i128) -> u64 {
@@ -125,8 +134,50 @@ pub fn decode(b: &[u8], boot_to_wall_ns: i128) -> Result<Record, EventError> {
     match b.len() {
         EXEC_SIZE => decode_exec(b, boot_to_wall_ns).map(Record::Exec),
         LIFE_SIZE => decode_life(b, boot_to_wall_ns).map(Record::Life),
+        SOCKET_SIZE => decode_socket(b, boot_to_wall_ns).map(Record::Socket),
         n => Err(EventError::Size(n)),
     }
+}
+
+/// Decodes a socket record. A family other than 4 or 6, or a protocol other than TCP or
+/// UDP, is refused as the programs never write one.
+pub fn decode_socket(b: &[u8], boot_to_wall_ns: i128) -> Result<SocketEvent, EventError> {
+    if b.len() != SOCKET_SIZE {
+        return Err(EventError::Size(b.len()));
+    }
+    let (version, kind) = (u16_at(b, 0), u16_at(b, 2));
+    let (family, proto) = (b[4], b[5]);
+    if version != VERSION || kind != KIND_SOCKET || !matches!(proto, 6 | 17) {
+        return Err(EventError::Version { version, kind });
+    }
+    let addr = |at: usize| -> Option<IpAddr> {
+        let raw: [u8; 16] = b[at..at + 16].try_into().expect("16 bytes");
+        match family {
+            4 => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+            6 => Some(IpAddr::V6(Ipv6Addr::from(raw))),
+            _ => None,
+        }
+    };
+    let (Some(src), Some(dst)) = (addr(64), addr(80)) else {
+        return Err(EventError::Version { version, kind });
+    };
+    let owner = (u16_at(b, 10) & OWNER_KNOWN != 0).then(|| SocketOwner {
+        pid: u32_at(b, 12),
+        tid: u32_at(b, 16),
+        uid: u32_at(b, 20),
+        netns: u32_at(b, 24),
+        start_ns: wall(u64_at(b, 40), boot_to_wall_ns),
+        comm: text(&b[96..], COMM_LEN),
+    });
+    Ok(SocketEvent {
+        ts_ns: wall(u64_at(b, 32), boot_to_wall_ns),
+        proto,
+        src: SocketAddr::new(src, u16_at(b, 6)),
+        dst: SocketAddr::new(dst, u16_at(b, 8)),
+        owner,
+        cgroup_id: u64_at(b, 48),
+        cookie: u64_at(b, 56),
+    })
 }
 
 /// Decodes a fork or exit record.
@@ -204,6 +255,61 @@ mod tests {
         b[80..87].copy_from_slice(b"/bin/tr");
         b[336..336 + argv.len()].copy_from_slice(argv);
         b
+    }
+
+    fn socket_record(family: u8, proto: u8, flags: u16) -> Vec<u8> {
+        let mut b = vec![0u8; SOCKET_SIZE];
+        b[0..2].copy_from_slice(&VERSION.to_ne_bytes());
+        b[2..4].copy_from_slice(&KIND_SOCKET.to_ne_bytes());
+        b[4] = family;
+        b[5] = proto;
+        b[6..8].copy_from_slice(&40000u16.to_ne_bytes());
+        b[8..10].copy_from_slice(&443u16.to_ne_bytes());
+        b[10..12].copy_from_slice(&flags.to_ne_bytes());
+        b[12..16].copy_from_slice(&77u32.to_ne_bytes());
+        b[32..40].copy_from_slice(&2_000u64.to_ne_bytes());
+        b[40..48].copy_from_slice(&1_000u64.to_ne_bytes());
+        b[48..56].copy_from_slice(&9u64.to_ne_bytes());
+        b[64..68].copy_from_slice(&[172, 17, 0, 2]);
+        b[80..84].copy_from_slice(&[192, 0, 2, 1]);
+        b[96..98].copy_from_slice(b"nc");
+        b
+    }
+
+    #[test]
+    fn a_socket_record_decodes_with_or_without_its_owner() {
+        let e = decode_socket(&socket_record(4, 6, OWNER_KNOWN), 10).unwrap();
+        assert_eq!(
+            (
+                e.ts_ns,
+                e.proto,
+                e.src.to_string(),
+                e.dst.to_string(),
+                e.cgroup_id
+            ),
+            (
+                2_010,
+                6,
+                "172.17.0.2:40000".into(),
+                "192.0.2.1:443".into(),
+                9
+            )
+        );
+        let o = e.owner.unwrap();
+        assert_eq!((o.pid, o.start_ns, o.comm.as_str()), (77, 1_010, "nc"));
+        assert_eq!(
+            decode_socket(&socket_record(4, 17, 0), 0).unwrap().owner,
+            None
+        );
+        let v6 = decode_socket(&socket_record(6, 17, 0), 0).unwrap();
+        assert_eq!(v6.src.ip().to_string(), "ac11:2::");
+        // What the programs never write is refused, not guessed at.
+        assert!(decode_socket(&socket_record(5, 6, 0), 0).is_err());
+        assert!(decode_socket(&socket_record(4, 1, 0), 0).is_err());
+        assert_eq!(
+            decode(&socket_record(4, 6, 0)[..SOCKET_SIZE - 1], 0),
+            Err(EventError::Size(SOCKET_SIZE - 1))
+        );
     }
 
     #[test]

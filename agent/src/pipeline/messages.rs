@@ -56,8 +56,42 @@ pub enum WriterMsg {
     Exec(Box<crate::pipeline::process::ProcessExec>),
     /// A process began or ended, seen by the eBPF fork and exit programs.
     Life(crate::pipeline::process::ProcessLife),
+    /// A socket's first packet to a destination, seen by the eBPF socket programs.
+    Socket(Box<crate::pipeline::process::SocketEvent>),
+    /// The eBPF socket programs were attached: flows from now on are attributed or known to
+    /// have no local owner.
+    SocketsAttached {
+        /// When, ns since the epoch.
+        at_ns: u64,
+    },
+    /// A container started, was found running, or ended (the Docker source).
+    Container(Box<ContainerSeen>),
     /// Commit now and answer on the channel (tests and orderly shutdown of callers).
     Sync(crossbeam_channel::Sender<()>),
+}
+
+/// One run of a container, as Docker describes it: what sockets and flows are attributed to
+/// over the interval it ran (a container's address passes to the next one at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSeen {
+    /// Full id.
+    pub id: String,
+    /// Name, without Docker's leading '/'.
+    pub name: String,
+    /// Image, as the container was created from it.
+    pub image: String,
+    /// Its workload's most specific name.
+    pub workload: String,
+    /// When this run started, ns since the epoch.
+    pub started_ns: u64,
+    /// When it ended; None while running.
+    pub ended_ns: Option<u64>,
+    /// Its cgroup v2 id, where its tasks have a cgroup of their own in the v2 hierarchy.
+    pub cgroup_id: Option<u64>,
+    /// Its network namespace inode.
+    pub netns: Option<u32>,
+    /// Its addresses on Docker's networks.
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// A container's hits and the log position after the lines that produced them, stored in

@@ -2,6 +2,7 @@
 //! events, writer messages, log positions), the clock, bounded channels, throttling and loss
 //! accounting. It imports no stage: sources and sinks both import it.
 
+pub mod cgroups;
 pub mod clock;
 pub mod flow;
 pub mod messages;

@@ -65,3 +65,40 @@ pub struct ProcessExec {
     /// Mount namespace inode number.
     pub mntns: u32,
 }
+
+/// A socket's first packet to one destination, with the socket's owner, as the socket
+/// programs reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketEvent {
+    /// When the packet left, ns since the epoch.
+    pub ts_ns: u64,
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    /// Source address and port as the packet carried them (the socket's network namespace).
+    pub src: std::net::SocketAddr,
+    /// Destination address and port.
+    pub dst: std::net::SocketAddr,
+    /// The owner, when a socket(), connect() or sendmsg() of this socket was seen.
+    pub owner: Option<SocketOwner>,
+    /// The owner's cgroup v2 id; the socket's own when the owner is unknown.
+    pub cgroup_id: u64,
+    /// The kernel's socket cookie.
+    pub cookie: u64,
+}
+
+/// The process that owned a socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketOwner {
+    /// Process (thread group id).
+    pub pid: u32,
+    /// The thread that called connect or sendmsg.
+    pub tid: u32,
+    /// Real user id.
+    pub uid: u32,
+    /// Command name.
+    pub comm: String,
+    /// When the process started, ns since the epoch.
+    pub start_ns: u64,
+    /// Its network namespace inode.
+    pub netns: u32,
+}

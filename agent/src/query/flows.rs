@@ -61,6 +61,9 @@ pub struct FlowRow {
     /// End in µs since the epoch (for ordering).
     #[serde(skip)]
     pub end_us: Option<i64>,
+    /// Which process and container opened it (absent when not asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<super::attribution::Attribution>,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -141,6 +144,7 @@ fn read_candidate(r: &Row<'_>) -> duckdb::Result<(FlowRow, Identity)> {
         packets_out: r.get(15)?,
         bytes_in: r.get(16)?,
         packets_in: r.get(17)?,
+        attribution: None,
     };
     Ok((flow, id))
 }

@@ -1,5 +1,6 @@
 //! The forensic queries, shared by the CLI (and later the HTTP API).
 
+pub mod attribution;
 pub mod coverage;
 pub mod endpoint;
 pub mod events;

@@ -9,13 +9,14 @@ use std::ptr;
 use duckdb::{Connection, ffi};
 
 use super::chunk_appender::ChunkAppender;
-use super::schema::{StoreError, check_version, db_err, migrate};
+use super::schema::{SCHEMA_VERSION, StoreError, check_version, db_err, migrate};
 
 /// An open DuckDB database; every connection made from it stays valid after it is dropped
 /// (DuckDB keeps the instance alive while a connection holds it).
 pub struct Database {
     raw: ffi::duckdb_database,
     path: PathBuf,
+    version: u32,
 }
 
 // SAFETY: a duckdb_database is a thread-safe handle to a DuckDB instance: duckdb_connect may
@@ -51,15 +52,16 @@ fn migration_memory_mb() -> u64 {
     (total_kb / 1024 / 4).clamp(1024, 8192)
 }
 
-/// Makes the C allocator hand DuckDB's freed blocks back to the system. glibc raises its
-/// mmap threshold each time a large block is freed, after which DuckDB's 256 KiB blocks come
-/// from the heap and stay resident once freed: measured with 2 M open flows, the writer kept
-/// 396 MiB after an hour's seal with the threshold floating, 184 MiB with it fixed
-/// (`cargo xtask bench open-flows`). Process-wide, and harmless to call again.
-pub fn return_freed_blocks() {
-    // SAFETY: mallopt only sets an allocator parameter; any value is valid to pass.
+/// Hands the C allocator's free pages back to the system. DuckDB frees its 256 KiB blocks
+/// after a checkpoint or an hour's seal, and glibc keeps them resident: measured with 2 M
+/// open flows (`cargo xtask bench open-flows`), the writer kept 396 MiB after a seal without
+/// this. Trimming after those steps, rather than fixing glibc's mmap threshold low, keeps the
+/// hot path on the heap: with the threshold fixed at 128 KiB every block was an mmap, a
+/// munmap and its page faults, and ingest ran 20-30 % slower (`cargo xtask bench ingest`).
+pub fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::malloc_trim(0);
     }
 }
 
@@ -220,12 +222,13 @@ impl Database {
             };
             return Err(StoreError::from_open_message(path, detail));
         }
-        let db = Database {
+        let mut db = Database {
             raw,
             path: path.to_path_buf(),
+            version: SCHEMA_VERSION,
         };
         if opts.read_only {
-            check_version(&db.connect()?, path)?;
+            db.version = check_version(&db.connect()?, path)?;
         } else {
             // DuckDB creates the file and its WAL with 0666 minus the umask: the trail is
             // evidence, private whatever the umask we were started under.
@@ -238,6 +241,11 @@ impl Database {
             migrate(&db.connect()?, path)?;
         }
         Ok(db)
+    }
+
+    /// The schema version of the file: the latest once migrated, as found when read-only.
+    pub fn schema_version(&self) -> u32 {
+        self.version
     }
 
     /// The database file.

@@ -18,10 +18,12 @@ use super::database::{Database, OpenOptions};
 use super::event_log::{self, Gap};
 use super::gaps::{GapRecord, RecentGaps};
 use super::open_flows;
+use super::owners::{self, RecentOwners};
 use super::processes::{self, ProcessRow};
 use super::reconcile::{FlowKey, OpenFlow, OpenFlows, Verdict};
 use super::schema::{StoreError, db_err};
 use super::sessions;
+use super::sockets;
 use super::trail::{self, hour_of};
 use crate::pipeline::clock::now_ns;
 use crate::pipeline::flow::{EventKind, FlowEvent};
@@ -123,9 +125,18 @@ pub struct Writer {
     recent_gaps: Arc<RecentGaps>,
     bus: EventBus,
     // Connection events of the open commit, published once it is committed.
-    unpublished: Vec<StoredEvent>,
+    // With the flow's tuples (original, after source NAT), to name its owner at publishing.
+    unpublished: Vec<(StoredEvent, Option<(owners::Tuple, owners::Tuple)>)>,
+    // Connection events of the last commit, published at the next: a host process's socket
+    // record leaves the kernel after the conntrack event of the same packet, on another
+    // stage, and one commit interval lets it arrive so the event can name its owner.
+    held: Vec<(StoredEvent, Option<(owners::Tuple, owners::Tuple)>)>,
+    /// Recent socket owners, kept while a trigger wants connection events.
+    owners: RecentOwners,
     /// Rows in `procs` since the last move.
     staged: usize,
+    /// Socket rows (`socket_events`).
+    sockets: ChunkAppender,
     touched_at: Instant,
     checkpointed_at: Instant,
     // The events' clock (ms): the newest event time seen; hours end by it, not by the wall
@@ -143,7 +154,6 @@ pub struct Writer {
 impl Writer {
     /// Opens (and migrates) the database, loads the open flows and starts a capture session.
     pub fn open(cfg: &WriterConfig, stats: Arc<WriterStats>) -> Result<Self, StoreError> {
-        super::database::return_freed_blocks();
         let db = Database::open(
             &cfg.db_path,
             OpenOptions {
@@ -159,6 +169,7 @@ impl Writer {
         // Rows a crash left staged move first.
         processes::move_staged(&conn)?;
         let procs = db.appender(processes::STAGING)?;
+        let sockets = db.appender(sockets::TABLE)?;
         let next_seq: u64 = conn
             .query_row(
                 "SELECT greatest(
@@ -202,8 +213,11 @@ impl Writer {
             recent_gaps: Arc::default(),
             bus: EventBus::default(),
             unpublished: Vec::new(),
+            held: Vec::new(),
+            owners: RecentOwners::default(),
             procs,
             staged: 0,
+            sockets,
             touched_at: Instant::now(),
             checkpointed_at: Instant::now(),
             clock_ms: i64::MIN,
@@ -267,6 +281,7 @@ impl Writer {
     /// Saves the open set (no row is pending: called after a commit or at open).
     fn checkpoint_open_flows(&mut self) -> Result<(), StoreError> {
         open_flows::checkpoint(&self.db, &self.conn, &self.flows, self.next_seq)?;
+        super::database::release_freed_memory();
         self.checkpointed_at = Instant::now();
         self.checkpointed_clock_ms = self.clock_ms;
         Ok(())
@@ -276,8 +291,33 @@ impl Writer {
     fn handle(&mut self, msg: WriterMsg) -> Result<usize, StoreError> {
         match msg {
             WriterMsg::Flow { ev, received_ns } => self.flow(ev, received_ns),
-            WriterMsg::Exec(ev) => self.process(ProcessRow::Exec(ev)),
-            WriterMsg::Life(ev) => self.process(ProcessRow::Life(ev)),
+            WriterMsg::Exec(ev) => {
+                self.owners.exec(ev.pid, &ev.filename);
+                self.process(ProcessRow::Exec(ev))
+            }
+            WriterMsg::Life(ev) => {
+                if ev.kind == crate::pipeline::process::LifeKind::Exit {
+                    self.owners.exit(ev.pid);
+                }
+                self.process(ProcessRow::Life(ev))
+            }
+            WriterMsg::Socket(ev) => {
+                if self.bus.flows_wanted() {
+                    self.owners.socket(&ev);
+                }
+                sockets::append(&mut self.sockets, &ev)?;
+                self.pending += 1;
+                Ok(1)
+            }
+            WriterMsg::SocketsAttached { at_ns } => {
+                sockets::record_coverage(&self.conn, self.session_id, at_ns)?;
+                Ok(0)
+            }
+            WriterMsg::Container(c) => {
+                self.owners.container(&c);
+                sockets::record_container(&self.conn, &c)?;
+                Ok(0)
+            }
             WriterMsg::DumpBegin => {
                 self.flows.dump_begin();
                 Ok(0)
@@ -377,8 +417,24 @@ impl Writer {
             Verdict::Close(open) => self.close(&ev, open, ts, None, 0)?,
         };
         if ev.kind != EventKind::Dump && self.bus.flows_wanted() {
+            let tuples = (
+                owners::tuple(
+                    ev.proto,
+                    ev.orig.src.to_ip(),
+                    ev.orig.sport,
+                    ev.orig.dst.to_ip(),
+                    ev.orig.dport,
+                ),
+                owners::tuple(
+                    ev.proto,
+                    ev.reply.dst.to_ip(),
+                    ev.reply.dport,
+                    ev.orig.dst.to_ip(),
+                    ev.orig.dport,
+                ),
+            );
             self.unpublished
-                .push(event_log::connection_event(&ev, seq, ts));
+                .push((event_log::connection_event(&ev, seq, ts), Some(tuples)));
         }
         Ok(1)
     }
@@ -520,6 +576,7 @@ impl Writer {
         self.checkpoint_open_flows()?;
         let t0 = Instant::now();
         let moved = trail::seal(&self.conn, upto)?;
+        super::database::release_freed_memory();
         self.sealed_hour = Some(upto);
         self.stats.partitions_sealed.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -556,19 +613,19 @@ impl Writer {
         // is refreshed every SESSION_TOUCH only (after a crash it bounds the session's end
         // from below, and an older bound is still a true one).
         let touch_due = self.touched_at.elapsed() >= SESSION_TOUCH;
-        if self.pending == 0 && self.unpublished.is_empty() && !touch_due {
+        if self.pending == 0 && self.unpublished.is_empty() && self.held.is_empty() && !touch_due {
             return Ok(());
         }
         self.slices.flush()?;
         self.journal.flush()?;
+        self.sockets.flush()?;
         if self.staged > 0 {
             self.procs.flush()?;
             processes::move_staged(&self.conn)?;
             self.staged = 0;
         }
-        for ev in self.unpublished.drain(..) {
-            self.bus.publish(ev);
-        }
+        self.publish_held();
+        self.held = std::mem::take(&mut self.unpublished);
         sessions::touch(&self.conn, self.session_id, now_ns())?;
         self.touched_at = Instant::now();
         if self.checkpointed_at.elapsed() >= OPEN_FLOWS_CHECKPOINT
@@ -663,10 +720,25 @@ impl Writer {
         self.finish()
     }
 
+    /// Publishes the connection events held since the last commit, each with its owner as
+    /// far as the recent socket records name it.
+    fn publish_held(&mut self) {
+        self.owners.expire(now_ns());
+        for (mut ev, tuples) in self.held.drain(..) {
+            if let Some((original, translated)) = tuples
+                && let Some(meta) = ev.metadata.as_object_mut()
+            {
+                meta.insert("owner".into(), self.owners.describe(original, translated));
+            }
+            self.bus.publish(ev);
+        }
+    }
+
     /// A clean stop: commits, checkpoints the open flows (so a start replays nothing) and
     /// closes the capture session.
     pub fn finish(mut self) -> Result<(), StoreError> {
         self.commit()?;
+        self.publish_held();
         self.checkpoint_open_flows()?;
         sessions::stop(&self.conn, self.session_id, now_ns())?;
         debug!("writer stopped");

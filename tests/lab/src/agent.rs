@@ -78,6 +78,21 @@ impl AgentProcess {
         Self::spawn(cmd, binary, config, db, log)
     }
 
+    /// Like [`AgentProcess::start`], but entering only the network namespace (`nsenter`):
+    /// `ip netns exec` also gives the agent a fresh /sys without the cgroup hierarchy, where
+    /// the socket programs attach.
+    pub fn start_keeping_mounts(
+        binary: &Path,
+        ns: &str,
+        config: &Path,
+        db: &Path,
+        log: &Path,
+    ) -> Result<Self> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}")).arg(binary);
+        Self::spawn(cmd, binary, config, db, log)
+    }
+
     /// Like [`AgentProcess::start`], with the agent run by `wrapper` (e.g. `setpriv` with
     /// its options, or `sh -c 'umask 000; exec "$0" "$@"'`), which must exec it.
     pub fn start_wrapped(

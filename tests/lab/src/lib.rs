@@ -18,6 +18,7 @@ pub mod netns;
 pub mod package;
 pub mod packages;
 pub mod scratch;
+pub mod sockets;
 pub mod traffic;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

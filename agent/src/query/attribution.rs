@@ -1,0 +1,346 @@
+//! Which process, in which container, opened a flow: the flow's original tuple joined to the
+//! socket rows of the eBPF socket programs within a few seconds of its start, and the socket's
+//! cgroup (or network namespace) to the container run that held it then. Never by address
+//! alone: Docker gives a stopped container's address to the next one at once.
+
+use duckdb::Connection;
+use serde::{Deserialize, Serialize};
+
+use super::QueryError;
+use super::flows::FlowRow;
+use crate::store::sockets::wide;
+
+/// How far a socket's first packet may lie from the flow's start, either side. Both are
+/// stamped by the kernel as the same packet passes; the slack covers a SYN retransmitted
+/// before conntrack confirmed the flow.
+pub const WINDOW_US: i64 = 2_000_000;
+
+/// How a flow's owner is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnerStatus {
+    /// A socket of this host or one of its containers opened it.
+    Local,
+    /// The socket programs were watching and no local socket opened it: forwarded traffic
+    /// (a LAN client behind the gateway), which is expected, not a loss.
+    None,
+    /// Attribution unknown: the socket programs were not running, or lost records, when it
+    /// started (or the trail never saw it start).
+    Unknown,
+}
+
+/// The owner of a flow, as far as it is known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attribution {
+    /// local, none or unknown.
+    pub status: OwnerStatus,
+    /// The owning process (thread group id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Its command name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// The file it executed, when its exec (or the start-up snapshot) was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    /// Its user id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Its network namespace inode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    /// The container it ran in: full id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The container's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// The container's workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// The container's image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+impl Attribution {
+    fn bare(status: OwnerStatus) -> Self {
+        Attribution {
+            status,
+            pid: None,
+            comm: None,
+            exe: None,
+            uid: None,
+            netns: None,
+            container_id: None,
+            container: None,
+            workload: None,
+            image: None,
+        }
+    }
+}
+
+/// A flow's tuple as the socket rows hold it (protocol, source, translated source,
+/// destination, start); None when a part is missing (ICMP, a flow whose start the trail never
+/// saw).
+fn key(f: &FlowRow) -> Option<Key> {
+    let proto = match f.proto.as_str() {
+        "tcp" => 6u8,
+        "udp" => 17,
+        _ => return None,
+    };
+    let src: std::net::IpAddr = f.internal_ip.parse().ok()?;
+    let public: std::net::IpAddr = f.public_ip.parse().ok()?;
+    let dst: std::net::IpAddr = f.dst_ip.parse().ok()?;
+    Some(Key {
+        proto,
+        src: (wide(src), f.internal_port),
+        public: (wide(public), f.public_port),
+        dst: (wide(dst), f.dst_port?),
+        start_us: f.start_us?,
+    })
+}
+
+struct Key {
+    proto: u8,
+    src: (u128, u16),
+    public: (u128, u16),
+    dst: (u128, u16),
+    start_us: i64,
+}
+
+type Row = (
+    i64,
+    Option<u32>,
+    Option<String>,
+    Option<u32>,
+    Option<u32>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    bool,
+);
+
+/// The schema version from which the trail holds socket rows and container runs.
+pub const SINCE_SCHEMA: u32 = 10;
+
+/// Fills in `attribution` for each flow, in one statement for all of them.
+pub fn attribute<'a>(
+    conn: &Connection,
+    flows: impl IntoIterator<Item = &'a mut FlowRow>,
+) -> Result<(), QueryError> {
+    let mut flows: Vec<&'a mut FlowRow> = flows.into_iter().collect();
+    let keys: Vec<(usize, Key)> = flows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| key(f).map(|k| (i, k)))
+        .collect();
+    for f in flows.iter_mut() {
+        f.attribution = Some(Attribution::bare(OwnerStatus::Unknown));
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    // The tuples are numbers this process parsed and formats itself: no text from a caller
+    // reaches the statement.
+    let values = keys
+        .iter()
+        .map(|(i, k)| {
+            format!(
+                "({i}, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {})",
+                k.proto, k.src.0, k.src.1, k.public.0, k.public.1, k.dst.0, k.dst.1, k.start_us
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "WITH f(i, proto, src, sport, pub, pport, dst, dport, t) AS (VALUES {values}),
+         -- A container's socket sends from its own namespace, before the host translates the
+         -- packet; a host process's socket passes egress after this host's own source NAT.
+         tuples AS (SELECT i, proto, src, sport, dst, dport, t FROM f
+                    UNION ALL SELECT i, proto, pub, pport, dst, dport, t FROM f),
+         owned AS (
+            SELECT f.i, s.pid, s.comm, s.uid, s.netns,
+                   (SELECT p.filename FROM process_events p
+                    WHERE p.pid = s.pid AND p.kind IN (0, 1) AND p.filename IS NOT NULL
+                      AND abs(epoch_us(p.start_ts) - epoch_us(s.start_ts)) < 50000
+                      AND p.ts <= s.ts
+                    ORDER BY p.ts DESC LIMIT 1) AS exe,
+                   c.id AS cid, c.name, c.workload, c.image,
+                   row_number() OVER (PARTITION BY f.i
+                       ORDER BY abs(epoch_us(s.ts) - f.t), c.cgroup_id IS NULL) AS rank
+            FROM tuples f JOIN socket_events s
+              ON s.proto = f.proto AND s.src = f.src AND s.src_port = f.sport
+             AND s.dst = f.dst AND s.dst_port = f.dport
+             AND s.ts BETWEEN make_timestamp(f.t - {WINDOW_US}) AND make_timestamp(f.t + {WINDOW_US})
+            LEFT JOIN containers c
+              ON (c.cgroup_id = s.cgroup_id OR (c.cgroup_id IS NULL AND c.netns = s.netns))
+             AND s.ts >= c.started AND (c.ended IS NULL OR s.ts <= c.ended))
+         SELECT f.i, o.pid, o.comm, o.uid, o.netns, o.exe, o.cid, o.name, o.workload, o.image,
+                EXISTS (SELECT 1 FROM ebpf_coverage e JOIN capture_sessions cs ON cs.id = e.session_id
+                        WHERE e.sockets_from <= make_timestamp(f.t - {WINDOW_US})
+                          AND (cs.stopped IS NULL OR cs.stopped >= make_timestamp(f.t)))
+                AND NOT EXISTS (SELECT 1 FROM capture_gaps g WHERE g.source = 'ebpf'
+                        AND g.start <= make_timestamp(f.t + {WINDOW_US})
+                        AND g.\"end\" >= make_timestamp(f.t - {WINDOW_US})) AS watched
+         FROM f LEFT JOIN owned o ON o.i = f.i AND o.rank = 1"
+    );
+    let mut stmt = conn
+        .prepare(&sql)
+        .map_err(QueryError::db("preparing the attribution query"))?;
+    let rows: Vec<Row> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+                r.get(9)?,
+                r.get(10)?,
+            ))
+        })
+        .map_err(QueryError::db("running the attribution query"))?
+        .collect::<Result<_, _>>()
+        .map_err(QueryError::db("reading attributions"))?;
+    for (i, pid, comm, uid, netns, exe, cid, name, workload, image, watched) in rows {
+        let Some(f) = usize::try_from(i).ok().and_then(|i| flows.get_mut(i)) else {
+            continue;
+        };
+        f.attribution = Some(match pid {
+            Some(_) => Attribution {
+                status: OwnerStatus::Local,
+                pid,
+                comm,
+                exe,
+                uid,
+                netns,
+                container_id: cid,
+                container: name,
+                workload,
+                image,
+            },
+            None if watched => Attribution::bare(OwnerStatus::None),
+            None => Attribution::bare(OwnerStatus::Unknown),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::database::{Database, OpenOptions};
+
+    const T0: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z, µs
+
+    fn flow(src: &str, sport: u16, dst: &str, dport: u16, start_us: i64) -> FlowRow {
+        FlowRow {
+            internal_ip: src.into(),
+            internal_port: sport,
+            public_ip: "203.0.113.1".into(),
+            public_port: sport,
+            dst_ip: dst.into(),
+            dst_port: Some(dport),
+            proto: "tcp".into(),
+            start: None,
+            end: None,
+            end_inexact: false,
+            end_not_before: None,
+            bytes_out: None,
+            packets_out: None,
+            bytes_in: None,
+            packets_in: None,
+            conntrack_id: 0,
+            zone: 0,
+            found_by_dump: false,
+            open: false,
+            start_us: Some(start_us),
+            end_us: None,
+            attribution: None,
+        }
+    }
+
+    fn socket(conn: &Connection, src: &str, sport: u16, at_us: i64, pid: u32, cgroup: u64) {
+        let src: std::net::IpAddr = src.parse().unwrap();
+        let dst: std::net::IpAddr = "192.0.2.9".parse().unwrap();
+        conn.execute(
+            &format!(
+                "INSERT INTO socket_events VALUES (make_timestamp({at_us}), 6, {}::UHUGEINT, {sport},
+                 {}::UHUGEINT, 443, true, {pid}, {pid}, 0, 'curl', make_timestamp({T0}), 7, {cgroup}, 1)",
+                wide(src),
+                wide(dst)
+            ),
+            [],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn flows_are_named_by_tuple_time_and_cgroup_and_the_rest_says_why_not() {
+        let dir = std::env::temp_dir().join(format!("nattrail-attr-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Database::open(&dir.join("t.duckdb"), OpenOptions::default()).unwrap();
+        let conn = db.connect().unwrap();
+        let s = |us: i64| format!("make_timestamp({us})");
+        conn.execute_batch(&format!(
+            "INSERT INTO capture_sessions VALUES (1, {}, NULL, {}, 'h', 'v');
+             INSERT INTO ebpf_coverage VALUES (1, {});
+             INSERT INTO capture_gaps VALUES (1, 'ebpf', {}, {}, 3, 'ring full');
+             INSERT INTO containers VALUES ('aaa', {}, {}, 'first', 'img', 'shop', 11, 7, []);
+             INSERT INTO containers VALUES ('bbb', {}, NULL, 'second', 'img', 'shop', 12, 7, []);",
+            s(T0),
+            s(T0),
+            s(T0 + 10_000_000),
+            s(T0 + 100_000_000),
+            s(T0 + 101_000_000),
+            s(T0),
+            s(T0 + 50_000_000),
+            s(T0 + 50_000_001),
+        ))
+        .unwrap();
+        // The first container's flow, and the second's from the same address and port.
+        socket(&conn, "172.17.0.2", 40000, T0 + 20_000_000, 101, 11);
+        socket(&conn, "172.17.0.2", 40000, T0 + 60_000_000, 202, 12);
+        // A socket whose first packet lies 3 s from the flow's start: another flow.
+        socket(&conn, "172.17.0.2", 40001, T0 + 33_000_000, 303, 12);
+        let mut flows = [
+            flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 20_000_500),
+            flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 60_000_100),
+            flow("172.17.0.2", 40001, "192.0.2.9", 443, T0 + 30_000_000),
+            flow("10.0.0.5", 50000, "192.0.2.9", 443, T0 + 100_500_000),
+            flow("10.0.0.5", 50001, "192.0.2.9", 443, T0 + 5_000_000),
+        ];
+        attribute(&conn, flows.iter_mut()).unwrap();
+        let got: Vec<(OwnerStatus, Option<u32>, Option<String>)> = flows
+            .iter()
+            .map(|f| {
+                let a = f.attribution.as_ref().unwrap();
+                (a.status, a.pid, a.container.clone())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (OwnerStatus::Local, Some(101), Some("first".into())),
+                (OwnerStatus::Local, Some(202), Some("second".into())),
+                // Watched, no socket within the window: not from this host.
+                (OwnerStatus::None, None, None),
+                // In an eBPF gap: unknown, never a guess.
+                (OwnerStatus::Unknown, None, None),
+                // Before the socket programs ran.
+                (OwnerStatus::Unknown, None, None),
+            ]
+        );
+        drop(conn);
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
