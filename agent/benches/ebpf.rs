@@ -5,7 +5,6 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nattrail::config::Config;
@@ -42,13 +41,19 @@ fn close_now(s: TcpStream) {
     drop(s);
 }
 
-/// connect() + close() to `to` for `PHASE`; returns connections per second.
-fn connects(to: SocketAddr) -> f64 {
+/// connect() + close() to the listener for `PHASE`; returns connections per second. The
+/// same thread accepts each connection at once: a listener thread left behind on two busy
+/// cores overflowed its accept queue, and each dropped SYN cost a one-second retransmit.
+fn connects(listener: &TcpListener) -> f64 {
+    let to: SocketAddr = listener.local_addr().expect("the listener's address");
     let t = Instant::now();
     let mut n = 0u64;
     while t.elapsed() < PHASE {
         for _ in 0..100 {
-            close_now(TcpStream::connect(to).expect("connect on loopback"));
+            let c = TcpStream::connect(to).expect("connect on loopback");
+            let (s, _) = listener.accept().expect("accept on loopback");
+            close_now(c);
+            drop(s);
         }
         n += 100;
     }
@@ -56,21 +61,7 @@ fn connects(to: SocketAddr) -> f64 {
 }
 
 fn main() {
-    // The listener accepts and closes, on a thread of its own.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
-    let to = listener.local_addr().expect("its address");
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            for c in listener.incoming() {
-                drop(c);
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-        });
-    }
     let dir = std::env::temp_dir().join(format!("nattrail-bench-ebpf-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("bench directory");
@@ -83,7 +74,7 @@ fn main() {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     let mut records = 0u64;
     for round in 0..ROUNDS {
-        without.push(connects(to));
+        without.push(connects(&listener));
         let writer = Writer::open(&wcfg, Arc::clone(&writer_stats)).expect("open the writer");
         let (tx, rx, _handle) = stage(StageConfig::new(
             "ebpf->writer",
@@ -107,7 +98,7 @@ fn main() {
         }
         // Past the /proc snapshot, so the phase measures the steady state.
         std::thread::sleep(Duration::from_millis(500));
-        with.push(connects(to));
+        with.push(connects(&listener));
         started.source.expect("a running source").stop();
         writer_thread
             .join()
@@ -124,8 +115,6 @@ fn main() {
             s.records_lost
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = TcpStream::connect(to);
     let (w, a) = (median(without.clone()), median(with.clone()));
     println!(
         "connect()+close() on loopback, medians of {ROUNDS} alternating {}-s phases:",

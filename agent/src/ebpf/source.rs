@@ -29,6 +29,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 static SOCKET_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socket.bpf.o"));
 
+/// How often the reader drains the rings unwoken: the socket program wakes it only once
+/// 64 KiB are waiting (agent-ebpf/src/socket.bpf.c), so a lone record waits up to this.
+const WAKE_POLL_MS: u16 = 20;
+
 /// The socket programs that take the owner at connect() and sendmsg().
 const OWNER_PROGRAMS: [&str; 4] = [
     "nattrail_connect4",
@@ -421,7 +425,7 @@ fn read(
                 .iter()
                 .map(|f| PollFd::new(f.ring.as_fd(), PollFlags::POLLIN))
                 .collect();
-            let _ = poll(&mut fds, PollTimeout::from(100u16));
+            let _ = poll(&mut fds, PollTimeout::from(WAKE_POLL_MS));
         }
         for feed in &mut feeds {
             while let Some(item) = feed.ring.next() {
