@@ -52,12 +52,20 @@ fn migration_memory_mb() -> u64 {
     (total_kb / 1024 / 4).clamp(1024, 8192)
 }
 
-/// Hands the C allocator's free pages back to the system. DuckDB frees its 256 KiB blocks
-/// after a checkpoint or an hour's seal, and glibc keeps them resident: measured with 2 M
-/// open flows (`cargo xtask bench open-flows`), the writer kept 396 MiB after a seal without
-/// this. Trimming after those steps, rather than fixing glibc's mmap threshold low, keeps the
-/// hot path on the heap: with the threshold fixed at 128 KiB every block was an mmap, a
-/// munmap and its page faults, and ingest ran 20-30 % slower (`cargo xtask bench ingest`).
+/// Fixes glibc's mmap threshold at 1 MiB, once per process. Left floating, glibc raises it
+/// after each large free (up to 32 MiB), and then the multi-megabyte buffers of an hour's
+/// seal come from the heap and stay resident; fixed at 128 KiB, every 256 KiB DuckDB block
+/// was an mmap, a munmap and its page faults, and ingest ran 20-30 % slower (`cargo xtask
+/// bench ingest`). At 1 MiB blocks come from the heap and large buffers go back when freed.
+pub fn fix_mmap_threshold() {
+    // SAFETY: mallopt only sets an allocator parameter; any value is valid to pass.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+/// Hands the heap's free pages back to the system: DuckDB frees its blocks after a
+/// checkpoint or an hour's seal, and glibc would keep them resident.
 pub fn release_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {

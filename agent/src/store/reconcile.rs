@@ -68,8 +68,8 @@ impl OpenFlow {
 /// What to do with one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// A flow opened: journal it.
-    Open,
+    /// A flow opened: journal it (its key and what the open set holds of it).
+    Open(FlowKey, OpenFlow),
     /// A flow ended: write its final slice, with what the trail knew of it while open (none
     /// when it opened before the trail saw it).
     Close(Option<OpenFlow>),
@@ -181,7 +181,7 @@ impl OpenFlows {
                 };
                 // Opened while a dump runs: that dump cannot be expected to list it.
                 self.insert(&key, &flow, self.dumping);
-                Verdict::Open
+                Verdict::Open(key, flow)
             }
             EventKind::Destroy => Verdict::Close(self.remove(&key)),
         }
@@ -295,7 +295,10 @@ mod tests {
     #[test]
     fn new_then_destroy_writes_both_and_closes_the_flow() {
         let mut o = OpenFlows::default();
-        assert_eq!(o.on_event(&ev(EventKind::New, 1, 1000), 5), Verdict::Open);
+        assert!(matches!(
+            o.on_event(&ev(EventKind::New, 1, 1000), 5),
+            Verdict::Open(..)
+        ));
         assert_eq!(o.len(), 1);
         // A repeated NEW or a dump entry of an open flow adds nothing.
         assert_eq!(
@@ -320,7 +323,10 @@ mod tests {
         );
         assert!(o.is_empty());
         // The same tuple with another kernel id is another flow.
-        assert_eq!(o.on_event(&ev(EventKind::New, 2, 1000), 10), Verdict::Open);
+        assert!(matches!(
+            o.on_event(&ev(EventKind::New, 2, 1000), 10),
+            Verdict::Open(..)
+        ));
         assert_eq!(o.len(), 1);
     }
 
@@ -339,7 +345,10 @@ mod tests {
         );
         o.dump_begin();
         // Opened while the dump runs: the dump cannot be expected to list it.
-        assert_eq!(o.on_event(&ev(EventKind::New, 4, 4000), 0), Verdict::Open);
+        assert!(matches!(
+            o.on_event(&ev(EventKind::New, 4, 4000), 0),
+            Verdict::Open(..)
+        ));
         assert_eq!(
             o.on_event(&ev(EventKind::Dump, 1, 1000), 0),
             Verdict::Duplicate

@@ -20,7 +20,7 @@ use super::gaps::{GapRecord, RecentGaps};
 use super::open_flows;
 use super::owners::{self, RecentOwners};
 use super::processes::{self, ProcessRow};
-use super::reconcile::{FlowKey, OpenFlow, OpenFlows, Verdict};
+use super::reconcile::{OpenFlow, OpenFlows, Verdict};
 use super::schema::{StoreError, db_err};
 use super::sessions;
 use super::sockets;
@@ -154,6 +154,7 @@ pub struct Writer {
 impl Writer {
     /// Opens (and migrates) the database, loads the open flows and starts a capture session.
     pub fn open(cfg: &WriterConfig, stats: Arc<WriterStats>) -> Result<Self, StoreError> {
+        super::database::fix_mmap_threshold();
         let db = Database::open(
             &cfg.db_path,
             OpenOptions {
@@ -404,11 +405,7 @@ impl Writer {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 return Ok(0);
             }
-            Verdict::Open => {
-                let key = FlowKey::of(&ev);
-                let Some(open) = self.flows.get(&key) else {
-                    return Ok(0);
-                };
+            Verdict::Open(key, open) => {
                 let row = open_flows::open_row(&key, &open);
                 let seq = self.next_seq();
                 columns::append_journal(&mut self.journal, &row, seq)?;
