@@ -267,15 +267,24 @@ mod tests {
         }
     }
 
-    fn socket(conn: &Connection, src: &str, sport: u16, at_us: i64, pid: u32, cgroup: u64) {
+    struct Owner {
+        pid: u32,
+        cgroup: u64,
+        netns: u32,
+    }
+
+    fn socket(conn: &Connection, src: &str, sport: u16, at_us: i64, o: Owner) {
         let src: std::net::IpAddr = src.parse().unwrap();
         let dst: std::net::IpAddr = "192.0.2.9".parse().unwrap();
         conn.execute(
             &format!(
                 "INSERT INTO socket_events VALUES (make_timestamp({at_us}), 6, {}::UHUGEINT, {sport},
-                 {}::UHUGEINT, 443, true, {pid}, {pid}, 0, 'curl', make_timestamp({T0}), 7, {cgroup}, 1)",
+                 {}::UHUGEINT, 443, true, {pid}, {pid}, 0, 'curl', make_timestamp({T0}), {netns}, {cgroup}, 1)",
                 wide(src),
-                wide(dst)
+                wide(dst),
+                pid = o.pid,
+                netns = o.netns,
+                cgroup = o.cgroup,
             ),
             [],
         )
@@ -295,7 +304,10 @@ mod tests {
              INSERT INTO ebpf_coverage VALUES (1, {});
              INSERT INTO capture_gaps VALUES (1, 'ebpf', {}, {}, 3, 'ring full');
              INSERT INTO containers VALUES ('aaa', {}, {}, 'first', 'img', 'shop', 11, 7, []);
-             INSERT INTO containers VALUES ('bbb', {}, NULL, 'second', 'img', 'shop', 12, 7, []);",
+             INSERT INTO containers VALUES ('bbb', {}, NULL, 'second', 'img', 'shop', 12, 7, []);
+             -- A container whose tasks sit in the cgroup-v2 root (the systemd driver on a
+             -- hybrid host): known by its network namespace alone.
+             INSERT INTO containers VALUES ('ccc', {}, NULL, 'third', 'img', 'batch', NULL, 9, []);",
             s(T0),
             s(T0),
             s(T0 + 10_000_000),
@@ -304,19 +316,24 @@ mod tests {
             s(T0),
             s(T0 + 50_000_000),
             s(T0 + 50_000_001),
+            s(T0 + 70_000_000),
         ))
         .unwrap();
         // The first container's flow, and the second's from the same address and port.
-        socket(&conn, "172.17.0.2", 40000, T0 + 20_000_000, 101, 11);
-        socket(&conn, "172.17.0.2", 40000, T0 + 60_000_000, 202, 12);
+        let owner = |pid, cgroup, netns| Owner { pid, cgroup, netns };
+        socket(&conn, "172.17.0.2", 40000, T0 + 20_000_000, owner(101, 11, 7));
+        socket(&conn, "172.17.0.2", 40000, T0 + 60_000_000, owner(202, 12, 7));
         // A socket whose first packet lies 3 s from the flow's start: another flow.
-        socket(&conn, "172.17.0.2", 40001, T0 + 33_000_000, 303, 12);
+        socket(&conn, "172.17.0.2", 40001, T0 + 33_000_000, owner(303, 12, 7));
+        // The third container's socket: cgroup 1 is the root, shared by every such task.
+        socket(&conn, "172.18.0.2", 40002, T0 + 80_000_000, owner(404, 1, 9));
         let mut flows = [
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 20_000_500),
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 60_000_100),
             flow("172.17.0.2", 40001, "192.0.2.9", 443, T0 + 30_000_000),
             flow("10.0.0.5", 50000, "192.0.2.9", 443, T0 + 100_500_000),
             flow("10.0.0.5", 50001, "192.0.2.9", 443, T0 + 5_000_000),
+            flow("172.18.0.2", 40002, "192.0.2.9", 443, T0 + 80_000_200),
         ];
         attribute(&conn, flows.iter_mut()).unwrap();
         let got: Vec<(OwnerStatus, Option<u32>, Option<String>)> = flows
@@ -337,6 +354,8 @@ mod tests {
                 (OwnerStatus::Unknown, None, None),
                 // Before the socket programs ran.
                 (OwnerStatus::Unknown, None, None),
+                // No cgroup of its own: its network namespace, within its run.
+                (OwnerStatus::Local, Some(404), Some("third".into())),
             ]
         );
         drop(conn);
