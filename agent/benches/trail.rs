@@ -209,7 +209,7 @@ fn measure(db: &Path) -> Result<Measured> {
     let mut right = 0;
     for c in cases.iter().step_by(step).take(n) {
         let t = Instant::now();
-        let (status, got) = gen_trail::ask(&conn, c.public, c.at_ns)?;
+        let (status, got, _) = gen_trail::ask(&conn, c.public, c.at_ns)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         times.push(ms);
         by_kind.entry(c.kind == "long").or_default().push(ms);

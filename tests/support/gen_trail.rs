@@ -100,6 +100,8 @@ pub struct Case {
     pub at_ns: u64,
     /// The internal endpoint that held it then.
     pub internal: (IpAddr, u16),
+    /// When that flow ended, ns; None while it is still open at the trail's end.
+    pub end_ns: Option<u64>,
 }
 
 /// What was written.
@@ -290,9 +292,9 @@ pub fn generate(
             loop {
                 let k = pi * 65_536 + usize::from(port);
                 if free_at[k] <= start {
-                    if let Some((was_free, who, wport)) = last_holder[k]
-                        && start.saturating_sub(was_free) < 5_000_000_000
-                        && was_free > cfg.start_ns
+                    if let Some((was_end, who, wport)) = last_holder[k]
+                        && start.saturating_sub(was_end) < 5_000_000_000
+                        && was_end > cfg.start_ns
                     {
                         stats.quick_reuse += 1;
                         if cases.len() + 2 <= cfg.max_cases && stats.quick_reuse % 50 == 1 {
@@ -300,8 +302,9 @@ pub fn generate(
                                 kind: CaseKind::ReusedBefore,
                                 proto,
                                 public: (public, port),
-                                at_ns: was_free - 1_000_000,
+                                at_ns: was_end - 1_000_000,
                                 internal: (who, wport),
+                                end_ns: Some(was_end),
                             });
                             cases.push(Case {
                                 kind: CaseKind::ReusedAfter,
@@ -309,6 +312,7 @@ pub fn generate(
                                 public: (public, port),
                                 at_ns: start + 1_000_000,
                                 internal: (internal, internal_port),
+                                end_ns: (end < end_of_trail).then_some(end),
                             });
                         }
                     }
@@ -376,6 +380,7 @@ pub fn generate(
                     public: (public, public_port),
                     at_ns: at,
                     internal: (internal, internal_port),
+                    end_ns: (end < end_of_trail).then_some(end),
                 });
             }
         };
@@ -458,12 +463,12 @@ pub fn cover_span(
 }
 
 /// What `who` answers for public `(ip, port)` at `at_ns`, with no tolerance: its status and
-/// the internal endpoints of its matches, best first.
+/// the internal endpoints of its matches, best first, with each match's end in µs.
 pub fn ask(
     conn: &duckdb::Connection,
     public: (IpAddr, u16),
     at_ns: u64,
-) -> Result<(nattrail::query::who::WhoStatus, Vec<(String, u16)>), nattrail::query::QueryError> {
+) -> Result<Answer, nattrail::query::QueryError> {
     use chrono::TimeZone;
     let q = nattrail::query::who::WhoQuery {
         ip: public.0,
@@ -481,5 +486,13 @@ pub fn ask(
         .iter()
         .map(|m| (m.flow.internal_ip.clone(), m.flow.internal_port))
         .collect();
-    Ok((a.status, got))
+    let ends = a.matches.iter().map(|m| m.flow.end_us).collect();
+    Ok((a.status, got, ends))
 }
+
+/// `who`'s status, the internal endpoints of its matches and their ends in µs.
+pub type Answer = (
+    nattrail::query::who::WhoStatus,
+    Vec<(String, u16)>,
+    Vec<Option<i64>>,
+);

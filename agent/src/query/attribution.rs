@@ -321,12 +321,36 @@ mod tests {
         .unwrap();
         // The first container's flow, and the second's from the same address and port.
         let owner = |pid, cgroup, netns| Owner { pid, cgroup, netns };
-        socket(&conn, "172.17.0.2", 40000, T0 + 20_000_000, owner(101, 11, 7));
-        socket(&conn, "172.17.0.2", 40000, T0 + 60_000_000, owner(202, 12, 7));
+        socket(
+            &conn,
+            "172.17.0.2",
+            40000,
+            T0 + 20_000_000,
+            owner(101, 11, 7),
+        );
+        socket(
+            &conn,
+            "172.17.0.2",
+            40000,
+            T0 + 60_000_000,
+            owner(202, 12, 7),
+        );
         // A socket whose first packet lies 3 s from the flow's start: another flow.
-        socket(&conn, "172.17.0.2", 40001, T0 + 33_000_000, owner(303, 12, 7));
+        socket(
+            &conn,
+            "172.17.0.2",
+            40001,
+            T0 + 33_000_000,
+            owner(303, 12, 7),
+        );
         // The third container's socket: cgroup 1 is the root, shared by every such task.
-        socket(&conn, "172.18.0.2", 40002, T0 + 80_000_000, owner(404, 1, 9));
+        socket(
+            &conn,
+            "172.18.0.2",
+            40002,
+            T0 + 80_000_000,
+            owner(404, 1, 9),
+        );
         let mut flows = [
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 20_000_500),
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 60_000_100),
