@@ -200,6 +200,17 @@ fn scanning(env: &Env, agent: &mut AgentProcess) -> Result<()> {
             .iter()
             .all(|((k, r), n)| c.get(&(k.clone(), r.to_string())) == Some(n));
         Ok((ok, c))
+    })
+    .with_context(|| {
+        // Seen once on a machine where dockerd had just been installed (the 5 MiB line's
+        // ERR-8 missing), never since: what the scanner counted and logged, to tell why.
+        let log = agent.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "logscan status: {}\nagent log, last lines:\n{}",
+            env.logscan().unwrap_or_default(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     })?;
     // Nothing more arrives later.
     std::thread::sleep(Duration::from_secs(1));
