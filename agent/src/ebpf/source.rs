@@ -172,6 +172,18 @@ fn program_error(name: &str) -> impl Fn(String) -> EbpfError + '_ {
     }
 }
 
+/// The program `name` of the object, as the kind `P` its section makes it.
+fn program_of<'a, P>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = program_error(name);
+    bpf.program_mut(name)
+        .ok_or_else(|| program("not in the eBPF object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| program(e.to_string()))
+}
+
 fn load_processes(
     exec_program: &str,
     fork_exit: bool,
@@ -185,11 +197,7 @@ fn load_processes(
     }
     for (name, tracepoint) in wanted {
         let program = program_error(name);
-        let prog: &mut RawTracePoint = bpf
-            .program_mut(name)
-            .ok_or_else(|| program("not in the eBPF object".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| program(e.to_string()))?;
+        let prog: &mut RawTracePoint = program_of(&mut bpf, name)?;
         prog.load().map_err(|e| program(chain(&e)))?;
         prog.attach(tracepoint).map_err(|e| program(chain(&e)))?;
         stats.programs_attached.fetch_add(1, Ordering::Relaxed);
@@ -221,11 +229,7 @@ fn load_sockets(
     let mode = CgroupAttachMode::Single;
     for name in OWNER_PROGRAMS {
         let program = program_error(name);
-        let prog: &mut CgroupSockAddr = bpf
-            .program_mut(name)
-            .ok_or_else(|| program("not in the eBPF object".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| program(e.to_string()))?;
+        let prog: &mut CgroupSockAddr = program_of(&mut bpf, name)?;
         prog.load().map_err(|e| program(chain(&e)))?;
         prog.attach(&dir, mode).map_err(|e| program(chain(&e)))?;
         stats.programs_attached.fetch_add(1, Ordering::Relaxed);
@@ -233,11 +237,7 @@ fn load_sockets(
     // Optional: connect() and sendmsg() name the owner of every socket that sends.
     let created = (|| -> Result<(), EbpfError> {
         let program = program_error(SOCK_CREATE_PROGRAM);
-        let prog: &mut CgroupSock = bpf
-            .program_mut(SOCK_CREATE_PROGRAM)
-            .ok_or_else(|| program("not in the eBPF object".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| program(e.to_string()))?;
+        let prog: &mut CgroupSock = program_of(&mut bpf, SOCK_CREATE_PROGRAM)?;
         prog.load().map_err(|e| program(chain(&e)))?;
         prog.attach(&dir, mode).map_err(|e| program(chain(&e)))?;
         Ok(())
@@ -251,11 +251,7 @@ fn load_sockets(
         }
     }
     let program = program_error(EGRESS_PROGRAM);
-    let prog: &mut CgroupSkb = bpf
-        .program_mut(EGRESS_PROGRAM)
-        .ok_or_else(|| program("not in the eBPF object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| program(e.to_string()))?;
+    let prog: &mut CgroupSkb = program_of(&mut bpf, EGRESS_PROGRAM)?;
     prog.load().map_err(|e| program(chain(&e)))?;
     prog.attach(&dir, CgroupSkbAttachType::Egress, mode)
         .map_err(|e| program(chain(&e)))?;
