@@ -65,7 +65,7 @@ impl From<QueryError> for ApiError {
             QueryError::TooLarge(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "result_too_large", detail)
             }
-            QueryError::Unavailable(_) => ApiError::internal(detail),
+            QueryError::Unavailable(_) | QueryError::Corrupt(_) => ApiError::internal(detail),
             QueryError::Refused(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "query_failed", detail)
             }

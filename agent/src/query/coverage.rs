@@ -68,92 +68,151 @@ impl Hole {
     }
 }
 
-/// Holes overlapping `[lo_us, hi_us]`, in time order. With `live`, the newest session is
-/// being written by a running agent and counts as covering up to now.
-pub fn holes(
-    conn: &Connection,
-    lo_us: i64,
-    hi_us: i64,
-    live: bool,
-) -> Result<Vec<Hole>, QueryError> {
-    let mut out = Vec::new();
-    // The sessions and the retention horizon in one query (trail_state has one row).
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT epoch_us(s.started), epoch_us(coalesce(s.stopped, s.last_seen)),
-                    s.stopped IS NULL, t.retained_from
-             FROM trail_state t LEFT JOIN capture_sessions s ON true ORDER BY s.id",
-        )
-        .map_err(QueryError::db("preparing the session query"))?;
-    type Row = (Option<i64>, Option<i64>, Option<bool>, Option<i64>);
-    let rows: Vec<Row> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .map_err(QueryError::db("reading capture sessions"))?
-        .collect::<Result<_, _>>()
-        .map_err(QueryError::db("reading capture sessions"))?;
-    let retained_from = rows.first().and_then(|r| r.3);
-    let sessions: Vec<(i64, i64, bool)> = rows
-        .iter()
-        .filter_map(|r| Some((r.0?, r.1?, r.2?)))
-        .collect();
-    match sessions.first() {
-        None => out.push(Hole::stopped(
-            None,
-            None,
-            "no agent has captured into this trail",
-        )),
-        Some(&(first, _, _)) => out.push(Hole::stopped(
-            None,
-            Some(first),
-            "before the first capture session",
-        )),
-    }
-    for w in sessions.windows(2) {
-        let ((_, prev_end, prev_open), (next_start, _, _)) = (w[0], w[1]);
-        let reason = if prev_open {
-            "agent not running (it ended without a clean stop; last commit to restart)"
-        } else {
-            "agent not running (between capture sessions)"
-        };
-        out.push(Hole::stopped(Some(prev_end), Some(next_start), reason));
-    }
-    if let Some(&(_, end, open)) = sessions.last()
-        && !(open && live)
-    {
-        let reason = if open {
-            "agent not running (it ended without a clean stop; after its last commit)"
-        } else {
-            "agent stopped"
-        };
-        out.push(Hole::stopped(Some(end), None, reason));
+/// What the trail covers and how it is laid out: its capture sessions, the retention
+/// horizon, and which hours are sealed. Read by one statement without parameters, whose
+/// plan the connection keeps (a statement with parameters is planned again each time).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Coverage {
+    /// (start µs, end or last sign of life µs, still open), oldest first.
+    sessions: Vec<(i64, i64, bool)>,
+    retained_from_ms: Option<i64>,
+    /// Hours up to this one are sorted into `flow_sealed`.
+    pub(crate) sealed_hour: Option<i32>,
+    /// The oldest sealed hour with late slices still in `trail_recent`.
+    pub(crate) late_hour: Option<i32>,
+}
+
+impl Coverage {
+    /// Reads the sessions and the partitions' state (no join, no sort: each operator of a
+    /// plan costs a lookup its scheduling, 0.1-0.3 ms here).
+    pub(crate) fn read(conn: &Connection) -> Result<Coverage, QueryError> {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, epoch_us(started), epoch_us(coalesce(stopped, last_seen)),
+                        stopped IS NULL, NULL::INTEGER, NULL::INTEGER
+                 FROM capture_sessions
+                 UNION ALL
+                 SELECT NULL, retained_from, NULL, NULL, sealed_hour, late_hour FROM trail_state",
+            )
+            .map_err(QueryError::db("preparing the session query"))?;
+        type Row = (
+            Option<u64>,
+            Option<i64>,
+            Option<i64>,
+            Option<bool>,
+            Option<i32>,
+            Option<i32>,
+        );
+        let rows: Vec<Row> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .map_err(QueryError::db("reading capture sessions"))?
+            .collect::<Result<_, _>>()
+            .map_err(QueryError::db("reading capture sessions"))?;
+        let mut cov = Coverage::default();
+        let mut sessions = Vec::new();
+        for r in rows {
+            match r.0 {
+                Some(id) => {
+                    if let (Some(start), Some(end), Some(open)) = (r.1, r.2, r.3) {
+                        sessions.push((id, (start, end, open)));
+                    }
+                }
+                None => {
+                    cov.retained_from_ms = r.1;
+                    cov.sealed_hour = r.4;
+                    cov.late_hour = r.5;
+                }
+            }
+        }
+        sessions.sort_unstable_by_key(|s| s.0);
+        cov.sessions = sessions.into_iter().map(|s| s.1).collect();
+        Ok(cov)
     }
 
-    let gaps = crate::store::gaps::overlapping(conn, lo_us, hi_us)
-        .map_err(QueryError::db("reading capture gaps"))?;
-    out.extend(gaps.into_iter().map(|g| Hole {
-        kind: HoleKind::Gap,
-        start: Some(g.start),
-        end: Some(g.end),
-        start_us: Some(g.start_us),
-        end_us: Some(g.end_us),
-        source: Some(g.source),
-        lost: g.lost,
-        reason: g.reason,
-    }));
-    if let Some(from_ms) = retained_from {
-        let end = from_ms * 1_000;
-        out.push(Hole {
-            kind: HoleKind::Retention,
-            start: None,
-            end: Some(rfc3339_us(end)),
-            start_us: None,
-            end_us: Some(end - 1),
-            source: None,
-            lost: None,
-            reason: "removed by retention ([store] retain_days)".into(),
-        });
+    /// Whether the sorted trail alone may miss a flow of the hours up to `hour`: they are not
+    /// all sealed, or one of them lacks slices that `trail_recent` or the open flows hold.
+    pub(crate) fn recent_reaches(&self, hour: i32) -> bool {
+        self.sealed_hour.is_none_or(|s| hour > s) || self.late_hour.is_some_and(|l| l <= hour)
     }
-    out.retain(|h| h.overlaps(lo_us, hi_us));
-    out.sort_by_key(|h| h.start_us.unwrap_or(i64::MIN));
-    Ok(out)
+
+    /// Holes overlapping `[lo_us, hi_us]`, in time order. With `live`, the newest session
+    /// is being written by a running agent and counts as covering up to now.
+    pub(crate) fn holes(
+        &self,
+        conn: &Connection,
+        lo_us: i64,
+        hi_us: i64,
+        live: bool,
+    ) -> Result<Vec<Hole>, QueryError> {
+        let mut out = Vec::new();
+        let (sessions, retained_from) = (&self.sessions, self.retained_from_ms);
+        match sessions.first() {
+            None => out.push(Hole::stopped(
+                None,
+                None,
+                "no agent has captured into this trail",
+            )),
+            Some(&(first, _, _)) => out.push(Hole::stopped(
+                None,
+                Some(first),
+                "before the first capture session",
+            )),
+        }
+        for w in sessions.windows(2) {
+            let ((_, prev_end, prev_open), (next_start, _, _)) = (w[0], w[1]);
+            let reason = if prev_open {
+                "agent not running (it ended without a clean stop; last commit to restart)"
+            } else {
+                "agent not running (between capture sessions)"
+            };
+            out.push(Hole::stopped(Some(prev_end), Some(next_start), reason));
+        }
+        if let Some(&(_, end, open)) = sessions.last()
+            && !(open && live)
+        {
+            let reason = if open {
+                "agent not running (it ended without a clean stop; after its last commit)"
+            } else {
+                "agent stopped"
+            };
+            out.push(Hole::stopped(Some(end), None, reason));
+        }
+        let gaps = crate::store::gaps::overlapping(conn, lo_us, hi_us)
+            .map_err(QueryError::db("reading capture gaps"))?;
+        out.extend(gaps.into_iter().map(|g| Hole {
+            kind: HoleKind::Gap,
+            start: Some(g.start),
+            end: Some(g.end),
+            start_us: Some(g.start_us),
+            end_us: Some(g.end_us),
+            source: Some(g.source),
+            lost: g.lost,
+            reason: g.reason,
+        }));
+        if let Some(from_ms) = retained_from {
+            let end = from_ms * 1_000;
+            out.push(Hole {
+                kind: HoleKind::Retention,
+                start: None,
+                end: Some(rfc3339_us(end)),
+                start_us: None,
+                end_us: Some(end - 1),
+                source: None,
+                lost: None,
+                reason: "removed by retention ([store] retain_days)".into(),
+            });
+        }
+        out.retain(|h| h.overlaps(lo_us, hi_us));
+        out.sort_by_key(|h| h.start_us.unwrap_or(i64::MIN));
+        Ok(out)
+    }
 }

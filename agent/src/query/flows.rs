@@ -8,6 +8,7 @@ use duckdb::{Connection, Row};
 use serde::{Deserialize, Serialize};
 
 use super::QueryError;
+use super::coverage::Coverage;
 use super::proto::Proto;
 use crate::pipeline::clock::rfc3339_us;
 use crate::pipeline::flow::{Addr, proto_name};
@@ -81,22 +82,48 @@ struct Identity {
     public: (Addr, u16),
     src: (Addr, u16),
     dst: (Addr, u16),
+    /// A sealed slice's destination until `fill_destinations` reads it.
+    dst_id: Option<u32>,
     start_ms: Option<i64>,
+    end_ms: Option<i64>,
+    flags: u8,
 }
 
-/// The columns every slice query selects, in the order `read_candidate` reads them.
-const SELECT: &str =
-    "start_ms, end_ms, end_lo_ms, flags, hour, proto, nt_addr(src4, src6), src_port,
-     nt_addr(pub4, pub6), pub_port, nt_addr(dst4, dst6), dst_port, ct_id, zone,
-     bytes_out, packets_out, bytes_in, packets_in";
+/// The columns every slice query selects, in the order `read_candidate` reads them: the
+/// table's own columns, so that binding the statement expands no macro. The last is a sealed
+/// slice's index into its hour's destinations (`fill_destinations` reads them).
+const SELECT: &str = "hour, flags, proto, zone, src4, src6, src_port, pub4, pub6, pub_port,
+     dst4, dst6, dst_port, start_ms, end_ms, end_lo_ms, bytes_out, packets_out, bytes_in,
+     packets_in, ct_id, NULL::UINTEGER";
+
+/// `SELECT` from the sealed hours, without their destinations: a join with the dictionary
+/// costs a lookup more than a second statement for the few rows found.
+const SEALED_SELECT: &str = "SELECT hour, flags, proto, zone, src4, src6, src_port, pub4, pub6,
+     pub_port, NULL::UINTEGER, NULL::UHUGEINT, NULL::USMALLINT, start_ms, end_ms, end_lo_ms,
+     bytes_out, packets_out, bytes_in, packets_in, NULL::UINTEGER, dst_id FROM flow_sealed";
+
+/// `SELECT` from an open-flow table (its addresses are 16-byte, IPv4 mapped).
+const OPEN_SELECT: &str = "NULL::INTEGER, CASE WHEN by_dump THEN 10 ELSE 8 END::UTINYINT,
+     proto, zone, NULL::UINTEGER, orig_src, orig_sport, NULL::UINTEGER, reply_dst, reply_dport,
+     NULL::UINTEGER, orig_dst, orig_dport, start_us // 1000, NULL::BIGINT, NULL::BIGINT,
+     NULL::UBIGINT, NULL::UBIGINT, NULL::UBIGINT, NULL::UBIGINT, ct_id, NULL::UINTEGER";
+
+/// An address stored as an IPv4 column beside a 16-byte one (the other NULL).
+fn read_addr(r: &Row<'_>, v4: usize) -> duckdb::Result<Addr> {
+    Ok(match r.get::<_, Option<u128>>(v4 + 1)? {
+        Some(a) => Addr(a),
+        None => Addr::from_v4(r.get::<_, u32>(v4)?.to_be_bytes()),
+    })
+}
 
 fn read_candidate(r: &Row<'_>) -> duckdb::Result<(FlowRow, Identity)> {
-    let start_ms: Option<i64> = r.get(0)?;
-    let end_ms: Option<i64> = r.get(1)?;
-    let end_lo_ms: Option<i64> = r.get(2)?;
-    let flags: u8 = r.get(3)?;
-    let hour: Option<i32> = r.get(4)?;
-    let proto: u8 = r.get(5)?;
+    let hour: Option<i32> = r.get(0)?;
+    let flags: u8 = r.get(1)?;
+    let proto: u8 = r.get(2)?;
+    let start_ms: Option<i64> = r.get(13)?;
+    let end_ms: Option<i64> = r.get(14)?;
+    let end_lo_ms: Option<i64> = r.get(15)?;
+    let dst_id: Option<u32> = r.get(21)?;
     let finished = flags & 1 == 1;
     let open = flags & 8 == 8;
     let interim = !finished && !open;
@@ -111,11 +138,17 @@ fn read_candidate(r: &Row<'_>) -> duckdb::Result<(FlowRow, Identity)> {
         hour,
         interim,
         proto,
-        zone: r.get(13)?,
-        public: (Addr(r.get(8)?), r.get(9)?),
-        src: (Addr(r.get(6)?), r.get(7)?),
-        dst: (Addr(r.get(10)?), r.get(11)?),
+        zone: r.get(3)?,
+        public: (read_addr(r, 7)?, r.get(9)?),
+        src: (read_addr(r, 4)?, r.get(6)?),
+        dst: match dst_id {
+            Some(_) => (Addr(0), 0),
+            None => (read_addr(r, 10)?, r.get(12)?),
+        },
+        dst_id,
         start_ms,
+        end_ms,
+        flags,
     };
     let start_us = start_ms.map(|s| s * 1_000);
     let flow = FlowRow {
@@ -138,12 +171,12 @@ fn read_candidate(r: &Row<'_>) -> duckdb::Result<(FlowRow, Identity)> {
         } else {
             Some(id.dst.1)
         },
-        conntrack_id: r.get::<_, Option<u32>>(12)?.unwrap_or(0),
+        conntrack_id: r.get::<_, Option<u32>>(20)?.unwrap_or(0),
         zone: id.zone,
-        bytes_out: r.get(14)?,
-        packets_out: r.get(15)?,
-        bytes_in: r.get(16)?,
-        packets_in: r.get(17)?,
+        bytes_out: r.get(16)?,
+        packets_out: r.get(17)?,
+        bytes_in: r.get(18)?,
+        packets_in: r.get(19)?,
         attribution: None,
     };
     Ok((flow, id))
@@ -238,25 +271,6 @@ impl Conditions {
         }
     }
 
-    fn identity(id: &Identity) -> Conditions {
-        let mut c = Conditions::default();
-        c.public_ip(id.public.0.to_ip());
-        c.public_port(id.public.1);
-        c.internal_ip(id.src.0.to_ip());
-        c.both("src_port = ?", "orig_sport = ?", Value::USmallInt(id.src.1));
-        c.dst_ip(id.dst.0.to_ip());
-        c.dst_port(id.dst.1);
-        c.both("proto = ?", "proto = ?", Value::UTinyInt(id.proto));
-        c.both("zone = ?", "zone = ?", Value::USmallInt(id.zone));
-        if let Some(s) = id.start_ms {
-            c.slices.push_str(" AND start_ms = ?");
-            c.slice_params.push(Value::BigInt(s));
-            c.open.push_str(" AND start_us // 1000 = ?");
-            c.open_params.push(Value::BigInt(s));
-        }
-        c
-    }
-
     /// The parameters of a query that reads flow_trail, trail_recent, open_journal and
     /// open_flows in that order, then `tail`.
     fn params(&self, tail: &[Value]) -> Vec<Value> {
@@ -284,12 +298,6 @@ fn run(
         .collect::<Result<_, _>>()
         .map_err(QueryError::db("reading flow rows"))
 }
-
-/// An open flow's columns in the order `read_candidate` reads them.
-const OPEN_SELECT: &str = "start_us // 1000, NULL::BIGINT, NULL::BIGINT,
-     (8 | CASE WHEN by_dump THEN 2 ELSE 0 END)::UTINYINT, NULL::INTEGER, proto, orig_src,
-     orig_sport, reply_dst, reply_dport, orig_dst, orig_dport, ct_id, zone,
-     NULL::UBIGINT, NULL::UBIGINT, NULL::UBIGINT, NULL::UBIGINT";
 
 /// The open flows (checkpoint and journal) matching `cond` in the slice layout: the view
 /// `open_slices` with the conditions on the tables' own columns, so that DuckDB's min/max
@@ -328,35 +336,92 @@ fn window(lo_ms: Option<i64>, hi_ms: Option<i64>) -> (String, Vec<Value>) {
     (window, params)
 }
 
-/// The flows matching `cond` whose interval meets `[lo_ms, hi_ms]`, one per flow, in no
-/// order: `matching` for a lookup of a few rows. Three small cached queries (sealed hours,
-/// recent slices, open flows) and the choice of each flow's best row here, which costs a
-/// lookup less than one query with a window function over their union.
+/// The public endpoint a lookup asks about, and what else it must match.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Endpoint {
+    /// Public address.
+    pub(crate) ip: IpAddr,
+    /// Public port.
+    pub(crate) port: u16,
+    /// Only this protocol.
+    pub(crate) proto: Option<Proto>,
+    /// Only this destination address.
+    pub(crate) dst_ip: Option<IpAddr>,
+    /// Only this destination port.
+    pub(crate) dst_port: Option<u16>,
+}
+
+/// The condition on a slice table's public address and port, and its parameters.
+fn public_condition(ip: IpAddr, port: u16) -> (String, Vec<Value>) {
+    let a = Addr::from(ip);
+    let (col, v) = if a.is_v4() {
+        ("pub4", Value::UInt(a.0 as u32))
+    } else {
+        ("pub6", Value::UHugeInt(a.0))
+    };
+    (
+        format!("{col} = ? AND pub_port = ?"),
+        vec![v, Value::USmallInt(port)],
+    )
+}
+
+/// The parameters of `reply_dst = ? AND reply_dport = ?` on an open-flow table.
+fn open_params(ip: IpAddr, port: u16) -> Vec<Value> {
+    vec![Value::UHugeInt(Addr::from(ip).0), Value::USmallInt(port)]
+}
+
+/// The flows of public `ep` whose interval meets `[lo_ms, hi_ms]`, one per flow, in no
+/// order: for a lookup of a few rows. One statement, with only the tables that can hold
+/// them (`cov` says which), and conditions DuckDB prunes row groups with: every statement
+/// with parameters is planned again at each execution, and its cost grows with what it
+/// reads and computes. The window and the filters are applied here, on the few rows.
 pub(crate) fn covering(
     conn: &Connection,
-    cond: &Conditions,
+    cov: &Coverage,
+    ep: &Endpoint,
     lo_ms: i64,
     hi_ms: i64,
 ) -> Result<Vec<FlowRow>, QueryError> {
-    let (window, tail) = window(Some(lo_ms), Some(hi_ms));
-    let (s, o) = (&cond.slices, &cond.open);
-    // One statement (its fixed cost once), no window function: the rows are few.
-    let sql = format!(
-        "SELECT {SELECT} FROM flow_trail WHERE true {s} {window}
-         UNION ALL SELECT {SELECT} FROM trail_recent WHERE true {s} {window}
-         UNION ALL SELECT {OPEN_SELECT} FROM open_flows WHERE true {o} AND start_us // 1000 <= ?
-         UNION ALL SELECT {OPEN_SELECT} FROM open_journal WHERE true {o} AND start_us // 1000 <= ?"
-    );
+    use crate::store::trail::hour_of;
+    let (first, last) = (hour_of(lo_ms), hour_of(hi_ms));
+    let mut parts = Vec::new();
     let mut params = Vec::new();
-    for _ in 0..2 {
-        params.extend(cond.slice_params.iter().cloned());
-        params.extend(tail.iter().cloned());
+    if let Some(sealed) = cov.sealed_hour.filter(|s| *s >= first) {
+        let (c, p) = public_condition(ep.ip, ep.port);
+        parts.push(format!(
+            "{SEALED_SELECT} WHERE {c} AND hour BETWEEN ? AND ?"
+        ));
+        params.extend(p);
+        params.extend([Value::Int(first), Value::Int(last.min(sealed))]);
     }
-    for _ in 0..2 {
-        params.extend(cond.open_params.iter().cloned());
-        params.push(Value::BigInt(hi_ms));
+    // Sealed hours hold a slice of every flow alive in them (an interim one for a flow open
+    // across their end), unless marked.
+    if cov.recent_reaches(last) {
+        let (c, p) = public_condition(ep.ip, ep.port);
+        parts.push(format!(
+            "SELECT {SELECT} FROM trail_recent WHERE {c} AND hour BETWEEN ? AND ?"
+        ));
+        params.extend(p);
+        params.extend([Value::Int(first), Value::Int(last)]);
+        for table in ["open_flows", "open_journal"] {
+            parts.push(format!(
+                "SELECT {OPEN_SELECT} FROM {table} WHERE reply_dst = ? AND reply_dport = ?"
+            ));
+            params.extend(open_params(ep.ip, ep.port));
+        }
     }
-    let rows = run(conn, &sql, &params)?;
+    if parts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut rows = run(conn, &parts.join(" UNION ALL "), &params)?;
+    rows.retain(|(_, id)| {
+        ep.proto.is_none_or(|p| p.numbers().contains(&id.proto)) && id.meets(lo_ms, hi_ms)
+    });
+    fill_destinations(conn, &mut rows)?;
+    let dst_ip = ep.dst_ip.map(Addr::from);
+    let wanted = |id: &Identity| {
+        dst_ip.is_none_or(|a| id.dst.0 == a) && ep.dst_port.is_none_or(|p| id.dst.1 == p)
+    };
     // Per flow: its final slice, else its open record, else its exact-ended, else newest.
     let rank = |id: &Identity, f: &FlowRow| {
         (
@@ -367,20 +432,8 @@ pub(crate) fn covering(
         )
     };
     let mut best: Vec<(FlowRow, Identity)> = Vec::new();
-    // A flow's identity, as the views partition by it (a flow whose start the trail never
-    // saw is told apart by its end).
-    let key = |i: &Identity, f: &FlowRow| {
-        (
-            i.proto,
-            i.zone,
-            i.src,
-            i.dst,
-            i.start_ms,
-            i.start_ms.map_or(f.end_us, |_| None),
-        )
-    };
-    for (f, id) in rows {
-        match best.iter_mut().find(|(bf, b)| key(b, bf) == key(&id, &f)) {
+    for (f, id) in rows.into_iter().filter(|(_, id)| wanted(id)) {
+        match best.iter_mut().find(|(_, b)| b.same_flow(&id)) {
             Some(slot) if rank(&id, &f) > rank(&slot.1, &slot.0) => *slot = (f, id),
             Some(_) => {}
             None => best.push((f, id)),
@@ -389,12 +442,43 @@ pub(crate) fn covering(
     let mut out = Vec::with_capacity(best.len());
     for (flow, id) in best {
         out.push(if id.interim {
-            resolve(conn, flow, &id)?
+            resolve(conn, cov, flow, &id)?
         } else {
             flow
         });
     }
     Ok(out)
+}
+
+impl Identity {
+    /// Whether the slice's interval meets `[lo_ms, hi_ms]`: it starts (or, start unseen,
+    /// ends) by `hi_ms`, and ends (open: never; interim: not before its hour's end) at
+    /// `lo_ms` or later.
+    fn meets(&self, lo_ms: i64, hi_ms: i64) -> bool {
+        let final_ = self.flags & 1 == 1;
+        let open = self.flags & 8 == 8;
+        let end = if final_ { self.end_ms } else { None }
+            .or(open.then_some(i64::MAX))
+            .or(self.hour.map(crate::store::trail::hour_end_ms));
+        self.start_ms.or(self.end_ms).is_some_and(|s| s <= hi_ms) && end.is_some_and(|e| e >= lo_ms)
+    }
+
+    /// The same flow, as the views partition by it (a flow whose start the trail never saw
+    /// is told apart by its end).
+    fn same_flow(&self, o: &Identity) -> bool {
+        let end = |i: &Identity| {
+            i.start_ms
+                .map_or(i.end_ms.filter(|_| i.flags & 1 == 1), |_| None)
+        };
+        (
+            self.proto,
+            self.zone,
+            self.src,
+            self.dst,
+            self.start_ms,
+            end(self),
+        ) == (o.proto, o.zone, o.src, o.dst, o.start_ms, end(o))
+    }
 }
 
 /// Every flow matching `cond` whose interval meets `[lo_ms, hi_ms]` (either side open), one
@@ -428,10 +512,11 @@ pub(crate) fn matching(
          ORDER BY {order}{limit_sql}"
     );
     let rows = run(conn, &sql, &cond.params(&tail))?;
+    let cov = Coverage::read(conn)?;
     let mut out = Vec::with_capacity(rows.len());
     for (flow, id) in rows {
         out.push(if id.interim {
-            resolve(conn, flow, &id)?
+            resolve(conn, &cov, flow, &id)?
         } else {
             flow
         });
@@ -443,51 +528,127 @@ pub(crate) fn matching(
 const RESOLVE_HOURS: i32 = 24 * 7;
 
 /// The sealed hours after an interim slice's hour searched in turn for its flow's final
-/// slice, as offsets (first, last). A search costs a statement's fixed cost (3-5 ms here)
-/// plus about one row group an hour (0.07 ms): one statement covers the flows that end
-/// within a day and a half (every flow of the generated trails, 12-hour ones included), a
-/// second the rest of the week.
-const RESOLVE_STEPS: [(i32, i32); 2] = [(1, 36), (37, RESOLVE_HOURS)];
+/// slice, as offsets (first, last). A search costs a statement's planning (1-3 ms here) plus
+/// about one row group an hour (0.1-0.3 ms): most flows end within hours of any instant of
+/// their life, and a week-long one costs four statements.
+const RESOLVE_STEPS: [(i32, i32); 4] = [(1, 3), (4, 12), (13, 36), (37, RESOLVE_HOURS)];
 
 /// The flow of an interim slice as the trail knows it later: its final slice in a later hour,
 /// or its open record. A flow alive past the search keeps its interim form.
-fn resolve(conn: &Connection, interim: FlowRow, id: &Identity) -> Result<FlowRow, QueryError> {
+fn resolve(
+    conn: &Connection,
+    cov: &Coverage,
+    interim: FlowRow,
+    id: &Identity,
+) -> Result<FlowRow, QueryError> {
     let Some(hour) = id.hour else {
         return Ok(interim);
     };
-    for (step, (first, last)) in RESOLVE_STEPS.into_iter().enumerate() {
-        let mut sealed = Conditions::identity(id);
-        sealed.hours(Some(hour + first), Some(hour + last));
-        let s = &sealed.slices;
-        let mut params: Vec<Value> = sealed.slice_params.clone();
-        let sql = if step == 0 {
-            // The unsealed hours and the open flows, whatever their hour, once: the first
-            // search reads them with the next sealed hour.
-            let mut rest = Conditions::identity(id);
-            rest.hours(Some(hour + 1), Some(hour + RESOLVE_HOURS));
-            let (r, o) = (&rest.slices, &rest.open);
-            params.extend(rest.slice_params.iter().cloned());
-            params.extend(rest.open_params.iter().cloned());
-            params.extend(rest.open_params.iter().cloned());
-            format!(
-                "SELECT * FROM (
-                    SELECT {SELECT} FROM flow_trail WHERE flags & 1 = 1 {s}
-                    UNION ALL SELECT {SELECT} FROM trail_recent WHERE flags & 1 = 1 {r}
-                    UNION ALL SELECT {OPEN_SELECT} FROM open_flows WHERE true {o}
-                    UNION ALL SELECT {OPEN_SELECT} FROM open_journal WHERE true {o})
-                 ORDER BY flags & 1 DESC, flags & 4 LIMIT 1"
-            )
-        } else {
-            format!(
-                "SELECT {SELECT} FROM flow_trail WHERE flags & 1 = 1 {s}
-                 ORDER BY flags & 4 LIMIT 1"
-            )
-        };
-        if let Some((flow, _)) = run(conn, &sql, &params)?.into_iter().next() {
+    let (ip, port) = (id.public.0.to_ip(), id.public.1);
+    // Its final slice (exact end first), else its open record.
+    let pick = |mut rows: Vec<(FlowRow, Identity)>| -> Result<Option<FlowRow>, QueryError> {
+        rows.retain(|(_, c)| !c.interim && c.same_start(id, false));
+        fill_destinations(conn, &mut rows)?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, c)| c.same_start(id, true))
+            .max_by_key(|(f, c)| (c.flags & 1, !f.end_inexact))
+            .map(|(f, _)| f))
+    };
+    for (first, last) in RESOLVE_STEPS {
+        let (from, to) = (
+            hour + first,
+            (hour + last).min(cov.sealed_hour.unwrap_or(i32::MIN)),
+        );
+        if from > to {
+            break;
+        }
+        let (c, mut params) = public_condition(ip, port);
+        params.extend([Value::Int(from), Value::Int(to)]);
+        let sql = format!("{SEALED_SELECT} WHERE {c} AND hour BETWEEN ? AND ? AND flags & 1 = 1");
+        if let Some(flow) = pick(run(conn, &sql, &params)?)? {
             return Ok(flow);
         }
     }
-    Ok(interim)
+    // The unsorted hours, and the open flows whatever their hour.
+    let (mut parts, mut params) = (Vec::new(), Vec::new());
+    if cov.recent_reaches(hour + RESOLVE_HOURS) {
+        let (c, p) = public_condition(ip, port);
+        parts.push(format!(
+            "SELECT {SELECT} FROM trail_recent WHERE {c} AND hour BETWEEN ? AND ? AND flags & 1 = 1"
+        ));
+        params.extend(p);
+        params.extend([Value::Int(hour + 1), Value::Int(hour + RESOLVE_HOURS)]);
+    }
+    for table in ["open_flows", "open_journal"] {
+        parts.push(format!(
+            "SELECT {OPEN_SELECT} FROM {table} WHERE reply_dst = ? AND reply_dport = ?"
+        ));
+        params.extend(open_params(ip, port));
+    }
+    Ok(pick(run(conn, &parts.join(" UNION ALL "), &params)?)?.unwrap_or(interim))
+}
+
+impl Identity {
+    /// The same flow as `o`, whose slice is in another hour (with another end or none);
+    /// `with_dst` once the destinations are read.
+    fn same_start(&self, o: &Identity, with_dst: bool) -> bool {
+        (self.proto, self.zone, self.src, self.start_ms) == (o.proto, o.zone, o.src, o.start_ms)
+            && (!with_dst || self.dst == o.dst)
+    }
+}
+
+/// Reads the destinations of the sealed slices among `rows` from their hours' dictionaries,
+/// in one statement.
+fn fill_destinations(
+    conn: &Connection,
+    rows: &mut [(FlowRow, Identity)],
+) -> Result<(), QueryError> {
+    let keys: Vec<(i32, u32)> = rows
+        .iter()
+        .filter_map(|(_, id)| Some((id.hour?, id.dst_id?)))
+        .collect();
+    let (Some(lo), Some(hi)) = (
+        keys.iter().map(|k| k.0).min(),
+        keys.iter().map(|k| k.0).max(),
+    ) else {
+        return Ok(());
+    };
+    let list = vec!["?"; keys.len()].join(", ");
+    let sql = format!(
+        "SELECT hour, id, dst4, dst6, dst_port FROM trail_dst
+         WHERE hour BETWEEN ? AND ? AND id IN ({list})"
+    );
+    let mut params = vec![Value::Int(lo), Value::Int(hi)];
+    params.extend(keys.iter().map(|k| Value::UInt(k.1)));
+    let mut stmt = conn
+        .prepare_cached(&sql)
+        .map_err(QueryError::db("preparing the destination query"))?;
+    let found: Vec<((i32, u32), (Addr, u16))> = stmt
+        .query_map(duckdb::params_from_iter(params.iter()), |r| {
+            Ok(((r.get(0)?, r.get(1)?), (read_addr(r, 2)?, r.get(4)?)))
+        })
+        .map_err(QueryError::db("reading destinations"))?
+        .collect::<Result<_, _>>()
+        .map_err(QueryError::db("reading destinations"))?;
+    for (f, id) in rows.iter_mut() {
+        let Some(key) = id.hour.zip(id.dst_id) else {
+            continue;
+        };
+        let Some((_, dst)) = found.iter().find(|(k, _)| *k == key) else {
+            return Err(QueryError::Corrupt(format!(
+                "sealed hour {} has no destination {} in its dictionary",
+                key.0, key.1
+            )));
+        };
+        id.dst = *dst;
+        id.dst_id = None;
+        f.dst_ip = dst.0.to_string();
+        if f.dst_port.is_some() {
+            f.dst_port = Some(dst.1);
+        }
+    }
+    Ok(())
 }
 
 /// Filters of `nattrail flows`.

@@ -25,6 +25,10 @@ pub enum QueryError {
     /// The request itself is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The trail contradicts itself (a sealed slice whose destination is not in its hour's
+    /// dictionary).
+    #[error("the trail is inconsistent: {0}")]
+    Corrupt(String),
     /// The SQL is not exactly one read-only query (DuckDB's classification).
     #[error(
         "only one read-only query is allowed (SELECT, WITH ... SELECT, FROM ..., PIVOT, DESCRIBE), not {0}"

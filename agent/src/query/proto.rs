@@ -24,6 +24,17 @@ impl Proto {
     }
 }
 
+impl Proto {
+    /// The protocol numbers this filter matches.
+    pub fn numbers(self) -> &'static [u8] {
+        match self {
+            Proto::Tcp => &[6],
+            Proto::Udp => &[17],
+            Proto::Icmp => &[1, 58],
+        }
+    }
+}
+
 impl FromStr for Proto {
     type Err = String;
 

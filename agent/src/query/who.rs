@@ -7,8 +7,8 @@ use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::QueryError;
-use super::coverage::{Hole, holes};
-use super::flows::{Conditions, FlowRow, covering};
+use super::coverage::{Coverage, Hole};
+use super::flows::{Endpoint, FlowRow, covering};
 use super::proto::Proto;
 
 /// A forensic lookup.
@@ -78,7 +78,6 @@ pub struct WhoAnswer {
 /// Runs the lookup: the hours around the instant (never the whole history), pruned to the
 /// public address and port, plus the flows open in the trail.
 pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
-    use crate::store::trail::hour_of;
     let at_us = q.at.timestamp_micros();
     let tol_us = q.tolerance.as_micros() as i64;
     let (lo, hi) = (at_us - tol_us, at_us + tol_us);
@@ -87,20 +86,15 @@ pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
         lo.div_euclid(1_000) + i64::from(lo.rem_euclid(1_000) > 0),
         hi.div_euclid(1_000),
     );
-    let mut c = Conditions::default();
-    c.public_ip(q.ip);
-    c.public_port(q.port);
-    if let Some(p) = q.proto {
-        c.proto(p);
-    }
-    if let Some(ip) = q.dst_ip {
-        c.dst_ip(ip);
-    }
-    if let Some(port) = q.dst_port {
-        c.dst_port(port);
-    }
-    c.hours(Some(hour_of(lo_ms)), Some(hour_of(hi_ms)));
-    let flows = covering(conn, &c, lo_ms, hi_ms)?;
+    let cov = Coverage::read(conn)?;
+    let ep = Endpoint {
+        ip: q.ip,
+        port: q.port,
+        proto: q.proto,
+        dst_ip: q.dst_ip,
+        dst_port: q.dst_port,
+    };
+    let flows = covering(conn, &cov, &ep, lo_ms, hi_ms)?;
     let mut matches: Vec<WhoMatch> = flows
         .into_iter()
         .map(|flow| {
@@ -130,7 +124,7 @@ pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
             .then(a.distance_s.total_cmp(&b.distance_s))
             .then(b.flow.start_us.cmp(&a.flow.start_us))
     });
-    let holes = holes(conn, lo, hi, q.live)?;
+    let holes = cov.holes(conn, lo, hi, q.live)?;
     let status = match matches.len() {
         _ if holes.iter().any(|h| h.contains(at_us)) => WhoStatus::Incomplete,
         0 => WhoStatus::None,
@@ -220,6 +214,11 @@ mod tests {
 
     impl Db {
         fn new(name: &str, msgs: Vec<WriterMsg>) -> Db {
+            Db::batches(name, vec![msgs])
+        }
+
+        /// The trail of `batches`, each written and committed in turn.
+        fn batches(name: &str, batches: Vec<Vec<WriterMsg>>) -> Db {
             let dir =
                 std::env::temp_dir().join(format!("nattrail-who-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
@@ -229,7 +228,9 @@ mod tests {
                 ..WriterConfig::from_config(&crate::config::Config::default())
             };
             let mut w = Writer::open(&cfg, Arc::new(WriterStats::default())).unwrap();
-            w.write_batch(msgs).unwrap();
+            for msgs in batches {
+                w.write_batch(msgs).unwrap();
+            }
             drop(w);
             // The synthetic flows are in the past: let the capture session cover them.
             let db = crate::store::database::Database::open_rw(&path).unwrap();
@@ -320,6 +321,87 @@ mod tests {
                 )),
             ],
         )
+    }
+
+    /// The hours' mark of missing slices, as a lookup reads it.
+    fn late_hour(db: &Db) -> Option<i32> {
+        let conn = crate::store::schema::open_ro(&db.path).unwrap();
+        crate::store::trail::state(&conn).unwrap().late_hour
+    }
+
+    #[test]
+    fn late_flows_and_slices_of_a_sealed_hour_are_found_in_it() {
+        // Flow 3 arrives (a late NEW, or found by a dump with its kernel start) with a start in
+        // an hour the writer has already swept and sealed: that hour has no slice of it until
+        // the next sweep, so the lookup must read the open flows there.
+        let hour = 3_600 * SEC;
+        let first = (T0 / 1_000_000 / 3_600_000) as i32;
+        let old = |id, port, at| {
+            flow(ev(
+                EventKind::New,
+                id,
+                "10.77.1.1",
+                6000 + id as u16,
+                port,
+                at,
+                None,
+            ))
+        };
+        // And flow 6's DESTROY (its NEW never seen) ends it in that hour: a late final slice.
+        let gone = || {
+            flow(ev(
+                EventKind::Destroy,
+                6,
+                "10.77.1.1",
+                6006,
+                41006,
+                T0 + 100 * SEC,
+                Some(T0 + 200 * SEC),
+            ))
+        };
+        let db = Db::batches(
+            "late-open",
+            vec![
+                vec![old(1, 41001, T0), old(2, 41002, T0 + 3 * hour)],
+                vec![old(3, 41003, T0 + 600 * SEC)],
+            ],
+        );
+        assert_eq!(late_hour(&db), Some(first), "the sealed hour is marked");
+        let a = db.who(41003, T0 + 1_200 * SEC, 0);
+        assert_eq!(a.status, WhoStatus::Found, "{a:?}");
+        assert_eq!(a.matches[0].flow.internal_port, 6003);
+        assert!(a.matches[0].flow.open);
+        let db = Db::batches(
+            "late-destroy",
+            vec![
+                vec![old(1, 41001, T0), old(2, 41002, T0 + 3 * hour)],
+                vec![gone()],
+            ],
+        );
+        assert_eq!(late_hour(&db), Some(first), "the sealed hour is marked");
+        let a = db.who(41006, T0 + 150 * SEC, 0);
+        assert_eq!(a.status, WhoStatus::Found, "{a:?}");
+        assert_eq!(
+            a.matches[0].flow.end_us,
+            Some(((T0 + 200 * SEC) / 1_000_000 * 1_000) as i64)
+        );
+
+        // The next hour's sweep writes its interim slices, the seal after it sorts them in and
+        // clears the mark: found in the sealed hours alone.
+        let db = Db::batches(
+            "late-open-swept",
+            vec![
+                vec![old(1, 41001, T0), old(2, 41002, T0 + 3 * hour)],
+                vec![old(3, 41003, T0 + 600 * SEC), gone()],
+                vec![old(4, 41004, T0 + 5 * hour)],
+            ],
+        );
+        assert_eq!(late_hour(&db), None);
+        for (port, at) in [(41003, T0 + 1_200 * SEC), (41006, T0 + 150 * SEC)] {
+            let a = db.who(port, at, 0);
+            assert_eq!(a.status, WhoStatus::Found, "{a:?}");
+            assert_eq!(a.matches[0].flow.internal_port, port - 35_000);
+        }
     }
 
     #[test]

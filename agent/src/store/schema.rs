@@ -56,6 +56,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "socket owners and containers",
         include_str!("../../../schemas/duckdb/0010_socket_owners.sql"),
     ),
+    (
+        11,
+        "late slices of sealed hours",
+        include_str!("../../../schemas/duckdb/0011_late_slices.sql"),
+    ),
 ];
 
 /// Where migration 8 hands over to Rust to move the event rows (with progress logs).

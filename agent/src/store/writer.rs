@@ -144,6 +144,13 @@ pub struct Writer {
     clock_ms: i64,
     swept_hour: Option<i32>,
     sealed_hour: Option<i32>,
+    // The oldest sealed hour with late slices in trail_recent, as recorded in trail_state,
+    // and an older one appended since and not recorded yet (recorded before the slices are
+    // flushed, so that a reader never misses one).
+    late_hour: Option<i32>,
+    late_due: Option<i32>,
+    // The oldest hour a flow opened since the last sweep has no interim slice in.
+    unswept: Option<i32>,
     retained_hour: Option<i32>,
     retain_days: u32,
     // The events' clock at the last checkpoint: a replayed or generated trail is checkpointed
@@ -224,6 +231,9 @@ impl Writer {
             clock_ms: i64::MIN,
             swept_hour: None,
             sealed_hour: state.sealed_hour,
+            late_hour: state.late_hour,
+            late_due: None,
+            unswept: None,
             retained_hour: state.retained_from_ms.map(hour_of),
             retain_days: cfg.retain_days,
             checkpointed_clock_ms: i64::MIN,
@@ -406,6 +416,13 @@ impl Writer {
                 return Ok(0);
             }
             Verdict::Open(key, open) => {
+                // Opened after the sweep of hours it outlived: it has no interim slice in
+                // them until the next sweep writes them.
+                if open.start_ns.is_some() && self.swept_hour.is_some_and(|s| open.covered < s) {
+                    let first = open.covered + 1;
+                    self.note_hour(first);
+                    self.unswept = Some(self.unswept.map_or(first, |u| u.min(first)));
+                }
                 let row = open_flows::open_row(&key, &open);
                 let seq = self.next_seq();
                 columns::append_journal(&mut self.journal, &row, seq)?;
@@ -485,11 +502,13 @@ impl Writer {
             let first = hour_of(s).max(open.map_or(i32::MIN, |o| o.covered.saturating_add(1)));
             for h in first..end_hour {
                 slice.hour = h;
+                self.note_hour(h);
                 slice.seq = self.next_seq();
                 columns::append_slice(&mut self.slices, &slice)?;
             }
         }
         slice.hour = end_hour;
+        self.note_hour(end_hour);
         slice.flags |= FINAL | flags;
         slice.end_ms = Some(end);
         slice.end_lo_ms = end_lo_ns.map(trail::start_ms);
@@ -515,7 +534,9 @@ impl Writer {
         // more memory than the open flows themselves.
         let (slices, next_seq, pending) = (&mut self.slices, &mut self.next_seq, &mut self.pending);
         let mut failed = None;
+        let mut oldest = None::<i32>;
         self.flows.sweep(ended, |k, v, h| {
+            oldest = Some(oldest.map_or(h, |o| o.min(h)));
             let mut slice = Slice::interim(
                 h,
                 k.proto,
@@ -538,8 +559,22 @@ impl Writer {
         if let Some(e) = failed {
             return Err(e);
         }
+        if let Some(h) = oldest {
+            self.note_hour(h);
+        }
+        self.unswept = None;
         self.swept_hour = Some(ended);
         Ok(())
+    }
+
+    /// A slice of `hour` was appended: a sealed hour's must be recorded as late.
+    fn note_hour(&mut self, hour: i32) {
+        if self.sealed_hour.is_some_and(|s| hour <= s)
+            && self.late_hour.is_none_or(|l| hour < l)
+            && self.late_due.is_none_or(|d| hour < d)
+        {
+            self.late_due = Some(hour);
+        }
     }
 
     fn dump_end(&mut self, at_ns: u64, alive_until_ns: Option<u64>) -> Result<usize, StoreError> {
@@ -573,6 +608,12 @@ impl Writer {
         self.checkpoint_open_flows()?;
         let t0 = Instant::now();
         let moved = trail::seal(&self.conn, upto)?;
+        // The late slices are sorted in now; flows opened since the sweep still lack some.
+        let still = self.unswept.filter(|h| *h <= upto);
+        if self.late_hour != still {
+            trail::set_late(&self.conn, still)?;
+            self.late_hour = still;
+        }
         super::database::release_freed_memory();
         self.sealed_hour = Some(upto);
         self.stats.partitions_sealed.fetch_add(1, Ordering::Relaxed);
@@ -612,6 +653,11 @@ impl Writer {
         let touch_due = self.touched_at.elapsed() >= SESSION_TOUCH;
         if self.pending == 0 && self.unpublished.is_empty() && self.held.is_empty() && !touch_due {
             return Ok(());
+        }
+        if let Some(h) = self.late_due {
+            trail::note_late(&self.conn, h)?;
+            self.late_hour = Some(h);
+            self.late_due = None;
         }
         self.slices.flush()?;
         self.journal.flush()?;
