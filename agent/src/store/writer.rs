@@ -144,9 +144,10 @@ pub struct Writer {
     clock_ms: i64,
     swept_hour: Option<i32>,
     sealed_hour: Option<i32>,
-    // The oldest sealed hour with late slices in trail_recent, as recorded in trail_state,
-    // and an older one appended since and not recorded yet (recorded before the slices are
-    // flushed, so that a reader never misses one).
+    // The oldest sealed hour that lacks slices the sorted trail will only get at the next seal
+    // (late ones in trail_recent, interim ones of a flow opened after their sweep), as
+    // recorded in trail_state, and an older one since, recorded at the next commit before
+    // the rows are flushed (so that a reader never misses one).
     late_hour: Option<i32>,
     late_due: Option<i32>,
     // The oldest hour a flow opened since the last sweep has no interim slice in.
@@ -567,7 +568,7 @@ impl Writer {
         Ok(())
     }
 
-    /// A slice of `hour` was appended: a sealed hour's must be recorded as late.
+    /// A slice of `hour` was appended, or a flow lacks one there: a sealed hour must be marked.
     fn note_hour(&mut self, hour: i32) {
         if self.sealed_hour.is_some_and(|s| hour <= s)
             && self.late_hour.is_none_or(|l| hour < l)
