@@ -88,11 +88,13 @@ impl Coverage {
     pub(crate) fn read(conn: &Connection) -> Result<Coverage, QueryError> {
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, epoch_us(started), epoch_us(coalesce(stopped, last_seen)),
-                        stopped IS NULL, NULL::INTEGER, NULL::INTEGER
+                // By name: a trail older than schema 11 (read as it is, the CLI does not
+                // migrate) has no late_hour, and its lookups then read every table.
+                "SELECT id, epoch_us(started) AS started,
+                        epoch_us(coalesce(stopped, last_seen)) AS ended, stopped IS NULL AS open
                  FROM capture_sessions
-                 UNION ALL
-                 SELECT NULL, retained_from, NULL, NULL, sealed_hour, late_hour FROM trail_state",
+                 UNION ALL BY NAME
+                 SELECT * FROM trail_state",
             )
             .map_err(QueryError::db("preparing the session query"))?;
         type Row = (
@@ -101,10 +103,16 @@ impl Coverage {
             Option<i64>,
             Option<bool>,
             Option<i32>,
+            Option<i64>,
             Option<i32>,
         );
         let rows: Vec<Row> = stmt
             .query_map([], |r| {
+                let late = if r.as_ref().column_count() > 6 {
+                    r.get(6)?
+                } else {
+                    Some(i32::MIN)
+                };
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
@@ -112,6 +120,7 @@ impl Coverage {
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
+                    late,
                 ))
             })
             .map_err(QueryError::db("reading capture sessions"))?
@@ -127,9 +136,9 @@ impl Coverage {
                     }
                 }
                 None => {
-                    cov.retained_from_ms = r.1;
                     cov.sealed_hour = r.4;
-                    cov.late_hour = r.5;
+                    cov.retained_from_ms = r.5;
+                    cov.late_hour = r.6;
                 }
             }
         }

@@ -405,6 +405,55 @@ mod tests {
     }
 
     #[test]
+    fn a_trail_of_schema_10_is_read_as_it_is() {
+        // The CLI reads a trail it does not migrate (a copy from an older agent): that schema
+        // has no late-hour mark, so a lookup there reads the open flows of sealed hours too.
+        use duckdb::types::Value;
+        let dir = std::env::temp_dir().join(format!("nattrail-who-v10-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.duckdb");
+        let c = crate::store::schema::database_at_version(&path, 10);
+        let hour = (T0 / 1_000_000 / 3_600_000) as i64;
+        c.execute("UPDATE trail_state SET sealed_hour = ?", [hour + 5])
+            .unwrap();
+        c.execute(
+            "INSERT INTO capture_sessions VALUES (1, make_timestamp(?), NULL, now()::TIMESTAMP, 'gw', 'old')",
+            [(T0 / 1_000) as i64 - 3_600_000_000],
+        )
+        .unwrap();
+        let a = |s: &str| Value::UHugeInt(ip(s).0);
+        c.execute(
+            "INSERT INTO open_flows (ct_id, zone, proto, orig_src, orig_dst, orig_sport,
+                 orig_dport, reply_src, reply_dst, reply_sport, reply_dport, family, start_us,
+                 by_dump)
+             VALUES (7, 0, 6, ?, ?, 6010, 443, ?, ?, 443, 41010, 4, ?, false)",
+            duckdb::params_from_iter([
+                a("10.77.2.2"),
+                a("198.51.100.2"),
+                a("198.51.100.2"),
+                a("198.51.100.1"),
+                Value::BigInt((T0 / 1_000) as i64),
+            ]),
+        )
+        .unwrap();
+        drop(c);
+        let db = Db {
+            dir: dir.clone(),
+            path,
+        };
+        let ans = db.who(41010, T0 + 10 * SEC, 0);
+        assert_eq!(ans.status, WhoStatus::Found, "{ans:?}");
+        assert_eq!(
+            (
+                ans.matches[0].flow.internal_ip.as_str(),
+                ans.matches[0].flow.open
+            ),
+            ("10.77.2.2", true)
+        );
+    }
+
+    #[test]
     fn inside_one_flow_is_found_with_counters() {
         let db = reuse_db("found");
         let a = db.who(40001, T0 + 5 * SEC, 1);
