@@ -254,7 +254,12 @@ impl Conditions {
 
     /// The protocol.
     pub(crate) fn proto(&mut self, p: Proto) {
-        let list = p.numbers_sql();
+        let list = p
+            .numbers()
+            .iter()
+            .map(u8::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         self.slices.push_str(&format!(" AND proto IN ({list})"));
         self.open.push_str(&format!(" AND proto IN ({list})"));
     }
@@ -470,14 +475,14 @@ impl Identity {
             i.start_ms
                 .map_or(i.end_ms.filter(|_| i.flags & 1 == 1), |_| None)
         };
-        (
-            self.proto,
-            self.zone,
-            self.src,
-            self.dst,
-            self.start_ms,
-            end(self),
-        ) == (o.proto, o.zone, o.src, o.dst, o.start_ms, end(o))
+        self.same_start(o, true) && end(self) == end(o)
+    }
+
+    /// The same flow as `o`, whose slice is in another hour (with another end or none);
+    /// `with_dst` once the destinations are read.
+    fn same_start(&self, o: &Identity, with_dst: bool) -> bool {
+        (self.proto, self.zone, self.src, self.start_ms) == (o.proto, o.zone, o.src, o.start_ms)
+            && (!with_dst || self.dst == o.dst)
     }
 }
 
@@ -512,11 +517,16 @@ pub(crate) fn matching(
          ORDER BY {order}{limit_sql}"
     );
     let rows = run(conn, &sql, &cond.params(&tail))?;
-    let cov = Coverage::read(conn)?;
+    // Read once, and only when an interim slice needs its end searched.
+    let mut cov = None;
     let mut out = Vec::with_capacity(rows.len());
     for (flow, id) in rows {
         out.push(if id.interim {
-            resolve(conn, &cov, flow, &id)?
+            let cov = match &cov {
+                Some(c) => c,
+                None => cov.insert(Coverage::read(conn)?),
+            };
+            resolve(conn, cov, flow, &id)?
         } else {
             flow
         });
@@ -596,15 +606,6 @@ fn resolve(
         params.extend(open_params(ip, port));
     }
     Ok(pick(run(conn, &parts.join(" UNION ALL "), &params)?)?.unwrap_or(interim))
-}
-
-impl Identity {
-    /// The same flow as `o`, whose slice is in another hour (with another end or none);
-    /// `with_dst` once the destinations are read.
-    fn same_start(&self, o: &Identity, with_dst: bool) -> bool {
-        (self.proto, self.zone, self.src, self.start_ms) == (o.proto, o.zone, o.src, o.start_ms)
-            && (!with_dst || self.dst == o.dst)
-    }
 }
 
 /// Reads the destinations of the sealed slices among `rows` from their hours' dictionaries,

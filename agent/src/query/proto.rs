@@ -14,17 +14,6 @@ pub enum Proto {
 }
 
 impl Proto {
-    /// The protocol numbers this filter matches, as a SQL list.
-    pub fn numbers_sql(self) -> &'static str {
-        match self {
-            Proto::Tcp => "6",
-            Proto::Udp => "17",
-            Proto::Icmp => "1, 58",
-        }
-    }
-}
-
-impl Proto {
     /// The protocol numbers this filter matches.
     pub fn numbers(self) -> &'static [u8] {
         match self {
