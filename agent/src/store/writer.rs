@@ -917,7 +917,7 @@ mod tests {
             source: "logscan",
             severity: "error",
             message: msg.to_string(),
-            metadata: serde_json::json!({}),
+            metadata: serde_json::json!({ "m": msg }),
         };
         let pos = |ts_ns: i64| Pos {
             ts_ns,
@@ -959,10 +959,17 @@ mod tests {
         let cursors = cursors::load(&db).unwrap();
         assert_eq!(cursors["a"], pos(40));
         assert_eq!(cursors["b"], pos(20));
-        let n: u64 = db
-            .query_row("SELECT count(*)::UBIGINT FROM event_log", [], |r| r.get(0))
+        // The table holds what the bus published, under the same ids, metadata as JSON.
+        let rows: String = db
+            .query_row(
+                "SELECT string_agg(id || ' ' || message || ' ' || (metadata->>'$.m'), ',' ORDER BY id)
+                 FROM event_log",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
-        assert_eq!(n, 5);
+        let published: Vec<String> = seen.iter().map(|(id, m)| format!("{id} {m} {m}")).collect();
+        assert_eq!(rows, published.join(","));
         // {a1, b1} then, after the held agent event, {a2, a's cursor}.
         assert_eq!(stats.log_commits.load(Ordering::Relaxed), 2);
         drop(db);
