@@ -261,6 +261,7 @@ fn restart(db: &Path) {
     let w = Writer::open(&cfg, Arc::clone(&stats)).expect("reopening the bench database");
     let took = t.elapsed();
     let open = stats.open_flows.load(Ordering::Relaxed);
+    memory(&w, "recovered");
     drop(w);
     let peak = peak_rss_mib();
     println!(

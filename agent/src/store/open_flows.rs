@@ -15,6 +15,10 @@ use crate::pipeline::flow::{Addr, Tuple};
 const FLOW_COLUMNS: &str = "ct_id, zone, proto, orig_src, orig_dst, orig_sport, orig_dport, \
      reply_src, reply_dst, reply_sport, reply_dport, family, start_us, by_dump";
 
+/// Rows a recovery statement reads at most: duckdb-rs holds a statement's whole result, and
+/// 2 M open flows read at once cost about 170 MiB on top of the table they fill.
+const PAGE: u64 = 100_000;
+
 /// How the open set was recovered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recovery {
@@ -56,51 +60,89 @@ fn flow_of(r: &Row<'_>) -> duckdb::Result<(FlowKey, OpenFlow)> {
 /// Fills `flows` with the trail's open flows: the checkpoint, then the flows opened and ended
 /// since, in the order they were written.
 pub fn recover(conn: &Connection, flows: &mut OpenFlows) -> Result<Recovery, StoreError> {
+    recover_in_pages(conn, flows, PAGE)
+}
+
+/// `recover`, reading at most `page` rows a statement.
+pub(super) fn recover_in_pages(
+    conn: &Connection,
+    flows: &mut OpenFlows,
+    page: u64,
+) -> Result<Recovery, StoreError> {
     let checkpoint: Option<u64> = conn
         .query_row("SELECT max(next_seq) FROM open_flows_checkpoint", [], |r| {
             r.get(0)
         })
         .map_err(db_err("reading the open-flow checkpoint"))?;
     let next_seq = checkpoint.unwrap_or(0);
+    let what = "reading the open-flow checkpoint";
+    let (first, last): (Option<i64>, Option<i64>) = conn
+        .query_row("SELECT min(rowid), max(rowid) FROM open_flows", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(db_err(what))?;
     let mut st = conn
-        .prepare(&format!("SELECT {FLOW_COLUMNS} FROM open_flows"))
-        .map_err(db_err("reading the open-flow checkpoint"))?;
+        .prepare(&format!(
+            "SELECT {FLOW_COLUMNS} FROM open_flows WHERE rowid >= ?1 AND rowid < ?2"
+        ))
+        .map_err(db_err(what))?;
     let mut loaded = 0;
-    for row in st
-        .query_map([], flow_of)
-        .map_err(db_err("reading the open-flow checkpoint"))?
-    {
-        let (k, v) = row.map_err(db_err("reading the open-flow checkpoint"))?;
-        flows.load(k, v);
-        loaded += 1;
+    if let (Some(first), Some(last)) = (first, last) {
+        for from in (first..=last).step_by(page as usize) {
+            for row in st
+                .query_map(params![from, from + page as i64], flow_of)
+                .map_err(db_err(what))?
+            {
+                let (k, v) = row.map_err(db_err(what))?;
+                flows.load(k, v);
+                loaded += 1;
+            }
+        }
     }
     // A journal row opens its flow, a final slice closes it. Both tables hold only what was
     // written since the last seal and checkpoint: small, whatever the history.
+    let what = "replaying the trail since the checkpoint";
+    let end: Option<u64> = conn
+        .query_row(
+            "SELECT greatest((SELECT max(seq) FROM open_journal),
+                             (SELECT max(seq) FROM trail_recent WHERE flags & 1 = 1))::UBIGINT",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_err(what))?;
     let mut st = conn
         .prepare(&format!(
-            "SELECT {FLOW_COLUMNS}, seq, false AS closes FROM open_journal WHERE seq >= ?1
+            "SELECT {FLOW_COLUMNS}, seq, false AS closes FROM open_journal
+             WHERE seq >= ?1 AND seq < ?2
              UNION ALL
              SELECT ct_id, zone, proto, nt_addr(src4, src6), nt_addr(dst4, dst6), src_port,
                     dst_port, 0::UHUGEINT, 0::UHUGEINT, 0::USMALLINT, 0::USMALLINT, 0::UTINYINT,
                     0::BIGINT, false, seq, true
-             FROM trail_recent WHERE seq >= ?1 AND flags & 1 = 1
+             FROM trail_recent WHERE seq >= ?1 AND seq < ?2 AND flags & 1 = 1
              ORDER BY seq"
         ))
-        .map_err(db_err("replaying the trail since the checkpoint"))?;
+        .map_err(db_err(what))?;
     let mut replayed = 0;
-    for row in st
-        .query_map(params![next_seq], |r| {
-            Ok((flow_of(r)?, r.get::<_, bool>(15)?))
-        })
-        .map_err(db_err("replaying the trail since the checkpoint"))?
-    {
-        let ((k, v), closes) = row.map_err(db_err("replaying the trail since the checkpoint"))?;
-        if closes {
-            flows.unload(&k);
-        } else {
-            flows.load(k, v);
+    if let Some(end) = end {
+        let mut from = next_seq;
+        while from <= end {
+            let to = from.saturating_add(page).min(end + 1);
+            for row in st
+                .query_map(params![from, to], |r| {
+                    Ok((flow_of(r)?, r.get::<_, bool>(15)?))
+                })
+                .map_err(db_err(what))?
+            {
+                let ((k, v), closes) = row.map_err(db_err(what))?;
+                if closes {
+                    flows.unload(&k);
+                } else {
+                    flows.load(k, v);
+                }
+                replayed += 1;
+            }
+            from = to;
         }
-        replayed += 1;
     }
     info!(
         open = flows.len(),

@@ -1019,6 +1019,44 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn a_recovery_read_in_pages_finds_the_same_open_flows() {
+        use EventKind::{Destroy, New};
+        let (dir, _, _, mut w) = test_writer("recoverpages");
+        // Two checkpoints, so that the second one's rows do not start at rowid 0.
+        w.write_batch((1..=4).map(|i| flow(New, i, 1000 + i as u16)))
+            .unwrap();
+        w.checkpoint_open_flows().unwrap();
+        w.write_batch([flow(Destroy, 2, 1002), flow(New, 5, 1005)])
+            .unwrap();
+        w.checkpoint_open_flows().unwrap();
+        // Since the checkpoint: opened, ended, opened again under a new id, and ended.
+        w.write_batch([
+            flow(New, 6, 1006),
+            flow(Destroy, 1, 1001),
+            flow(New, 7, 1007),
+            flow(Destroy, 6, 1006),
+            flow(New, 8, 1008),
+        ])
+        .unwrap();
+        let ids = |f: &OpenFlows| {
+            let mut v: Vec<u32> = f.iter().map(|(k, _)| k.ct_id).collect();
+            v.sort_unstable();
+            v
+        };
+        for page in [1, 2, 3, 100_000] {
+            let mut flows = OpenFlows::default();
+            let r = open_flows::recover_in_pages(&w.conn, &mut flows, page).unwrap();
+            assert_eq!(
+                (ids(&flows), r.loaded, r.replayed),
+                (vec![3, 4, 5, 7, 8], 4, 5),
+                "pages of {page} rows"
+            );
+        }
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// `who` for 203.0.113.1:`port` at `at`, no tolerance, as a live trail.
     fn who_at(
         conn: &Connection,
