@@ -83,17 +83,25 @@ pub(super) fn recover_in_pages(
         .map_err(db_err(what))?;
     let mut st = conn
         .prepare(&format!(
-            "SELECT {FLOW_COLUMNS} FROM open_flows WHERE rowid >= ?1 AND rowid < ?2"
+            "SELECT {FLOW_COLUMNS}, covered FROM open_flows WHERE rowid >= ?1 AND rowid < ?2"
         ))
         .map_err(db_err(what))?;
     let mut loaded = 0;
     if let (Some(first), Some(last)) = (first, last) {
         for from in (first..=last).step_by(page as usize) {
             for row in st
-                .query_map(params![from, from + page as i64], flow_of)
+                .query_map(params![from, from + page as i64], |r| {
+                    Ok((flow_of(r)?, r.get::<_, Option<i32>>(14)?))
+                })
                 .map_err(db_err(what))?
             {
-                let (k, v) = row.map_err(db_err(what))?;
+                let ((k, mut v), covered) = row.map_err(db_err(what))?;
+                // A flow of the journal or of an older checkpoint is taken as covered up to
+                // the hour before its start: the next sweep may write slices again, never
+                // miss one.
+                if let Some(c) = covered {
+                    v.covered = v.covered.max(c);
+                }
                 flows.load(k, v);
                 loaded += 1;
             }
@@ -173,6 +181,7 @@ pub fn checkpoint(
         app.begin_row()?;
         columns::append_open(&mut app, &open_row(&k, &v));
         app.set(13, v.by_dump);
+        app.set(14, v.covered);
         app.end_row();
     }
     app.flush()?;

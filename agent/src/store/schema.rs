@@ -61,6 +61,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "late slices of sealed hours",
         include_str!("../../../schemas/duckdb/0011_late_slices.sql"),
     ),
+    (
+        12,
+        "covered hours in the open-flow checkpoint",
+        include_str!("../../../schemas/duckdb/0012_checkpoint_covered.sql"),
+    ),
 ];
 
 /// Where migration 8 hands over to Rust to move the event rows (with progress logs).

@@ -1057,6 +1057,47 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn a_restart_writes_no_interim_slice_twice() {
+        const HOUR: u64 = 3_600_000_000_000;
+        let (dir, cfg, _, mut w) = test_writer("covered");
+        let t0 = 1_700_000_000_000_000_000u64;
+        let new = |id: u32, t_ns: u64| {
+            let mut ev = crate::store::reconcile::test_flow(EventKind::New, id, 1000 + id as u16);
+            ev.start_ns = Some(t_ns);
+            ev.event_ns = Some(t_ns);
+            WriterMsg::Flow {
+                ev,
+                received_ns: t_ns,
+            }
+        };
+        // Flows 1 and 2 open in hour H; flow 3's NEW two hours on sweeps H and H + 1.
+        w.write_batch([new(1, t0), new(2, t0), new(3, t0 + 2 * HOUR)])
+            .unwrap();
+        w.finish().unwrap();
+        // Restarted, flow 4's NEW an hour on sweeps H + 2: one slice for each of 1, 2 and 3.
+        let mut w = Writer::open(&cfg, Arc::new(WriterStats::default())).unwrap();
+        w.write_batch([new(4, t0 + 3 * HOUR)]).unwrap();
+        let db = w.conn.try_clone().unwrap();
+        w.finish().unwrap();
+        let (slices, distinct): (u64, u64) = db
+            .query_row(
+                "SELECT count(*)::UBIGINT, count(DISTINCT (hour, src_port))::UBIGINT FROM (
+                     SELECT hour, src_port FROM trail_recent WHERE flags & 1 = 0
+                     UNION ALL SELECT hour, src_port FROM flow_sealed WHERE flags & 1 = 0)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (slices, distinct),
+            (7, 7),
+            "flows 1, 2: H..=H+2; flow 3: H+2"
+        );
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// `who` for 203.0.113.1:`port` at `at`, no tolerance, as a live trail.
     fn who_at(
         conn: &Connection,
