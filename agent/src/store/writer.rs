@@ -40,6 +40,8 @@ counters! {
         rows: Counter(Sent),
         /// Hourly partitions sorted into the sealed trail.
         partitions_sealed: Counter,
+        /// Seals that failed and were rolled back (retried later; the hours stay readable).
+        seal_failures: Counter,
         /// Slices moved into sealed hours.
         slices_sealed: Counter,
         /// Slices removed by retention (`[store] retain_days`).
@@ -105,6 +107,9 @@ const COALESCE: Duration = Duration::from_millis(50);
 /// that queue meanwhile still land in it unsorted, later ones are sealed with the next hour.
 const SEAL_GRACE_MS: i64 = 120_000;
 
+/// After a failed seal, the next attempt waits this long (a warning each time).
+const SEAL_RETRY: Duration = Duration::from_secs(60);
+
 /// Log batches stored in one transaction at most.
 const MAX_LOG_BATCHES_PER_COMMIT: usize = 256;
 
@@ -154,6 +159,8 @@ pub struct Writer {
     unswept: Option<i32>,
     retained_hour: Option<i32>,
     retain_days: u32,
+    // After a failed seal: no attempt before this instant.
+    seal_retry_at: Option<Instant>,
     // The events' clock at the last checkpoint: a replayed or generated trail is checkpointed
     // as often, in its own time, as a live one.
     checkpointed_clock_ms: i64,
@@ -237,6 +244,7 @@ impl Writer {
             unswept: None,
             retained_hour: state.retained_from_ms.map(hour_of),
             retain_days: cfg.retain_days,
+            seal_retry_at: None,
             checkpointed_clock_ms: i64::MIN,
         };
         w.load_open_flows()?;
@@ -603,30 +611,31 @@ impl Writer {
             return Ok(());
         }
         let upto = hour_of(self.clock_ms - SEAL_GRACE_MS) - 1;
-        if self.sealed_hour.is_some_and(|h| h >= upto) || self.swept_hour.is_none_or(|h| h < upto) {
+        if self.sealed_hour.is_some_and(|h| h >= upto)
+            || self.swept_hour.is_none_or(|h| h < upto)
+            || self.seal_retry_at.is_some_and(|t| Instant::now() < t)
+        {
             return Ok(());
         }
         self.checkpoint_open_flows()?;
         let t0 = Instant::now();
-        let moved = trail::seal(&self.conn, upto)?;
-        // The late slices are sorted in now; flows opened since the sweep still lack some.
-        let still = self.unswept.filter(|h| *h <= upto);
-        if self.late_hour != still {
-            trail::set_late(&self.conn, still)?;
-            self.late_hour = still;
+        match trail::seal(&self.conn, upto) {
+            Ok(moved) => self.sealed(upto, moved, t0)?,
+            // Rolled back, the hours stay in trail_recent, where lookups read them: a seal
+            // that fails (DuckDB out of memory on a huge hour, say) must stop neither the
+            // capture nor retention, nor turn, through restarts, into capture gaps.
+            Err(e) => {
+                self.stats.seal_failures.fetch_add(1, Ordering::Relaxed);
+                self.seal_retry_at = Some(Instant::now() + SEAL_RETRY);
+                super::database::release_freed_memory();
+                warn!(
+                    hour = upto,
+                    error = %e,
+                    retry_in_s = SEAL_RETRY.as_secs(),
+                    "sealing failed and was rolled back: the hours stay unsorted until it succeeds"
+                );
+            }
         }
-        super::database::release_freed_memory();
-        self.sealed_hour = Some(upto);
-        self.stats.partitions_sealed.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .slices_sealed
-            .fetch_add(moved as u64, Ordering::Relaxed);
-        debug!(
-            hour = upto,
-            slices = moved,
-            ms = t0.elapsed().as_millis() as u64,
-            "hour sealed"
-        );
         if self.retain_days > 0 {
             let from = hour_of(self.clock_ms) - (self.retain_days as i32).saturating_mul(24);
             if self.retained_hour.is_none_or(|h| h < from) {
@@ -645,6 +654,30 @@ impl Writer {
             }
         }
         self.refresh_oldest()
+    }
+
+    /// Records a seal of the hours up to `upto` that moved `moved` slices.
+    fn sealed(&mut self, upto: i32, moved: usize, t0: Instant) -> Result<(), StoreError> {
+        self.seal_retry_at = None;
+        // The late slices are sorted in now; flows opened since the sweep still lack some.
+        let still = self.unswept.filter(|h| *h <= upto);
+        if self.late_hour != still {
+            trail::set_late(&self.conn, still)?;
+            self.late_hour = still;
+        }
+        super::database::release_freed_memory();
+        self.sealed_hour = Some(upto);
+        self.stats.partitions_sealed.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .slices_sealed
+            .fetch_add(moved as u64, Ordering::Relaxed);
+        debug!(
+            hour = upto,
+            slices = moved,
+            ms = t0.elapsed().as_millis() as u64,
+            "hour sealed"
+        );
+        Ok(())
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
@@ -1095,6 +1128,70 @@ mod tests {
             "flows 1, 2: H..=H+2; flow 3: H+2"
         );
         drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_seal_is_rolled_back_and_retried_while_capture_goes_on() {
+        use EventKind::{Destroy, New};
+        const SEC: u64 = 1_000_000_000;
+        let (dir, _, stats, mut w) = test_writer("sealfail");
+        // 800 s into hour H.
+        let t0 = 1_700_000_000_000_000_000u64;
+        let at = |kind, id: u32, start: u64, t: u64| {
+            let mut ev = crate::store::reconcile::test_flow(kind, id, 1000 + id as u16);
+            ev.start_ns = Some(start);
+            ev.event_ns = Some(t);
+            WriterMsg::Flow { ev, received_ns: t }
+        };
+        let count = |conn: &Connection, table: &str| -> u64 {
+            conn.query_row(&format!("SELECT count(*)::UBIGINT FROM {table}"), [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        let other = w.conn.try_clone().unwrap();
+        // The seal of hour H fails: its dictionary table is gone for a while.
+        other
+            .execute_batch("ALTER TABLE trail_dst RENAME TO trail_dst_away")
+            .unwrap();
+        let late = t0 + 3_900 * SEC;
+        w.write_batch([
+            at(New, 1, t0, t0),
+            at(Destroy, 1, t0, t0 + 10 * SEC),
+            at(New, 2, late, late),
+        ])
+        .unwrap();
+        let unsealed = count(&other, "trail_recent");
+        assert_eq!(unsealed, 1, "flow 1's final slice");
+        assert_eq!(
+            (
+                stats.seal_failures.load(Ordering::Relaxed),
+                stats.partitions_sealed.load(Ordering::Relaxed),
+                count(&other, "flow_sealed"),
+            ),
+            (1, 0, 0)
+        );
+        // Capture goes on, and no new attempt before the retry is due.
+        w.write_batch([at(New, 3, late, late + SEC)]).unwrap();
+        assert_eq!(stats.seal_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(open_ids(&w), [2, 3]);
+        // The table is back and the retry is due: the hour is sealed whole.
+        other
+            .execute_batch("ALTER TABLE trail_dst_away RENAME TO trail_dst")
+            .unwrap();
+        w.seal_retry_at = None;
+        w.write_batch([at(New, 4, late, late + 2 * SEC)]).unwrap();
+        assert_eq!(
+            (
+                stats.seal_failures.load(Ordering::Relaxed),
+                stats.partitions_sealed.load(Ordering::Relaxed),
+                count(&other, "flow_sealed"),
+                count(&other, "trail_recent"),
+            ),
+            (1, 1, unsealed, 0)
+        );
+        drop((w, other));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
