@@ -32,14 +32,19 @@ pub fn insert(conn: &Connection, e: LogEvent) -> Result<StoredEvent, StoreError>
             )
         })
         .map_err(db_err("writing an event-log row"))?;
-    Ok(StoredEvent {
+    Ok(stored(id, e))
+}
+
+/// `e` as stored under `id`.
+fn stored(id: u64, e: LogEvent) -> StoredEvent {
+    StoredEvent {
         id,
         ts_ns: e.ts_ns,
         source: e.source,
         severity: e.severity,
         message: e.message,
         metadata: e.metadata,
-    })
+    }
 }
 
 /// Stores the hits and cursors of several batches in one transaction: one commit however
@@ -91,7 +96,7 @@ fn append(conn: &Connection, events: Vec<LogEvent>) -> Result<Vec<StoredEvent>, 
         .map_err(db_err(what))?;
     ids.sort_unstable();
     let mut app = conn.appender("event_log").map_err(db_err(what))?;
-    let mut stored = Vec::with_capacity(events.len());
+    let mut rows = Vec::with_capacity(events.len());
     for (id, e) in ids.into_iter().zip(events) {
         app.append_row(params![
             id,
@@ -102,17 +107,10 @@ fn append(conn: &Connection, events: Vec<LogEvent>) -> Result<Vec<StoredEvent>, 
             e.metadata.to_string()
         ])
         .map_err(db_err(what))?;
-        stored.push(StoredEvent {
-            id,
-            ts_ns: e.ts_ns,
-            source: e.source,
-            severity: e.severity,
-            message: e.message,
-            metadata: e.metadata,
-        });
+        rows.push(stored(id, e));
     }
     app.flush().map_err(db_err(what))?;
-    Ok(stored)
+    Ok(rows)
 }
 
 /// A capture gap of `source`: its row in `capture_gaps`, and the agent event that announces

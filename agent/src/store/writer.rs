@@ -1020,6 +1020,17 @@ mod tests {
         }
     }
 
+    /// Flow `id` (client port 1000 + `id`), started at `start_ns`, an event of it at `t_ns`.
+    fn flow_at(kind: EventKind, id: u32, start_ns: u64, t_ns: u64) -> WriterMsg {
+        let mut ev = crate::store::reconcile::test_flow(kind, id, 1000 + id as u16);
+        ev.start_ns = Some(start_ns);
+        ev.event_ns = Some(t_ns);
+        WriterMsg::Flow {
+            ev,
+            received_ns: t_ns,
+        }
+    }
+
     fn open_ids(w: &Writer) -> Vec<u32> {
         let mut ids: Vec<u32> = w.flows.iter().map(|(k, _)| k.ct_id).collect();
         ids.sort_unstable();
@@ -1095,15 +1106,7 @@ mod tests {
         const HOUR: u64 = 3_600_000_000_000;
         let (dir, cfg, _, mut w) = test_writer("covered");
         let t0 = 1_700_000_000_000_000_000u64;
-        let new = |id: u32, t_ns: u64| {
-            let mut ev = crate::store::reconcile::test_flow(EventKind::New, id, 1000 + id as u16);
-            ev.start_ns = Some(t_ns);
-            ev.event_ns = Some(t_ns);
-            WriterMsg::Flow {
-                ev,
-                received_ns: t_ns,
-            }
-        };
+        let new = |id: u32, t_ns: u64| flow_at(EventKind::New, id, t_ns, t_ns);
         // Flows 1 and 2 open in hour H; flow 3's NEW two hours on sweeps H and H + 1.
         w.write_batch([new(1, t0), new(2, t0), new(3, t0 + 2 * HOUR)])
             .unwrap();
@@ -1138,12 +1141,7 @@ mod tests {
         let (dir, _, stats, mut w) = test_writer("sealfail");
         // 800 s into hour H.
         let t0 = 1_700_000_000_000_000_000u64;
-        let at = |kind, id: u32, start: u64, t: u64| {
-            let mut ev = crate::store::reconcile::test_flow(kind, id, 1000 + id as u16);
-            ev.start_ns = Some(start);
-            ev.event_ns = Some(t);
-            WriterMsg::Flow { ev, received_ns: t }
-        };
+        let at = flow_at;
         let count = |conn: &Connection, table: &str| -> u64 {
             conn.query_row(&format!("SELECT count(*)::UBIGINT FROM {table}"), [], |r| {
                 r.get(0)
