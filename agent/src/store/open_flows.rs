@@ -69,14 +69,14 @@ pub(super) fn recover_in_pages(
     flows: &mut OpenFlows,
     page: u64,
 ) -> Result<Recovery, StoreError> {
+    let what = "reading the open-flow checkpoint";
     let checkpoint: Option<u64> = conn
         .query_row("SELECT max(next_seq) FROM open_flows_checkpoint", [], |r| {
             r.get(0)
         })
-        .map_err(db_err("reading the open-flow checkpoint"))?;
+        .map_err(db_err(what))?;
     let next_seq = checkpoint.unwrap_or(0);
-    let what = "reading the open-flow checkpoint";
-    let (first, last): (Option<i64>, Option<i64>) = conn
+    let (first, last): (Option<u64>, Option<u64>) = conn
         .query_row("SELECT min(rowid), max(rowid) FROM open_flows", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })
@@ -87,24 +87,21 @@ pub(super) fn recover_in_pages(
         ))
         .map_err(db_err(what))?;
     let mut loaded = 0;
-    if let (Some(first), Some(last)) = (first, last) {
-        for from in (first..=last).step_by(page as usize) {
-            for row in st
-                .query_map(params![from, from + page as i64], |r| {
-                    Ok((flow_of(r)?, r.get::<_, Option<i32>>(14)?))
-                })
-                .map_err(db_err(what))?
-            {
-                let ((k, mut v), covered) = row.map_err(db_err(what))?;
-                // A flow of the journal or of an older checkpoint is taken as covered up to
-                // the hour before its start: the next sweep may write slices again, never
-                // miss one.
-                if let Some(c) = covered {
-                    v.covered = v.covered.max(c);
-                }
-                flows.load(k, v);
-                loaded += 1;
+    for (from, to) in pages(first, last, page) {
+        for row in st
+            .query_map(params![from, to], |r| {
+                Ok((flow_of(r)?, r.get::<_, Option<i32>>(14)?))
+            })
+            .map_err(db_err(what))?
+        {
+            let ((k, mut v), covered) = row.map_err(db_err(what))?;
+            // NULL (a checkpoint of an older writer): covered up to the hour before its start,
+            // as a journal row is; the next sweep may write slices again, never miss one.
+            if let Some(c) = covered {
+                v.covered = v.covered.max(c);
             }
+            flows.load(k, v);
+            loaded += 1;
         }
     }
     // A journal row opens its flow, a final slice closes it. Both tables hold only what was
@@ -131,25 +128,20 @@ pub(super) fn recover_in_pages(
         ))
         .map_err(db_err(what))?;
     let mut replayed = 0;
-    if let Some(end) = end {
-        let mut from = next_seq;
-        while from <= end {
-            let to = from.saturating_add(page).min(end + 1);
-            for row in st
-                .query_map(params![from, to], |r| {
-                    Ok((flow_of(r)?, r.get::<_, bool>(15)?))
-                })
-                .map_err(db_err(what))?
-            {
-                let ((k, v), closes) = row.map_err(db_err(what))?;
-                if closes {
-                    flows.unload(&k);
-                } else {
-                    flows.load(k, v);
-                }
-                replayed += 1;
+    for (from, to) in pages(Some(next_seq), end, page) {
+        for row in st
+            .query_map(params![from, to], |r| {
+                Ok((flow_of(r)?, r.get::<_, bool>(15)?))
+            })
+            .map_err(db_err(what))?
+        {
+            let ((k, v), closes) = row.map_err(db_err(what))?;
+            if closes {
+                flows.unload(&k);
+            } else {
+                flows.load(k, v);
             }
-            from = to;
+            replayed += 1;
         }
     }
     info!(
@@ -163,6 +155,18 @@ pub(super) fn recover_in_pages(
         loaded,
         replayed,
     })
+}
+
+/// Half-open ranges `[from, to)` of at most `page` values covering `first..=last` (none when
+/// either is unknown or `first` is past `last`).
+fn pages(first: Option<u64>, last: Option<u64>, page: u64) -> impl Iterator<Item = (u64, u64)> {
+    let (first, end) = match (first, last) {
+        (Some(f), Some(l)) if f <= l => (f, l + 1),
+        _ => (0, 0),
+    };
+    (first..end)
+        .step_by(page as usize)
+        .map(move |from| (from, from.saturating_add(page).min(end)))
 }
 
 /// Saves `flows` as the open set of every row before `next_seq` (call it right after a
