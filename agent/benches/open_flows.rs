@@ -8,6 +8,10 @@
 //!   (an interim slice per open flow, then the seal) and a clean stop; peak RSS;
 //! - `restart`: the writer opened again on that file, recovering the 2 M open flows.
 //!
+//! Run alone, `NATTRAIL_OPEN_FLOWS_PHASE=seal NATTRAIL_BENCH_SEAL_DB=<file>` seals the unsealed
+//! hours of a trail with the writer's DuckDB settings and reports time and peak RSS (for an
+//! hour larger than the bench makes).
+//!
 //! Target: ≤ 64 B per open flow, and the writer with 2 M open flows within 256 MiB RSS.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -19,7 +23,9 @@ use std::time::Instant;
 
 use nattrail::pipeline::flow::{Addr, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
 use nattrail::pipeline::messages::WriterMsg;
+use nattrail::store::database::{Database, OpenOptions};
 use nattrail::store::reconcile::OpenFlows;
+use nattrail::store::trail;
 use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 use nattrail_lab::memory::peak_rss_mib;
 
@@ -154,7 +160,8 @@ fn table() {
     );
 }
 
-/// The agent's default writer settings; NATTRAIL_BENCH_DUCKDB_MB overrides DuckDB's limit.
+/// The agent's default writer settings; NATTRAIL_BENCH_DUCKDB_MB overrides DuckDB's limit,
+/// NATTRAIL_BENCH_DUCKDB_THREADS its threads.
 fn writer_config(db: &Path) -> WriterConfig {
     let defaults = WriterConfig::from_config(&nattrail::config::Config::default());
     WriterConfig {
@@ -163,6 +170,10 @@ fn writer_config(db: &Path) -> WriterConfig {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(defaults.memory_limit_mb),
+        threads: std::env::var("NATTRAIL_BENCH_DUCKDB_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(defaults.threads),
         ..defaults
     }
 }
@@ -271,7 +282,49 @@ fn restart(db: &Path) {
     println!("RESULT restart_rss={peak} open={open}");
 }
 
+/// Seals every unsealed hour of `db` (in a transaction rolled back after, so the file can be
+/// sealed again): how long and how much memory an hour of that size takes.
+fn seal(db: &Path) {
+    let cfg = writer_config(db);
+    let db = Database::open(
+        db,
+        OpenOptions {
+            read_only: false,
+            memory_limit_mb: Some(cfg.memory_limit_mb),
+            threads: Some(cfg.threads),
+        },
+    )
+    .expect("opening the trail to seal");
+    let conn = db.connect().expect("connection");
+    let (slices, hour): (i64, Option<i32>) = conn
+        .query_row("SELECT count(*), max(hour) FROM trail_recent", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .expect("counting the unsealed slices");
+    let hour = hour.expect("the trail has unsealed slices");
+    let t = Instant::now();
+    conn.execute_batch("BEGIN TRANSACTION").expect("begin");
+    let sealed = trail::seal_in_transaction(&conn, hour);
+    let took = t.elapsed();
+    conn.execute_batch("ROLLBACK").expect("rollback");
+    println!(
+        "seal: {slices} slices up to hour {hour} at {} MiB, {} thread(s): {} in {:.1} s; peak RSS {} MiB",
+        cfg.memory_limit_mb,
+        cfg.threads,
+        match sealed {
+            Ok(n) => format!("{n} sealed"),
+            Err(e) => format!("FAILED ({e})"),
+        },
+        took.as_secs_f64(),
+        peak_rss_mib()
+    );
+}
+
 fn main() {
+    if let Ok("seal") = std::env::var("NATTRAIL_OPEN_FLOWS_PHASE").as_deref() {
+        let db = std::env::var_os("NATTRAIL_BENCH_SEAL_DB").expect("NATTRAIL_BENCH_SEAL_DB");
+        return seal(Path::new(&db));
+    }
     let dir = std::env::var_os("NATTRAIL_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/nattrail-bench"));

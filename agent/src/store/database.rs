@@ -80,6 +80,8 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// DuckDB's memory limit; None keeps DuckDB's default.
     pub memory_limit_mb: Option<u64>,
+    /// DuckDB's worker threads; None keeps DuckDB's default (one per core).
+    pub threads: Option<u32>,
 }
 
 /// The owned result of `duckdb_create_config`, destroyed on drop.
@@ -181,6 +183,7 @@ impl Database {
             let roomy = OpenOptions {
                 read_only: false,
                 memory_limit_mb: Some(migration_memory_mb().max(opts.memory_limit_mb.unwrap_or(0))),
+                threads: None,
             };
             drop(Self::open_once(path, roomy)?);
         }
@@ -209,6 +212,9 @@ impl Database {
         }
         if let Some(mb) = opts.memory_limit_mb {
             config.set(path, "memory_limit", &format!("{}MiB", mb.max(64)))?;
+        }
+        if let Some(n) = opts.threads {
+            config.set(path, "threads", &n.max(1).to_string())?;
         }
         for (k, v) in LOCKDOWN {
             config.set(path, k, v)?;

@@ -87,7 +87,12 @@ pub fn seal(conn: &Connection, hour: i32) -> Result<usize, StoreError> {
 }
 
 /// `seal` inside the caller's transaction.
-fn seal_in_transaction(conn: &Connection, hour: i32) -> Result<usize, StoreError> {
+pub fn seal_in_transaction(conn: &Connection, hour: i32) -> Result<usize, StoreError> {
+    seal_in_chunks(conn, hour, SEAL_CHUNK)
+}
+
+/// `seal_in_transaction`, each sorted insert of at most `chunk` slices.
+fn seal_in_chunks(conn: &Connection, hour: i32, chunk: i64) -> Result<usize, StoreError> {
     let (n, first): (i64, Option<i32>) = conn
         .query_row(
             "SELECT count(*), min(hour) FROM trail_recent WHERE hour <= ?",
@@ -100,9 +105,9 @@ fn seal_in_transaction(conn: &Connection, hour: i32) -> Result<usize, StoreError
     };
     // Hours sealed before (late slices of an old hour) keep their dictionary entries; new
     // destinations get the ids after the hour's last.
-    // Both statements read trail_recent itself: a temp table of its rows held them all in
-    // memory, uncompressed (253 MiB for 2 M slices), and made the seal slower (4.7 s against
-    // 3.1 s for those 2 M).
+    // The slices joined to their ids go to a table of the file, compressed and evicted under
+    // pressure (a temp table held them in memory, uncompressed: 253 MiB for 2 M slices), and
+    // are sorted from there in chunks, each within DuckDB's limit whatever the hour's size.
     conn.execute_batch(&format!(
         "INSERT INTO trail_dst
              SELECT n.hour, (coalesce(m.top + 1, 0)
@@ -117,7 +122,7 @@ fn seal_in_transaction(conn: &Connection, hour: i32) -> Result<usize, StoreError
                  WHERE d.hour BETWEEN {first} AND {hour} AND d.hour = n.hour
                    AND nt_addr(d.dst4, d.dst6) = n.dkey AND d.dst_port = n.dst_port)
              ORDER BY n.hour, n.dkey, n.dst_port;
-         INSERT INTO flow_sealed
+         CREATE TABLE nt_seal AS
              SELECT s.hour, s.flags, s.proto, s.zone, s.pub4, s.pub6, s.pub_port, s.src4, s.src6,
                     s.src_port, d.id, s.dnat4, s.dnat6, s.dnat_port, s.start_ms, s.end_ms,
                     s.end_lo_ms, s.packets_out, s.bytes_out, s.packets_in, s.bytes_in
@@ -125,14 +130,63 @@ fn seal_in_transaction(conn: &Connection, hour: i32) -> Result<usize, StoreError
              JOIN (SELECT * FROM trail_dst WHERE hour BETWEEN {first} AND {hour}) d
                ON d.hour = s.hour AND nt_addr(d.dst4, d.dst6) = nt_addr(s.dst4, s.dst6)
                   AND d.dst_port = s.dst_port
-             WHERE s.hour <= {hour}
-             ORDER BY s.{order};
+             WHERE s.hour <= {hour};"
+    ))
+    .map_err(db_err(format!("sealing the hours {first}..={hour}")))?;
+    for (h, v6, lo, hi) in seal_chunks(conn, chunk)? {
+        conn.execute(
+            &format!(
+                "INSERT INTO flow_sealed SELECT * FROM nt_seal
+                 WHERE hour = ? AND (pub6 IS NOT NULL) = ? AND pub_port BETWEEN ? AND ?
+                 ORDER BY {SEAL_ORDER}"
+            ),
+            params![h, v6, lo, hi],
+        )
+        .map_err(db_err(format!(
+            "sealing hour {h}, public ports {lo}..={hi} of IPv{}",
+            if v6 { 6 } else { 4 }
+        )))?;
+    }
+    conn.execute_batch(&format!(
+        "DROP TABLE nt_seal;
          DELETE FROM trail_recent WHERE hour <= {hour};
-         UPDATE trail_state SET sealed_hour = greatest(coalesce(sealed_hour, {hour}), {hour});",
-        order = SEAL_ORDER.replace(", ", ", s.")
+         UPDATE trail_state SET sealed_hour = greatest(coalesce(sealed_hour, {hour}), {hour});"
     ))
     .map_err(db_err(format!("sealing the hours {first}..={hour}")))?;
     Ok(n as usize)
+}
+
+/// The most slices one sorted insert of a seal takes. DuckDB sorts an insert's rows in
+/// memory it cannot spill: in one statement, an hour of 10 M slices ran out of memory at a
+/// limit of 128 MiB, sealed at 256; in chunks of this size it seals at 64 MiB.
+const SEAL_CHUNK: i64 = 1_000_000;
+
+/// The pieces `nt_seal` is sorted into `flow_sealed` in, in the sealed order: (hour, IPv6,
+/// first port, last port), each of at most `chunk` slices unless one run of 256 ports holds
+/// more. Consecutive pieces of the sealed order, so that the hour ends up sorted whole.
+fn seal_chunks(conn: &Connection, chunk: i64) -> Result<Vec<(i32, bool, u16, u16)>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT hour, pub6 IS NOT NULL, pub_port // 256, count(*) FROM nt_seal
+             GROUP BY ALL ORDER BY ALL",
+        )
+        .map_err(db_err("counting the slices to seal by port"))?;
+    let runs: Vec<(i32, bool, u16, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .and_then(|rows| rows.collect())
+        .map_err(db_err("counting the slices to seal by port"))?;
+    let mut chunks: Vec<(i32, bool, u16, u16, i64)> = Vec::new();
+    for (hour, v6, run, n) in runs {
+        let (lo, hi) = (run * 256, run * 256 + 255);
+        match chunks.last_mut() {
+            Some(c) if (c.0, c.1) == (hour, v6) && c.4 + n <= chunk => {
+                c.3 = hi;
+                c.4 += n;
+            }
+            _ => chunks.push((hour, v6, lo, hi, n)),
+        }
+    }
+    Ok(chunks.into_iter().map(|c| (c.0, c.1, c.2, c.3)).collect())
 }
 
 /// Records that `hour`, already sealed, lacks slices that `trail_recent` or the open flows
@@ -291,4 +345,75 @@ pub fn move_events(conn: &Connection) -> Result<(), StoreError> {
         "migration 8: events moved into hourly slices"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::database::Database;
+
+    #[test]
+    fn a_seal_in_chunks_sorts_the_hours_whole() {
+        let dir = std::env::temp_dir().join(format!("nattrail-chunks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Database::open_rw(&dir.join("t.duckdb")).unwrap();
+        let conn = db.connect().unwrap();
+        // 2 hours x (IPv4, IPv6) x 600 slices, public ports spread over every run of 256,
+        // destinations repeating; written in no order.
+        conn.execute_batch(
+            "INSERT INTO trail_recent
+             SELECT 10 + i % 2, 1, 6, 0,
+                    CASE WHEN i % 5 = 0 THEN NULL ELSE (i * 7) % 3 END,
+                    CASE WHEN i % 5 = 0 THEN 42::UHUGEINT END,
+                    ((i * 40503) % 65536)::USMALLINT, 1, NULL, (i % 60000)::USMALLINT,
+                    i % 37, NULL, 443, NULL, NULL, NULL, 36000000 + i, 36000001 + i, NULL,
+                    1, 2, 3, 4, i, i
+             FROM range(2400) t(i)",
+        )
+        .unwrap();
+        let want: Vec<(i32, Option<u32>, u16, i64)> = conn
+            .prepare(&format!(
+                "SELECT hour, pub4, pub_port, start_ms FROM trail_recent ORDER BY {SEAL_ORDER}"
+            ))
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        conn.execute_batch("BEGIN TRANSACTION").unwrap();
+        conn.execute_batch("CREATE TABLE nt_seal AS SELECT * FROM trail_recent")
+            .unwrap();
+        let chunks = seal_chunks(&conn, 100).unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+        // Pieces of at most 100 slices (a run of 256 ports holds 9 or 10 here), in order.
+        assert!(chunks.len() >= 24, "{}", chunks.len());
+        assert!(
+            chunks
+                .windows(2)
+                .all(|w| (w[0].0, w[0].1, w[0].3) < (w[1].0, w[1].1, w[1].2))
+        );
+        conn.execute_batch("BEGIN TRANSACTION").unwrap();
+        assert_eq!(seal_in_chunks(&conn, 11, 100).unwrap(), 2400);
+        conn.execute_batch("COMMIT").unwrap();
+        let got: Vec<(i32, Option<u32>, u16, i64)> = conn
+            .prepare("SELECT hour, pub4, pub_port, start_ms FROM flow_sealed ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        // Compared row by row: the first slice out of order, if any.
+        assert_eq!(got.len(), want.len());
+        assert_eq!(got.iter().zip(&want).position(|(g, w)| g != w), None);
+        let left: (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM trail_recent),
+                        (SELECT count(*) FROM duckdb_tables() WHERE table_name = 'nt_seal')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(left, (0, 0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

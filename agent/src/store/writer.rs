@@ -76,6 +76,8 @@ pub struct WriterConfig {
     pub commit_interval: Duration,
     /// DuckDB's memory limit, in MiB (buffer pool and appender buffers).
     pub memory_limit_mb: u64,
+    /// DuckDB's worker threads.
+    pub threads: u32,
     /// Days of flows kept (0: all).
     pub retain_days: u32,
 }
@@ -88,6 +90,7 @@ impl WriterConfig {
             batch_rows: cfg.store.batch_rows,
             commit_interval: Duration::from_millis(cfg.store.commit_interval_ms),
             memory_limit_mb: cfg.store.memory_limit_mb,
+            threads: cfg.store.threads,
             retain_days: cfg.store.retain_days,
         }
     }
@@ -175,6 +178,7 @@ impl Writer {
             OpenOptions {
                 read_only: false,
                 memory_limit_mb: Some(cfg.memory_limit_mb),
+                threads: Some(cfg.threads),
             },
         )?;
         let conn = db.connect()?;
