@@ -52,7 +52,8 @@ fn decode_round(grams: &[&[u8]], per_round: usize, target: usize) -> f64 {
 /// every `batch_rows` as the agent does; returns events/s, rows and the file size.
 fn store_round(grams: &[&[u8]], per_round: usize, target: usize, db: &Path) -> (f64, u64, u64) {
     // The agent's default store settings, so the figure is what a default install gets;
-    // NATTRAIL_BENCH_DUCKDB_MB and NATTRAIL_BENCH_DUCKDB_THREADS compare others.
+    // NATTRAIL_BENCH_DUCKDB_MB, NATTRAIL_BENCH_DUCKDB_THREADS and NATTRAIL_BENCH_BATCH_ROWS
+    // compare others.
     let defaults = WriterConfig::from_config(&nattrail::config::Config::default());
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
     let cfg = WriterConfig {
