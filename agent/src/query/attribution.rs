@@ -126,10 +126,21 @@ type Row = (
 /// The schema version from which the trail holds socket rows and container runs.
 pub const SINCE_SCHEMA: u32 = 10;
 
-/// Fills in `attribution` for each flow, in one statement for all of them.
+/// Fills in `attribution` for each flow: with no socket row near any of them (every flow a
+/// gateway forwards), from the socket programs' coverage alone; else in one statement that
+/// joins the socket rows to their processes and containers.
 pub fn attribute<'a>(
     conn: &Connection,
     flows: impl IntoIterator<Item = &'a mut FlowRow>,
+) -> Result<(), QueryError> {
+    attribute_as(conn, flows, false)
+}
+
+/// `attribute`; `joined` always runs the joining statement (tests compare both ways).
+fn attribute_as<'a>(
+    conn: &Connection,
+    flows: impl IntoIterator<Item = &'a mut FlowRow>,
+    joined: bool,
 ) -> Result<(), QueryError> {
     let mut flows: Vec<&'a mut FlowRow> = flows.into_iter().collect();
     let keys: Vec<(usize, Key)> = flows
@@ -140,7 +151,21 @@ pub fn attribute<'a>(
     for f in flows.iter_mut() {
         f.attribution = Some(Attribution::bare(OwnerStatus::Unknown));
     }
-    if keys.is_empty() {
+    let (Some(first), Some(last)) = (
+        keys.iter().map(|k| k.1.start_us).min(),
+        keys.iter().map(|k| k.1.start_us).max(),
+    ) else {
+        return Ok(());
+    };
+    // The joining statement costs 10-20 ms here, mostly planning (its text differs at each
+    // call, so no plan is cached); these three statements 2-7 ms.
+    if !joined && !sockets_between(conn, first - WINDOW_US, last + WINDOW_US)? {
+        let watch = Watch::read(conn, first - WINDOW_US, last + WINDOW_US)?;
+        for (i, k) in &keys {
+            if watch.watched(k.start_us) {
+                flows[*i].attribution = Some(Attribution::bare(OwnerStatus::None));
+            }
+        }
         return Ok(());
     }
     // The tuples are numbers this process parsed and formats itself: no text from a caller
@@ -233,6 +258,67 @@ pub fn attribute<'a>(
     Ok(())
 }
 
+/// Whether any socket row lies between two instants (µs).
+fn sockets_between(conn: &Connection, from_us: i64, to_us: i64) -> Result<bool, QueryError> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM socket_events
+                        WHERE ts BETWEEN make_timestamp(?) AND make_timestamp(?))",
+    )
+    .and_then(|mut st| st.query_row(duckdb::params![from_us, to_us], |r| r.get(0)))
+    .map_err(QueryError::db("looking for socket rows"))
+}
+
+/// When the socket programs watched, as the joining statement's `watched` reads it: a
+/// session's coverage began by `t - WINDOW_US` and the session had not stopped by `t`, and
+/// no eBPF gap meets `t ± WINDOW_US`.
+struct Watch {
+    /// (coverage from, session stopped), µs.
+    covered: Vec<(i64, Option<i64>)>,
+    /// eBPF gaps (start, end), µs.
+    gaps: Vec<(i64, i64)>,
+}
+
+impl Watch {
+    /// The coverage and gaps that can matter to flows started between `from_us + WINDOW_US`
+    /// and `to_us - WINDOW_US`.
+    fn read(conn: &Connection, from_us: i64, to_us: i64) -> Result<Self, QueryError> {
+        let covered = conn
+            .prepare_cached(
+                "SELECT epoch_us(e.sockets_from), epoch_us(cs.stopped)
+                 FROM ebpf_coverage e JOIN capture_sessions cs ON cs.id = e.session_id
+                 WHERE e.sockets_from <= make_timestamp(?)",
+            )
+            .and_then(|mut st| {
+                st.query_map([to_us], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(QueryError::db("reading the socket programs' coverage"))?;
+        let gaps = conn
+            .prepare_cached(
+                "SELECT epoch_us(start), epoch_us(\"end\") FROM capture_gaps
+                 WHERE source = 'ebpf' AND start <= make_timestamp(?)
+                   AND \"end\" >= make_timestamp(?)",
+            )
+            .and_then(|mut st| {
+                st.query_map([to_us, from_us], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(QueryError::db("reading the socket programs' gaps"))?;
+        Ok(Watch { covered, gaps })
+    }
+
+    /// Whether a flow started at `t` (µs) was watched.
+    fn watched(&self, t: i64) -> bool {
+        self.covered
+            .iter()
+            .any(|&(from, stopped)| from <= t - WINDOW_US && stopped.is_none_or(|s| s >= t))
+            && !self
+                .gaps
+                .iter()
+                .any(|&(start, end)| start <= t + WINDOW_US && end >= t - WINDOW_US)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,13 +377,9 @@ mod tests {
         .unwrap();
     }
 
-    #[test]
-    fn flows_are_named_by_tuple_time_and_cgroup_and_the_rest_says_why_not() {
-        let dir = std::env::temp_dir().join(format!("nattrail-attr-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let db = Database::open(&dir.join("t.duckdb"), OpenOptions::default()).unwrap();
-        let conn = db.connect().unwrap();
+    /// A session watched from T0 + 10 s, an eBPF gap at 100-101 s, three containers and
+    /// sockets at 20, 33, 60 and 80 s.
+    fn fixture(conn: &Connection) {
         let s = |us: i64| format!("make_timestamp({us})");
         conn.execute_batch(&format!(
             "INSERT INTO capture_sessions VALUES (1, {}, NULL, {}, 'h', 'v');
@@ -322,14 +404,14 @@ mod tests {
         // The first container's flow, and the second's from the same address and port.
         let owner = |pid, cgroup, netns| Owner { pid, cgroup, netns };
         socket(
-            &conn,
+            conn,
             "172.17.0.2",
             40000,
             T0 + 20_000_000,
             owner(101, 11, 7),
         );
         socket(
-            &conn,
+            conn,
             "172.17.0.2",
             40000,
             T0 + 60_000_000,
@@ -337,20 +419,24 @@ mod tests {
         );
         // A socket whose first packet lies 3 s from the flow's start: another flow.
         socket(
-            &conn,
+            conn,
             "172.17.0.2",
             40001,
             T0 + 33_000_000,
             owner(303, 12, 7),
         );
         // The third container's socket: cgroup 1 is the root, shared by every such task.
-        socket(
-            &conn,
-            "172.18.0.2",
-            40002,
-            T0 + 80_000_000,
-            owner(404, 1, 9),
-        );
+        socket(conn, "172.18.0.2", 40002, T0 + 80_000_000, owner(404, 1, 9));
+    }
+
+    #[test]
+    fn flows_are_named_by_tuple_time_and_cgroup_and_the_rest_says_why_not() {
+        let dir = std::env::temp_dir().join(format!("nattrail-attr-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Database::open(&dir.join("t.duckdb"), OpenOptions::default()).unwrap();
+        let conn = db.connect().unwrap();
+        fixture(&conn);
         let mut flows = [
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 20_000_500),
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 60_000_100),
@@ -382,6 +468,51 @@ mod tests {
                 (OwnerStatus::Local, Some(404), Some("third".into())),
             ]
         );
+        drop(conn);
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn without_socket_rows_near_the_flows_the_coverage_alone_answers_the_same() {
+        let dir = std::env::temp_dir().join(format!("nattrail-attr-fast-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Database::open(&dir.join("t.duckdb"), OpenOptions::default()).unwrap();
+        let conn = db.connect().unwrap();
+        fixture(&conn);
+        let statuses = |at: &[i64], joined: bool| -> Vec<OwnerStatus> {
+            let mut flows: Vec<FlowRow> = at
+                .iter()
+                .map(|t| flow("10.0.0.5", 50000, "192.0.2.9", 443, T0 + t))
+                .collect();
+            attribute_as(&conn, flows.iter_mut(), joined).unwrap();
+            flows
+                .iter()
+                .map(|f| f.attribution.as_ref().unwrap().status)
+                .collect()
+        };
+        use OwnerStatus::{None as NotLocal, Unknown};
+        for (at, want) in [
+            // Watched, no socket within 2 s: forwarded.
+            (vec![40_000_000, 41_000_000], vec![NotLocal, NotLocal]),
+            // Within 2 s of the eBPF gap: unknown.
+            (
+                vec![97_000_000, 99_000_000, 102_500_000],
+                vec![NotLocal, Unknown, Unknown],
+            ),
+            // Before the socket programs' coverage began (with its 2 s of slack).
+            (
+                vec![5_000_000, 11_000_000, 12_000_000],
+                vec![Unknown, Unknown, NotLocal],
+            ),
+        ] {
+            let first = T0 + at[0] - WINDOW_US;
+            let last = T0 + at[at.len() - 1] + WINDOW_US;
+            assert!(!sockets_between(&conn, first, last).unwrap(), "{at:?}");
+            assert_eq!(statuses(&at, false), want, "{at:?}");
+            assert_eq!(statuses(&at, true), want, "{at:?}");
+        }
         drop(conn);
         drop(db);
         let _ = std::fs::remove_dir_all(&dir);
