@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use nattrail::pipeline::flow::{Addr, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
 use nattrail::pipeline::messages::WriterMsg;
-use nattrail::store::database::{Database, OpenOptions};
+use nattrail::store::database::Database;
 use nattrail::store::reconcile::OpenFlows;
 use nattrail::store::trail;
 use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
@@ -286,15 +286,7 @@ fn restart(db: &Path) {
 /// sealed again): how long and how much memory an hour of that size takes.
 fn seal(db: &Path) {
     let cfg = writer_config(db);
-    let db = Database::open(
-        db,
-        OpenOptions {
-            read_only: false,
-            memory_limit_mb: Some(cfg.memory_limit_mb),
-            threads: Some(cfg.threads),
-        },
-    )
-    .expect("opening the trail to seal");
+    let db = Database::open(db, cfg.open_options()).expect("opening the trail to seal");
     let conn = db.connect().expect("connection");
     let (slices, hour): (i64, Option<i32>) = conn
         .query_row("SELECT count(*), max(hour) FROM trail_recent", [], |r| {

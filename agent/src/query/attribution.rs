@@ -120,15 +120,15 @@ type Row = (
     Option<String>,
     Option<String>,
     Option<String>,
-    bool,
 );
 
 /// The schema version from which the trail holds socket rows and container runs.
 pub const SINCE_SCHEMA: u32 = 10;
 
-/// Fills in `attribution` for each flow: with no socket row near any of them (every flow a
-/// gateway forwards), from the socket programs' coverage alone; else in one statement that
-/// joins the socket rows to their processes and containers.
+/// Fills in `attribution` for each flow: `none` or `unknown` from the socket programs'
+/// coverage and gaps, then, when socket rows lie near the flows (none do for the flows a
+/// gateway forwards), the owners in one statement that joins them to their processes and
+/// containers.
 pub fn attribute<'a>(
     conn: &Connection,
     flows: impl IntoIterator<Item = &'a mut FlowRow>,
@@ -136,7 +136,8 @@ pub fn attribute<'a>(
     attribute_as(conn, flows, false)
 }
 
-/// `attribute`; `joined` always runs the joining statement (tests compare both ways).
+/// `attribute`; `joined` runs the joining statement even without socket rows near the flows
+/// (tests compare both ways).
 fn attribute_as<'a>(
     conn: &Connection,
     flows: impl IntoIterator<Item = &'a mut FlowRow>,
@@ -157,15 +158,15 @@ fn attribute_as<'a>(
     ) else {
         return Ok(());
     };
-    // The joining statement costs 10-20 ms here, mostly planning (its text differs at each
-    // call, so no plan is cached); these three statements 2-7 ms.
-    if !joined && !sockets_between(conn, first - WINDOW_US, last + WINDOW_US)? {
-        let watch = Watch::read(conn, first - WINDOW_US, last + WINDOW_US)?;
-        for (i, k) in &keys {
-            if watch.watched(k.start_us) {
-                flows[*i].attribution = Some(Attribution::bare(OwnerStatus::None));
-            }
+    let watch = Watch::read(conn, first - WINDOW_US, last + WINDOW_US)?;
+    for (i, k) in &keys {
+        if watch.watched(k.start_us) {
+            flows[*i].attribution = Some(Attribution::bare(OwnerStatus::None));
         }
+    }
+    // The joining statement costs 10-20 ms here, mostly planning (its text differs at each
+    // call, so no plan is cached); the statements before it 2-7 ms.
+    if !joined && !sockets_between(conn, first - WINDOW_US, last + WINDOW_US)? {
         return Ok(());
     }
     // The tuples are numbers this process parsed and formats itself: no text from a caller
@@ -203,14 +204,8 @@ fn attribute_as<'a>(
             LEFT JOIN containers c
               ON (c.cgroup_id = s.cgroup_id OR (c.cgroup_id IS NULL AND c.netns = s.netns))
              AND s.ts >= c.started AND (c.ended IS NULL OR s.ts <= c.ended))
-         SELECT f.i, o.pid, o.comm, o.uid, o.netns, o.exe, o.cid, o.name, o.workload, o.image,
-                EXISTS (SELECT 1 FROM ebpf_coverage e JOIN capture_sessions cs ON cs.id = e.session_id
-                        WHERE e.sockets_from <= make_timestamp(f.t - {WINDOW_US})
-                          AND (cs.stopped IS NULL OR cs.stopped >= make_timestamp(f.t)))
-                AND NOT EXISTS (SELECT 1 FROM capture_gaps g WHERE g.source = 'ebpf'
-                        AND g.start <= make_timestamp(f.t + {WINDOW_US})
-                        AND g.\"end\" >= make_timestamp(f.t - {WINDOW_US})) AS watched
-         FROM f LEFT JOIN owned o ON o.i = f.i AND o.rank = 1"
+         SELECT i, pid, comm, uid, netns, exe, cid, name, workload, image
+         FROM owned WHERE rank = 1"
     );
     let mut stmt = conn
         .prepare(&sql)
@@ -228,31 +223,30 @@ fn attribute_as<'a>(
                 r.get(7)?,
                 r.get(8)?,
                 r.get(9)?,
-                r.get(10)?,
             ))
         })
         .map_err(QueryError::db("running the attribution query"))?
         .collect::<Result<_, _>>()
         .map_err(QueryError::db("reading attributions"))?;
-    for (i, pid, comm, uid, netns, exe, cid, name, workload, image, watched) in rows {
+    for (i, pid, comm, uid, netns, exe, cid, name, workload, image) in rows {
+        // A socket row without its process leaves the flow as the coverage says.
         let Some(f) = usize::try_from(i).ok().and_then(|i| flows.get_mut(i)) else {
             continue;
         };
-        f.attribution = Some(match pid {
-            Some(_) => Attribution {
-                status: OwnerStatus::Local,
-                pid,
-                comm,
-                exe,
-                uid,
-                netns,
-                container_id: cid,
-                container: name,
-                workload,
-                image,
-            },
-            None if watched => Attribution::bare(OwnerStatus::None),
-            None => Attribution::bare(OwnerStatus::Unknown),
+        if pid.is_none() {
+            continue;
+        }
+        f.attribution = Some(Attribution {
+            status: OwnerStatus::Local,
+            pid,
+            comm,
+            exe,
+            uid,
+            netns,
+            container_id: cid,
+            container: name,
+            workload,
+            image,
         });
     }
     Ok(())
@@ -268,8 +262,7 @@ fn sockets_between(conn: &Connection, from_us: i64, to_us: i64) -> Result<bool, 
     .map_err(QueryError::db("looking for socket rows"))
 }
 
-/// When the socket programs watched, as the joining statement's `watched` reads it: a
-/// session's coverage began by `t - WINDOW_US` and the session had not stopped by `t`, and
+/// When the socket programs watched: a session's coverage began by `t - WINDOW_US` and the session had not stopped by `t`, and
 /// no eBPF gap meets `t ± WINDOW_US`.
 struct Watch {
     /// (coverage from, session stopped), µs.
@@ -377,6 +370,16 @@ mod tests {
         .unwrap();
     }
 
+    /// A fresh database in a scratch folder named after `name`, filled by `fixture`.
+    fn fixture_db(name: &str) -> (std::path::PathBuf, Database) {
+        let dir = std::env::temp_dir().join(format!("nattrail-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Database::open(&dir.join("t.duckdb"), OpenOptions::default()).unwrap();
+        fixture(&db.connect().unwrap());
+        (dir, db)
+    }
+
     /// A session watched from T0 + 10 s, an eBPF gap at 100-101 s, three containers and
     /// sockets at 20, 33, 60 and 80 s.
     fn fixture(conn: &Connection) {
@@ -431,12 +434,8 @@ mod tests {
 
     #[test]
     fn flows_are_named_by_tuple_time_and_cgroup_and_the_rest_says_why_not() {
-        let dir = std::env::temp_dir().join(format!("nattrail-attr-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let db = Database::open(&dir.join("t.duckdb"), OpenOptions::default()).unwrap();
+        let (dir, db) = fixture_db("attr");
         let conn = db.connect().unwrap();
-        fixture(&conn);
         let mut flows = [
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 20_000_500),
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 60_000_100),
@@ -475,12 +474,8 @@ mod tests {
 
     #[test]
     fn without_socket_rows_near_the_flows_the_coverage_alone_answers_the_same() {
-        let dir = std::env::temp_dir().join(format!("nattrail-attr-fast-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let db = Database::open(&dir.join("t.duckdb"), OpenOptions::default()).unwrap();
+        let (dir, db) = fixture_db("attr-fast");
         let conn = db.connect().unwrap();
-        fixture(&conn);
         let statuses = |at: &[i64], joined: bool| -> Vec<OwnerStatus> {
             let mut flows: Vec<FlowRow> = at
                 .iter()

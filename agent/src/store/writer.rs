@@ -83,6 +83,15 @@ pub struct WriterConfig {
 }
 
 impl WriterConfig {
+    /// How the writer opens its database: read-write, with DuckDB's limit and threads.
+    pub fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            read_only: false,
+            memory_limit_mb: Some(self.memory_limit_mb),
+            threads: Some(self.threads),
+        }
+    }
+
     /// The writer settings of an agent configuration.
     pub fn from_config(cfg: &crate::config::Config) -> Self {
         WriterConfig {
@@ -173,14 +182,7 @@ impl Writer {
     /// Opens (and migrates) the database, loads the open flows and starts a capture session.
     pub fn open(cfg: &WriterConfig, stats: Arc<WriterStats>) -> Result<Self, StoreError> {
         super::database::fix_mmap_threshold();
-        let db = Database::open(
-            &cfg.db_path,
-            OpenOptions {
-                read_only: false,
-                memory_limit_mb: Some(cfg.memory_limit_mb),
-                threads: Some(cfg.threads),
-            },
-        )?;
+        let db = Database::open(&cfg.db_path, cfg.open_options())?;
         let conn = db.connect()?;
         let slices = db.appender("trail_recent")?;
         slices.expect_types(&SLICE_COLUMNS)?;
