@@ -62,6 +62,9 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
         r.get(0)
     })?;
     ensure!(sealed >= 47, "only {sealed} hours sealed");
+    // Two days of hours: two days' tables (a third when the last hours pass midnight).
+    let days = nattrail::store::days::list(&conn)?;
+    ensure!((2..=3).contains(&days.len()), "days with tables: {days:?}");
     check(&conn, &cases, "as written")?;
     drop(conn);
     // A crash: no clean stop, no last checkpoint. The open flows come back from the

@@ -48,6 +48,23 @@ fn cases_path(db: &Path) -> PathBuf {
 /// Makes the default trail once (minutes for 40 M flows).
 fn ensure_trail(db: &Path) -> Result<()> {
     if db.exists() && cases_path(db).exists() {
+        // A trail of an older schema would be read as it is (the CLI does not migrate),
+        // which is not what the agent reads once started: migrate it first.
+        let version: u32 = nattrail::store::schema::open_ro(db)?.query_row(
+            "SELECT max(version) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )?;
+        if version < nattrail::store::schema::SCHEMA_VERSION {
+            let t = Instant::now();
+            drop(nattrail::store::database::Database::open_rw(db)?);
+            println!(
+                "{}: migrated from schema {version} in {:.1} s (the blocks it freed stay in \
+                 the file: delete it for a fresh trail and a true size)",
+                db.display(),
+                t.elapsed().as_secs_f64()
+            );
+        }
         return Ok(());
     }
     std::fs::create_dir_all(db.parent().context("a directory")?)?;

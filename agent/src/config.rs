@@ -305,7 +305,8 @@ pub struct StoreConfig {
     pub memory_limit_mb: u64,
     /// DuckDB's worker threads in the agent (hourly seals, checkpoints, API queries).
     pub threads: u32,
-    /// Keep this many days of flows; older hours are removed whole. 0 keeps everything.
+    /// Keep at least this many days of flows; older UTC days are removed whole. 0 keeps
+    /// everything.
     pub retain_days: u32,
 }
 

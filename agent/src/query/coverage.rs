@@ -80,6 +80,23 @@ pub(crate) struct Coverage {
     pub(crate) sealed_hour: Option<i32>,
     /// The oldest sealed hour with late slices still in `trail_recent`.
     pub(crate) late_hour: Option<i32>,
+    /// The days with sealed tables (schema 13 on); `None`: a trail older than that, read as
+    /// it is, whose one table `flow_sealed` holds every hour.
+    days: Option<Vec<i32>>,
+}
+
+/// The sealed tables holding some hours: a day's pair (or an older trail's one pair), and
+/// the hours of the window in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Partition {
+    /// The slices.
+    pub(crate) sealed: String,
+    /// Their destinations.
+    pub(crate) dst: String,
+    /// First hour of the window in these tables.
+    pub(crate) first: i32,
+    /// Last hour of the window in these tables.
+    pub(crate) last: i32,
 }
 
 impl Coverage {
@@ -105,13 +122,20 @@ impl Coverage {
             Option<i32>,
             Option<i64>,
             Option<i32>,
+            Option<Vec<i32>>,
         );
         let rows: Vec<Row> = stmt
             .query_map([], |r| {
-                let late = if r.as_ref().column_count() > 6 {
+                let columns = r.as_ref().column_count();
+                let late = if columns > 6 {
                     r.get(6)?
                 } else {
                     Some(i32::MIN)
+                };
+                let days = if columns > 7 {
+                    Some(crate::store::days::from_value(&r.get(7)?))
+                } else {
+                    None
                 };
                 Ok((
                     r.get(0)?,
@@ -121,6 +145,7 @@ impl Coverage {
                     r.get(4)?,
                     r.get(5)?,
                     late,
+                    days,
                 ))
             })
             .map_err(QueryError::db("reading capture sessions"))?
@@ -139,12 +164,37 @@ impl Coverage {
                     cov.sealed_hour = r.4;
                     cov.retained_from_ms = r.5;
                     cov.late_hour = r.6;
+                    cov.days = r.7;
                 }
             }
         }
         sessions.sort_unstable_by_key(|s| s.0);
         cov.sessions = sessions.into_iter().map(|s| s.1).collect();
         Ok(cov)
+    }
+
+    /// The sealed tables holding hours of `first..=last`, oldest first, each with the hours
+    /// of the window it holds.
+    pub(crate) fn partitions(&self, first: i32, last: i32) -> Vec<Partition> {
+        use crate::store::days::{Layout, day_of, dst_table, sealed_table};
+        match &self.days {
+            None => vec![Partition {
+                sealed: sealed_table(Layout::Single, 0),
+                dst: dst_table(Layout::Single, 0),
+                first,
+                last,
+            }],
+            Some(days) => days
+                .iter()
+                .filter(|d| (day_of(first)..=day_of(last)).contains(d))
+                .map(|&d| Partition {
+                    sealed: sealed_table(Layout::Daily, d),
+                    dst: dst_table(Layout::Daily, d),
+                    first: first.max(d * 24),
+                    last: last.min(d * 24 + 23),
+                })
+                .collect(),
+        }
     }
 
     /// Whether the sorted trail alone may miss a flow of the hours up to `hour`: they are not

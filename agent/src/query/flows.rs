@@ -8,7 +8,7 @@ use duckdb::{Connection, Row};
 use serde::{Deserialize, Serialize};
 
 use super::QueryError;
-use super::coverage::Coverage;
+use super::coverage::{Coverage, Partition};
 use super::proto::Proto;
 use crate::pipeline::clock::rfc3339_us;
 use crate::pipeline::flow::{Addr, proto_name};
@@ -100,7 +100,29 @@ const SELECT: &str = "hour, flags, proto, zone, src4, src6, src_port, pub4, pub6
 /// costs a lookup more than a second statement for the few rows found.
 const SEALED_SELECT: &str = "SELECT hour, flags, proto, zone, src4, src6, src_port, pub4, pub6,
      pub_port, NULL::UINTEGER, NULL::UHUGEINT, NULL::USMALLINT, start_ms, end_ms, end_lo_ms,
-     bytes_out, packets_out, bytes_in, packets_in, NULL::UINTEGER, dst_id FROM flow_sealed";
+     bytes_out, packets_out, bytes_in, packets_in, NULL::UINTEGER, dst_id FROM";
+
+/// `SELECT`s of the sealed slices of public `ip:port` in the hours of `parts` matching
+/// `extra` (SQL on the slice's columns), joined by UNION ALL, and their parameters.
+fn sealed_parts(
+    parts: &[Partition],
+    ip: IpAddr,
+    port: u16,
+    extra: &str,
+) -> (Vec<String>, Vec<Value>) {
+    let mut sql = Vec::new();
+    let mut params = Vec::new();
+    for p in parts {
+        let (c, v) = public_condition(ip, port);
+        sql.push(format!(
+            "{SEALED_SELECT} {} WHERE {c} AND hour BETWEEN ? AND ?{extra}",
+            p.sealed
+        ));
+        params.extend(v);
+        params.extend([Value::Int(p.first), Value::Int(p.last)]);
+    }
+    (sql, params)
+}
 
 /// `SELECT` from an open-flow table (its addresses are 16-byte, IPv4 mapped).
 const OPEN_SELECT: &str = "NULL::INTEGER, CASE WHEN by_dump THEN 10 ELSE 8 END::UTINYINT,
@@ -191,6 +213,8 @@ pub(crate) struct Conditions {
     slice_params: Vec<Value>,
     open: String,
     open_params: Vec<Value>,
+    /// The hours `hours` bounds the slices to.
+    span: (Option<i32>, Option<i32>),
 }
 
 impl Conditions {
@@ -266,6 +290,7 @@ impl Conditions {
 
     /// Slices of these hours only (open flows have no hour).
     pub(crate) fn hours(&mut self, from: Option<i32>, to: Option<i32>) {
+        self.span = (from, to);
         if let Some(h) = from {
             self.slices.push_str(" AND hour >= ?");
             self.slice_params.push(Value::Int(h));
@@ -276,12 +301,13 @@ impl Conditions {
         }
     }
 
-    /// The parameters of a query that reads flow_trail, trail_recent, open_journal and
-    /// open_flows in that order, then `tail`.
-    fn params(&self, tail: &[Value]) -> Vec<Value> {
+    /// The parameters of a query that reads `sealed` sealed tables, trail_recent,
+    /// open_journal and open_flows in that order, then `tail`.
+    fn params(&self, sealed: usize, tail: &[Value]) -> Vec<Value> {
         let mut v = Vec::new();
-        v.extend(self.slice_params.iter().cloned());
-        v.extend(self.slice_params.iter().cloned());
+        for _ in 0..=sealed {
+            v.extend(self.slice_params.iter().cloned());
+        }
         v.extend(self.open_params.iter().cloned());
         v.extend(self.open_params.iter().cloned());
         v.extend(tail.iter().cloned());
@@ -392,12 +418,9 @@ pub(crate) fn covering(
     let mut parts = Vec::new();
     let mut params = Vec::new();
     if let Some(sealed) = cov.sealed_hour.filter(|s| *s >= first) {
-        let (c, p) = public_condition(ep.ip, ep.port);
-        parts.push(format!(
-            "{SEALED_SELECT} WHERE {c} AND hour BETWEEN ? AND ?"
-        ));
+        let (sql, p) = sealed_parts(&cov.partitions(first, last.min(sealed)), ep.ip, ep.port, "");
+        parts.extend(sql);
         params.extend(p);
-        params.extend([Value::Int(first), Value::Int(last.min(sealed))]);
     }
     // Sealed hours hold a slice of every flow alive in them (an interim one for a flow open
     // across their end), unless marked.
@@ -422,7 +445,7 @@ pub(crate) fn covering(
     rows.retain(|(_, id)| {
         ep.proto.is_none_or(|p| p.numbers().contains(&id.proto)) && id.meets(lo_ms, hi_ms)
     });
-    fill_destinations(conn, &mut rows)?;
+    fill_destinations(conn, cov, &mut rows)?;
     let dst_ip = ep.dst_ip.map(Addr::from);
     let wanted = |id: &Identity| {
         dst_ip.is_none_or(|a| id.dst.0 == a) && ep.dst_port.is_none_or(|p| id.dst.1 == p)
@@ -504,10 +527,31 @@ pub(crate) fn matching(
     }
     let s = &cond.slices;
     let open = open_slices(&cond.open);
+    // The sealed tables of the hours asked only: each table a scan considers costs its
+    // row groups' metadata.
+    let cov = Coverage::read(conn)?;
+    let parts = cov.partitions(
+        cond.span.0.unwrap_or(i32::MIN),
+        cond.span.1.unwrap_or(i32::MAX),
+    );
+    let sealed: String = parts
+        .iter()
+        .map(|p| {
+            format!(
+                "SELECT * FROM (SELECT s.hour, s.flags, s.proto, s.zone, s.pub4, s.pub6,
+                     s.pub_port, s.src4, s.src6, s.src_port, d.dst4, d.dst6, d.dst_port,
+                     s.dnat4, s.dnat6, s.dnat_port, s.start_ms, s.end_ms, s.end_lo_ms,
+                     s.packets_out, s.bytes_out, s.packets_in, s.bytes_in,
+                     NULL::UINTEGER AS ct_id, NULL::UBIGINT AS seq
+                 FROM {} s JOIN {} d ON d.hour = s.hour AND d.id = s.dst_id) WHERE true {s}
+                 UNION ALL ",
+                p.sealed, p.dst
+            )
+        })
+        .collect();
     let sql = format!(
         "SELECT {SELECT} FROM (
-            SELECT * FROM flow_trail WHERE true {s}
-            UNION ALL SELECT * FROM trail_recent WHERE true {s}
+            {sealed}SELECT * FROM trail_recent WHERE true {s}
             UNION ALL {open})
          WHERE true {window}
          QUALIFY row_number() OVER (
@@ -516,17 +560,11 @@ pub(crate) fn matching(
             ORDER BY flags & 1 DESC, flags & 8 DESC, flags & 4, hour DESC) = 1
          ORDER BY {order}{limit_sql}"
     );
-    let rows = run(conn, &sql, &cond.params(&tail))?;
-    // Read once, and only when an interim slice needs its end searched.
-    let mut cov = None;
+    let rows = run(conn, &sql, &cond.params(parts.len(), &tail))?;
     let mut out = Vec::with_capacity(rows.len());
     for (flow, id) in rows {
         out.push(if id.interim {
-            let cov = match &cov {
-                Some(c) => c,
-                None => cov.insert(Coverage::read(conn)?),
-            };
-            resolve(conn, cov, flow, &id)?
+            resolve(conn, &cov, flow, &id)?
         } else {
             flow
         });
@@ -567,7 +605,7 @@ fn resolve(
     // Its final slice (exact end first), else its open record.
     let pick = |mut rows: Vec<(FlowRow, Identity)>| -> Result<Option<FlowRow>, QueryError> {
         rows.retain(|(_, c)| !c.interim && c.same_start(id, false));
-        fill_destinations(conn, &mut rows)?;
+        fill_destinations(conn, cov, &mut rows)?;
         Ok(rows
             .into_iter()
             .filter(|(_, c)| c.same_start(id, true))
@@ -582,10 +620,11 @@ fn resolve(
         if from > to {
             break;
         }
-        let (c, mut params) = public_condition(ip, port);
-        params.extend([Value::Int(from), Value::Int(to)]);
-        let sql = format!("{SEALED_SELECT} WHERE {c} AND hour BETWEEN ? AND ? AND flags & 1 = 1");
-        if let Some(flow) = pick(run(conn, &sql, &params)?)? {
+        let (sql, params) = sealed_parts(&cov.partitions(from, to), ip, port, " AND flags & 1 = 1");
+        if sql.is_empty() {
+            continue;
+        }
+        if let Some(flow) = pick(run(conn, &sql.join(" UNION ALL "), &params)?)? {
             return Ok(flow);
         }
     }
@@ -612,6 +651,7 @@ fn resolve(
 /// in one statement.
 fn fill_destinations(
     conn: &Connection,
+    cov: &Coverage,
     rows: &mut [(FlowRow, Identity)],
 ) -> Result<(), QueryError> {
     let keys: Vec<(i32, u32)> = rows
@@ -624,23 +664,39 @@ fn fill_destinations(
     ) else {
         return Ok(());
     };
-    let list = vec!["?"; keys.len()].join(", ");
-    let sql = format!(
-        "SELECT hour, id, dst4, dst6, dst_port FROM trail_dst
-         WHERE hour BETWEEN ? AND ? AND id IN ({list})"
-    );
-    let mut params = vec![Value::Int(lo), Value::Int(hi)];
-    params.extend(keys.iter().map(|k| Value::UInt(k.1)));
-    let mut stmt = conn
-        .prepare_cached(&sql)
-        .map_err(QueryError::db("preparing the destination query"))?;
-    let found: Vec<((i32, u32), (Addr, u16))> = stmt
-        .query_map(duckdb::params_from_iter(params.iter()), |r| {
+    let mut parts = Vec::new();
+    let mut params = Vec::new();
+    for p in cov.partitions(lo, hi) {
+        let ids: Vec<u32> = keys
+            .iter()
+            .filter(|k| (p.first..=p.last).contains(&k.0))
+            .map(|k| k.1)
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        parts.push(format!(
+            "SELECT hour, id, dst4, dst6, dst_port FROM {}
+             WHERE hour BETWEEN ? AND ? AND id IN ({})",
+            p.dst,
+            vec!["?"; ids.len()].join(", ")
+        ));
+        params.extend([Value::Int(p.first), Value::Int(p.last)]);
+        params.extend(ids.into_iter().map(Value::UInt));
+    }
+    let found: Vec<((i32, u32), (Addr, u16))> = if parts.is_empty() {
+        Vec::new()
+    } else {
+        let mut stmt = conn
+            .prepare_cached(&parts.join(" UNION ALL "))
+            .map_err(QueryError::db("preparing the destination query"))?;
+        stmt.query_map(duckdb::params_from_iter(params.iter()), |r| {
             Ok(((r.get(0)?, r.get(1)?), (read_addr(r, 2)?, r.get(4)?)))
         })
         .map_err(QueryError::db("reading destinations"))?
         .collect::<Result<_, _>>()
-        .map_err(QueryError::db("reading destinations"))?;
+        .map_err(QueryError::db("reading destinations"))?
+    };
     for (f, id) in rows.iter_mut() {
         let Some(key) = id.hour.zip(id.dst_id) else {
             continue;

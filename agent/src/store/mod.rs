@@ -5,6 +5,7 @@ pub mod chunk_appender;
 pub mod columns;
 pub mod cursors;
 pub mod database;
+pub mod days;
 pub mod event_log;
 pub mod files;
 pub mod gaps;

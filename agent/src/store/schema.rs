@@ -66,10 +66,30 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "covered hours in the open-flow checkpoint",
         include_str!("../../../schemas/duckdb/0012_checkpoint_covered.sql"),
     ),
+    (
+        13,
+        "sealed hours in daily tables",
+        include_str!("../../../schemas/duckdb/0013_daily_tables.sql"),
+    ),
 ];
 
-/// Where migration 8 hands over to Rust to move the event rows (with progress logs).
-const MOVE_MARKER: &str = "-- MOVE THE EVENTS HERE";
+/// A migration's part written in Rust, inside its transaction.
+type RustStep = fn(&Connection) -> Result<(), StoreError>;
+
+/// Where a migration hands over to Rust (with progress logs): migration 8 to move the event
+/// rows into slices, migration 13 to split the sealed hours into daily tables.
+const RUST_STEPS: &[(u32, &str, RustStep)] = &[
+    (
+        8,
+        "-- MOVE THE EVENTS HERE",
+        crate::store::trail::move_events,
+    ),
+    (
+        13,
+        "-- SPLIT THE SEALED DAYS HERE",
+        crate::store::days::split,
+    ),
+];
 
 /// The migrations up to `version`, for tests that build an old database.
 #[cfg(test)]
@@ -258,13 +278,14 @@ pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> 
                 }
             })?;
         }
-        let (before, after) = sql.split_once(MOVE_MARKER).unwrap_or((sql, ""));
+        let step = RUST_STEPS.iter().find(|s| s.0 == version);
+        let (before, after) = step.and_then(|s| sql.split_once(s.1)).unwrap_or((sql, ""));
         let context = format!("applying migration {version} ({description})");
         let applied = (|| {
             conn.execute_batch(&format!("BEGIN TRANSACTION;\n{before}"))
                 .map_err(db_err(context.clone()))?;
-            if !after.is_empty() {
-                crate::store::trail::move_events(conn)?;
+            if let Some(step) = step {
+                (step.2)(conn)?;
             }
             conn.execute_batch(&format!(
                 "{after}\nINSERT INTO schema_version VALUES ({version}, now()::TIMESTAMP, '{description}');\nCOMMIT;"

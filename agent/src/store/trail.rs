@@ -5,6 +5,7 @@
 use duckdb::{Connection, params};
 use tracing::info;
 
+use super::days::{self, Layout};
 use super::schema::{StoreError, db_err};
 
 /// One partition, in milliseconds.
@@ -88,11 +89,17 @@ pub fn seal(conn: &Connection, hour: i32) -> Result<usize, StoreError> {
 
 /// `seal` inside the caller's transaction.
 pub fn seal_in_transaction(conn: &Connection, hour: i32) -> Result<usize, StoreError> {
-    seal_in_chunks(conn, hour, SEAL_CHUNK)
+    seal_in_chunks(conn, hour, SEAL_CHUNK, Layout::Daily)
 }
 
-/// `seal_in_transaction`, each sorted insert of at most `chunk` slices.
-fn seal_in_chunks(conn: &Connection, hour: i32, chunk: i64) -> Result<usize, StoreError> {
+/// `seal_in_transaction`, each sorted insert of at most `chunk` slices, into the tables of
+/// `layout`.
+fn seal_in_chunks(
+    conn: &Connection,
+    hour: i32,
+    chunk: i64,
+    layout: Layout,
+) -> Result<usize, StoreError> {
     let (n, first): (i64, Option<i32>) = conn
         .query_row(
             "SELECT count(*), min(hour) FROM trail_recent WHERE hour <= ?",
@@ -103,42 +110,75 @@ fn seal_in_chunks(conn: &Connection, hour: i32, chunk: i64) -> Result<usize, Sto
     let Some(first) = first else {
         return Ok(0);
     };
-    // Hours sealed before (late slices of an old hour) keep their dictionary entries; new
-    // destinations get the ids after the hour's last.
+    let days: Vec<i32> = match layout {
+        Layout::Single => vec![days::day_of(first)],
+        Layout::Daily => {
+            let mut stmt = conn
+                .prepare("SELECT DISTINCT hour // 24 FROM trail_recent WHERE hour <= ? ORDER BY 1")
+                .map_err(db_err("listing the days to seal"))?;
+            let days: Vec<i32> = stmt
+                .query_map(params![hour], |r| r.get(0))
+                .and_then(|rows| rows.collect())
+                .map_err(db_err("listing the days to seal"))?;
+            days::ensure(conn, &days)?;
+            days
+        }
+    };
+    // The hours of each day's dictionary this seal writes to (all of them in one table in
+    // the single layout).
+    let span = |d: i32| match layout {
+        Layout::Single => (first, hour),
+        Layout::Daily => (first.max(d * 24), hour.min(d * 24 + 23)),
+    };
+    let mut dictionaries = Vec::new();
+    for &d in &days {
+        let (lo, hi) = span(d);
+        let dst = days::dst_table(layout, d);
+        // Hours sealed before (late slices of an old hour) keep their dictionary entries; new
+        // destinations get the ids after the hour's last.
+        conn.execute_batch(&format!(
+            "INSERT INTO {dst}
+                 SELECT n.hour, (coalesce(m.top + 1, 0)
+                        + row_number() OVER (PARTITION BY n.hour ORDER BY n.dkey, n.dst_port) - 1)::UINTEGER,
+                        n.dst4, n.dst6, n.dst_port
+                 FROM (SELECT DISTINCT hour, nt_addr(dst4, dst6) AS dkey, dst4, dst6, dst_port
+                       FROM trail_recent WHERE hour BETWEEN {lo} AND {hi}) n
+                 LEFT JOIN (SELECT hour, max(id) AS top FROM {dst}
+                            WHERE hour BETWEEN {lo} AND {hi} GROUP BY hour) m ON m.hour = n.hour
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM {dst} d
+                     WHERE d.hour BETWEEN {lo} AND {hi} AND d.hour = n.hour
+                       AND nt_addr(d.dst4, d.dst6) = n.dkey AND d.dst_port = n.dst_port)
+                 ORDER BY n.hour, n.dkey, n.dst_port;"
+        ))
+        .map_err(db_err(format!("writing the destinations of the hours {lo}..={hi}")))?;
+        dictionaries.push(format!(
+            "SELECT * FROM {dst} WHERE hour BETWEEN {lo} AND {hi}"
+        ));
+    }
     // The slices joined to their ids go to a table of the file, compressed and evicted under
     // pressure (a temp table held them in memory, uncompressed: 253 MiB for 2 M slices), and
     // are sorted from there in chunks, each within DuckDB's limit whatever the hour's size.
     conn.execute_batch(&format!(
-        "INSERT INTO trail_dst
-             SELECT n.hour, (coalesce(m.top + 1, 0)
-                    + row_number() OVER (PARTITION BY n.hour ORDER BY n.dkey, n.dst_port) - 1)::UINTEGER,
-                    n.dst4, n.dst6, n.dst_port
-             FROM (SELECT DISTINCT hour, nt_addr(dst4, dst6) AS dkey, dst4, dst6, dst_port
-                   FROM trail_recent WHERE hour <= {hour}) n
-             LEFT JOIN (SELECT hour, max(id) AS top FROM trail_dst
-                        WHERE hour BETWEEN {first} AND {hour} GROUP BY hour) m ON m.hour = n.hour
-             WHERE NOT EXISTS (
-                 SELECT 1 FROM trail_dst d
-                 WHERE d.hour BETWEEN {first} AND {hour} AND d.hour = n.hour
-                   AND nt_addr(d.dst4, d.dst6) = n.dkey AND d.dst_port = n.dst_port)
-             ORDER BY n.hour, n.dkey, n.dst_port;
-         CREATE TABLE nt_seal AS
+        "CREATE TABLE nt_seal AS
              SELECT s.hour, s.flags, s.proto, s.zone, s.pub4, s.pub6, s.pub_port, s.src4, s.src6,
                     s.src_port, d.id, s.dnat4, s.dnat6, s.dnat_port, s.start_ms, s.end_ms,
                     s.end_lo_ms, s.packets_out, s.bytes_out, s.packets_in, s.bytes_in
              FROM trail_recent s
-             JOIN (SELECT * FROM trail_dst WHERE hour BETWEEN {first} AND {hour}) d
+             JOIN ({}) d
                ON d.hour = s.hour AND nt_addr(d.dst4, d.dst6) = nt_addr(s.dst4, s.dst6)
                   AND d.dst_port = s.dst_port
-             WHERE s.hour <= {hour};"
+             WHERE s.hour <= {hour};",
+        dictionaries.join(" UNION ALL ")
     ))
     .map_err(db_err(format!("sealing the hours {first}..={hour}")))?;
     for (h, v6, lo, hi) in seal_chunks(conn, chunk)? {
         conn.execute(
             &format!(
-                "INSERT INTO flow_sealed SELECT * FROM nt_seal
+                "INSERT INTO {} SELECT * FROM nt_seal
                  WHERE hour = ? AND (pub6 IS NOT NULL) = ? AND pub_port BETWEEN ? AND ?
-                 ORDER BY {SEAL_ORDER}"
+                 ORDER BY {SEAL_ORDER}",
+                days::sealed_table(layout, days::day_of(h))
             ),
             params![h, v6, lo, hi],
         )
@@ -208,42 +248,61 @@ pub fn set_late(conn: &Connection, hour: Option<i32>) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// Removes every hour before `from_hour` (whole partitions, while ingest and lookups go on)
-/// and records the horizon; returns the slices removed.
+/// Removes every whole day before the one `from_hour` falls in (dropping its tables, while
+/// ingest and lookups go on: no row is rewritten) and records the horizon, the start of
+/// that day; returns the slices removed.
 pub fn retain(conn: &Connection, from_hour: i32) -> Result<usize, StoreError> {
-    let from_ms = i64::from(from_hour) * HOUR_MS;
-    let removed: i64 = conn
-        .query_row(
-            "SELECT (SELECT count(*) FROM flow_sealed WHERE hour < ?1)
-                  + (SELECT count(*) FROM trail_recent WHERE hour < ?1)",
-            params![from_hour],
-            |r| r.get(0),
+    let first_kept = days::day_of(from_hour);
+    let from_ms = i64::from(first_kept) * 24 * HOUR_MS;
+    conn.execute_batch("BEGIN TRANSACTION")
+        .map_err(db_err("beginning retention"))?;
+    let removed = (|| {
+        let recent = conn
+            .execute(
+                "DELETE FROM trail_recent WHERE hour < ?",
+                params![first_kept * 24],
+            )
+            .map_err(db_err("removing old unsealed slices"))?;
+        let sealed = days::drop_before(conn, first_kept)?;
+        conn.execute(
+            "UPDATE trail_state SET retained_from = greatest(coalesce(retained_from, ?1), ?1)",
+            params![from_ms],
         )
-        .map_err(db_err("counting the slices retention removes"))?;
-    conn.execute_batch(&format!(
-        "BEGIN TRANSACTION;
-         DELETE FROM flow_sealed WHERE hour < {from_hour};
-         DELETE FROM trail_dst WHERE hour < {from_hour};
-         DELETE FROM trail_recent WHERE hour < {from_hour};
-         UPDATE trail_state SET retained_from = greatest(coalesce(retained_from, {from_ms}), {from_ms});
-         COMMIT;"
-    ))
-    .map_err(|e| {
+        .map_err(db_err("recording the retention horizon"))?;
+        conn.execute_batch("COMMIT")
+            .map_err(db_err("committing retention"))?;
+        Ok(recent + sealed)
+    })();
+    if removed.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
-        db_err(format!("removing the hours before {from_ms} ms"))(e)
-    })?;
-    Ok(removed as usize)
+    }
+    removed.map_err(|e: StoreError| match e {
+        StoreError::Db { context, source } => StoreError::Db {
+            context: format!("removing the days before {from_ms} ms: {context}"),
+            source,
+        },
+        other => other,
+    })
 }
 
 /// The oldest instant the trail holds (its oldest slice's start, else its end), in ms.
 pub fn oldest_ms(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    let sealed = match days::list(conn)?.first() {
+        Some(d) => format!(
+            "SELECT min(coalesce(start_ms, end_ms)) AS m FROM {t}
+             WHERE hour = (SELECT min(hour) FROM {t}) UNION ALL",
+            t = days::sealed_table(Layout::Daily, *d)
+        ),
+        None => String::new(),
+    };
     conn.query_row(
-        "SELECT min(m) FROM (
-            SELECT min(coalesce(start_ms, end_ms)) AS m FROM flow_sealed
-             WHERE hour = (SELECT min(hour) FROM flow_sealed)
-            UNION ALL SELECT min(coalesce(start_ms, end_ms)) FROM trail_recent
-            UNION ALL SELECT min(start_us) // 1000 FROM open_flows
-            UNION ALL SELECT min(start_us) // 1000 FROM open_journal)",
+        &format!(
+            "SELECT min(m) FROM (
+                {sealed}
+                SELECT min(coalesce(start_ms, end_ms)) AS m FROM trail_recent
+                UNION ALL SELECT min(start_us) // 1000 FROM open_flows
+                UNION ALL SELECT min(start_us) // 1000 FROM open_journal)"
+        ),
         [],
         |r| r.get(0),
     )
@@ -315,7 +374,7 @@ pub fn move_events(conn: &Connection) -> Result<(), StoreError> {
                     [],
                 )
                 .map_err(db_err(format!("moving the hours {day}..={upto} of flows")))?;
-            seal_in_transaction(conn, upto)?;
+            seal_in_chunks(conn, upto, SEAL_CHUNK, Layout::Single)?;
             info!(
                 hours = format!("{day}..={upto}"),
                 slices = n,
@@ -394,10 +453,12 @@ mod tests {
                 .all(|w| (w[0].0, w[0].1, w[0].3) < (w[1].0, w[1].1, w[1].2))
         );
         conn.execute_batch("BEGIN TRANSACTION").unwrap();
-        assert_eq!(seal_in_chunks(&conn, 11, 100).unwrap(), 2400);
+        assert_eq!(seal_in_chunks(&conn, 11, 100, Layout::Daily).unwrap(), 2400);
         conn.execute_batch("COMMIT").unwrap();
         let got: Vec<(i32, Option<u32>, u16, i64)> = conn
-            .prepare("SELECT hour, pub4, pub_port, start_ms FROM flow_sealed ORDER BY rowid")
+            .prepare(
+                "SELECT hour, pub4, pub_port, start_ms FROM flow_sealed_19700101 ORDER BY rowid",
+            )
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .unwrap()

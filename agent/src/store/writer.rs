@@ -1155,9 +1155,13 @@ mod tests {
             .unwrap()
         };
         let other = w.conn.try_clone().unwrap();
-        // The seal of hour H fails: its dictionary table is gone for a while.
+        // The seal of hour H fails: a view holds the name of its day's dictionary table.
+        let dst = crate::store::days::dst_table(
+            crate::store::days::Layout::Daily,
+            crate::store::days::day_of(hour_of(trail::start_ms(t0))),
+        );
         other
-            .execute_batch("ALTER TABLE trail_dst RENAME TO trail_dst_away")
+            .execute_batch(&format!("CREATE VIEW {dst} AS SELECT 1 AS x"))
             .unwrap();
         let late = t0 + 3_900 * SEC;
         w.write_batch([
@@ -1181,9 +1185,7 @@ mod tests {
         assert_eq!(stats.seal_failures.load(Ordering::Relaxed), 1);
         assert_eq!(open_ids(&w), [2, 3]);
         // The table is back and the retry is due: the hour is sealed whole.
-        other
-            .execute_batch("ALTER TABLE trail_dst_away RENAME TO trail_dst")
-            .unwrap();
+        other.execute_batch(&format!("DROP VIEW {dst}")).unwrap();
         w.seal_retry_at = None;
         w.write_batch([at(New, 4, late, late + 2 * SEC)]).unwrap();
         assert_eq!(
@@ -1301,6 +1303,9 @@ mod tests {
             ]
         );
         assert_eq!(trail::state(&w.conn).unwrap().sealed_hour, Some(472_224));
+        // Migration 13 split them by day: hours 22 and 23 of 14 November 2023, hour 0 of
+        // the 15th.
+        assert_eq!(crate::store::days::list(&w.conn).unwrap(), [19_675, 19_676]);
         let ask = |port: u16, at_s: i64| {
             who_at(
                 &w.conn,
@@ -1417,6 +1422,9 @@ mod tests {
             )
             .unwrap();
         assert_eq!(left, 0);
+        // Whole days: the first flow's day (14 November 2023) and the empty 15th are gone;
+        // the 16th (the second flow's) is kept, and the third flow's hour is not sealed yet.
+        assert_eq!(crate::store::days::list(&w.conn).unwrap(), [19_677]);
         drop(w);
         let _ = std::fs::remove_dir_all(&dir);
     }
