@@ -238,7 +238,9 @@ mod tests {
         }
         assert_eq!(seen.len(), keys, "each key once: {seen:?}");
         assert!(
-            text.contains("# Keep this many days of flows; older hours are removed whole."),
+            text.contains(
+                "# Keep at least this many days of flows; older UTC days are removed whole."
+            ),
             "doc comments carried over"
         );
     }
