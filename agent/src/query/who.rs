@@ -543,6 +543,73 @@ mod tests {
     }
 
     #[test]
+    fn flows_and_lookups_across_midnight_read_both_days_tables() {
+        use crate::query::flows::{FlowsQuery, flows};
+        use EventKind::{Destroy, New};
+        // T0 is 22:13:20 UTC on 14 November 2023: midnight comes 6,400 s later.
+        let midnight = T0 + 6_400 * SEC;
+        let at = |s: i64| midnight.checked_add_signed(s * SEC as i64).unwrap();
+        let (a, b, c) = (
+            (at(-600), at(-300)),
+            (at(-120), at(600)),
+            (at(1_200), at(1_500)),
+        );
+        // One event a commit, in time order; the last moves the clock three hours on, so
+        // that both hours around midnight are sealed, each into its day's tables.
+        let events = [
+            ev(New, 1, "10.77.0.20", 6000, 41001, a.0, None),
+            ev(Destroy, 1, "10.77.0.20", 6000, 41001, a.0, Some(a.1)),
+            ev(New, 2, "10.77.0.21", 6001, 41002, b.0, None),
+            ev(Destroy, 2, "10.77.0.21", 6001, 41002, b.0, Some(b.1)),
+            ev(New, 3, "10.77.0.22", 6002, 41003, c.0, None),
+            ev(Destroy, 3, "10.77.0.22", 6002, 41003, c.0, Some(c.1)),
+            ev(New, 4, "10.77.0.23", 6003, 41004, at(3 * 3_600), None),
+        ];
+        let db = Db::batches(
+            "midnight",
+            events.into_iter().map(|e| vec![flow(e)]).collect(),
+        );
+        let conn = crate::store::schema::open_ro(&db.path).unwrap();
+        assert_eq!(crate::store::days::list(&conn).unwrap(), [19_675, 19_676]);
+        let ts = |ns: u64| DateTime::from_timestamp_nanos(ns as i64);
+        let list = |since: u64, until: u64| -> Vec<(u16, Option<i64>, Option<i64>)> {
+            flows(
+                &conn,
+                &FlowsQuery {
+                    public_ip: Some("198.51.100.1".parse().unwrap()),
+                    since: Some(ts(since)),
+                    until: Some(ts(until)),
+                    limit: 100,
+                    ..FlowsQuery::default()
+                },
+            )
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.internal_port, f.start_us, f.end_us))
+            .collect()
+        };
+        let us = |ns: u64| Some((ns / 1_000) as i64);
+        let (fa, fb, fc) = (
+            (6000, us(a.0), us(a.1)),
+            (6001, us(b.0), us(b.1)),
+            (6002, us(c.0), us(c.1)),
+        );
+        // Across midnight: both days; flow 2 once, with its end from the second day.
+        assert_eq!(list(at(-3_600), at(1_800)), [fa, fb, fc]);
+        // Before midnight only: flow 2 found by its interim slice, its end still resolved.
+        assert_eq!(list(at(-3_600), at(-1)), [fa, fb]);
+        // After midnight only: flow 2 alive at 00:05.
+        assert_eq!(list(at(300), at(1_800)), [fb, fc]);
+        drop(conn);
+        let w = db.who(41002, at(-60), 0);
+        assert_eq!(w.status, WhoStatus::Found, "{w:?}");
+        assert_eq!(
+            (w.matches[0].flow.internal_port, w.matches[0].flow.end_us),
+            (6001, us(b.1))
+        );
+    }
+
+    #[test]
     fn destroy_without_start_still_answers_from_kernel_times() {
         let db = Db::new(
             "orphan",
