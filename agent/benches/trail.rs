@@ -59,8 +59,8 @@ fn ensure_trail(db: &Path) -> Result<()> {
             let t = Instant::now();
             drop(nattrail::store::database::Database::open_rw(db)?);
             println!(
-                "{}: migrated from schema {version} in {:.1} s (the blocks it freed stay in \
-                 the file: delete it for a fresh trail and a true size)",
+                "{}: migrated from schema {version} in {:.1} s; its sealed hours stay in \
+                 one table, read as before (delete the file for a trail in daily tables)",
                 db.display(),
                 t.elapsed().as_secs_f64()
             );

@@ -83,6 +83,8 @@ pub(crate) struct Coverage {
     /// The days with sealed tables (schema 13 on); `None`: a trail older than that, read as
     /// it is, whose one table `flow_sealed` holds every hour.
     days: Option<Vec<i32>>,
+    /// The last hour the tables of schema 12 hold, kept beside the days.
+    legacy_until: Option<i32>,
 }
 
 /// The sealed tables holding some hours: a day's pair (or an older trail's one pair), and
@@ -123,6 +125,7 @@ impl Coverage {
             Option<i64>,
             Option<i32>,
             Option<Vec<i32>>,
+            Option<i32>,
         );
         let rows: Vec<Row> = stmt
             .query_map([], |r| {
@@ -132,10 +135,10 @@ impl Coverage {
                 } else {
                     Some(i32::MIN)
                 };
-                let days = if columns > 7 {
-                    Some(crate::store::days::from_value(&r.get(7)?))
+                let (days, legacy) = if columns > 8 {
+                    (Some(crate::store::days::from_value(&r.get(7)?)), r.get(8)?)
                 } else {
-                    None
+                    (None, None)
                 };
                 Ok((
                     r.get(0)?,
@@ -146,6 +149,7 @@ impl Coverage {
                     r.get(5)?,
                     late,
                     days,
+                    legacy,
                 ))
             })
             .map_err(QueryError::db("reading capture sessions"))?
@@ -165,6 +169,7 @@ impl Coverage {
                     cov.retained_from_ms = r.5;
                     cov.late_hour = r.6;
                     cov.days = r.7;
+                    cov.legacy_until = r.8;
                 }
             }
         }
@@ -176,25 +181,41 @@ impl Coverage {
     /// The sealed tables holding hours of `first..=last`, oldest first, each with the hours
     /// of the window it holds.
     pub(crate) fn partitions(&self, first: i32, last: i32) -> Vec<Partition> {
-        use crate::store::days::{Layout, day_of, dst_table, sealed_table};
-        match &self.days {
-            None => vec![Partition {
+        use crate::store::days::{
+            LEGACY_DST, LEGACY_SEALED, Layout, day_of, dst_table, sealed_table,
+        };
+        let Some(days) = &self.days else {
+            return vec![Partition {
                 sealed: sealed_table(Layout::Single, 0),
                 dst: dst_table(Layout::Single, 0),
                 first,
                 last,
-            }],
-            Some(days) => days
-                .iter()
-                .filter(|d| (day_of(first)..=day_of(last)).contains(d))
-                .map(|&d| Partition {
-                    sealed: sealed_table(Layout::Daily, d),
-                    dst: dst_table(Layout::Daily, d),
-                    first: first.max(d * 24),
-                    last: last.min(d * 24 + 23),
-                })
-                .collect(),
-        }
+            }];
+        };
+        // The legacy tables hold the hours sealed before schema 13; a late slice of one of
+        // them sealed since is in its day's tables.
+        let legacy = self
+            .legacy_until
+            .filter(|l| first <= *l)
+            .map(|l| Partition {
+                sealed: LEGACY_SEALED.into(),
+                dst: LEGACY_DST.into(),
+                first,
+                last: last.min(l),
+            });
+        legacy
+            .into_iter()
+            .chain(
+                days.iter()
+                    .filter(|d| (day_of(first)..=day_of(last)).contains(d))
+                    .map(|&d| Partition {
+                        sealed: sealed_table(Layout::Daily, d),
+                        dst: dst_table(Layout::Daily, d),
+                        first: first.max(d * 24),
+                        last: last.min(d * 24 + 23),
+                    }),
+            )
+            .collect()
     }
 
     /// Whether the sorted trail alone may miss a flow of the hours up to `hour`: they are not

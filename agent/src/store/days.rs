@@ -1,7 +1,7 @@
 //! The sealed trail's daily tables: one pair (`flow_sealed_YYYYMMDD`, `trail_dst_YYYYMMDD`)
 //! per UTC day, the list of them in `trail_state.days`, the views `flow_sealed` and
-//! `trail_dst` over them all, retention by whole days, and the one-time split of the single
-//! pair of tables of schema 12.
+//! `trail_dst` over them all, retention by whole days, and the single pair of tables of
+//! schema 12, kept as it was and read beside the days until retention removes it.
 //!
 //! Why tables and not one table: DuckDB loads a table's row-group metadata (about 5.6 KiB per
 //! row group, outside its memory limit) for every row group a scan considers, so a lookup
@@ -54,6 +54,15 @@ pub fn dst_table(layout: Layout, day: i32) -> String {
     }
 }
 
+/// The slices a trail of schema 12 or older had sealed, kept where they were by migration
+/// 13: copying months of them into daily tables would keep the upgraded agent from
+/// capturing for as long (8-10 s a day of 40 M flows). Read beside the days, for the hours
+/// up to `trail_state.legacy_until`, until retention removes them.
+pub const LEGACY_SEALED: &str = "flow_sealed_before13";
+
+/// The destinations of the legacy slices.
+pub const LEGACY_DST: &str = "trail_dst_before13";
+
 /// The columns of a day's sealed slices (as `flow_sealed` of schema 8): sorted by public
 /// address and port within each hour, the destination an index into the hour's dictionary.
 const SEALED_COLUMNS: &str = "(
@@ -93,16 +102,27 @@ pub(crate) fn from_value(v: &duckdb::types::Value) -> Vec<i32> {
     days
 }
 
-/// Records `days` as the tables there are and points the views at them. Inside the caller's
-/// transaction, with the tables' creation or removal.
+/// The last hour the legacy tables hold, when they are there.
+pub fn legacy_until(conn: &Connection) -> Result<Option<i32>, StoreError> {
+    conn.query_row("SELECT legacy_until FROM trail_state", [], |r| r.get(0))
+        .map_err(db_err("reading the legacy tables' last hour"))
+}
+
+/// Records `days` as the tables there are and points the views at them (and at the legacy
+/// tables while there are some). Inside the caller's transaction, with the tables' creation
+/// or removal.
 fn set_list(conn: &Connection, days: &[i32]) -> Result<(), StoreError> {
     let list = days
         .iter()
         .map(i32::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    let legacy = legacy_until(conn)?.is_some();
     let view = |name: &str, table: fn(Layout, i32) -> String| {
         let mut sql = format!("CREATE OR REPLACE VIEW {name} AS SELECT * FROM {name}_empty");
+        if legacy {
+            sql.push_str(&format!(" UNION ALL SELECT * FROM {name}_before13"));
+        }
         for d in days {
             sql.push_str(&format!(
                 " UNION ALL SELECT * FROM {}",
@@ -151,12 +171,12 @@ pub fn ensure(conn: &Connection, wanted: &[i32]) -> Result<(), StoreError> {
 /// Drops the tables of every day before `first_kept`; inside the caller's transaction.
 /// Returns the slices they held.
 pub fn drop_before(conn: &Connection, first_kept: i32) -> Result<usize, StoreError> {
+    let mut removed = drop_legacy_before(conn, first_kept * 24)?;
     let days = list(conn)?;
     let (gone, kept): (Vec<i32>, Vec<i32>) = days.into_iter().partition(|d| *d < first_kept);
     if gone.is_empty() {
-        return Ok(0);
+        return Ok(removed);
     }
-    let mut removed = 0usize;
     for d in &gone {
         let n: i64 = conn
             .query_row(
@@ -180,54 +200,58 @@ pub fn drop_before(conn: &Connection, first_kept: i32) -> Result<usize, StoreErr
     Ok(removed)
 }
 
-/// Part of migration 13, inside its transaction: moves each day of the single tables
-/// (renamed `flow_sealed_v12`, `trail_dst_v12`) into its own pair, in their order (each
-/// hour stays sorted), logging each day.
-pub fn split(conn: &Connection) -> Result<(), StoreError> {
-    let t0 = std::time::Instant::now();
+/// Removes the legacy slices of the hours before `hour`: the tables themselves once they
+/// hold none after it (no row rewritten), else those rows. Returns the slices removed.
+fn drop_legacy_before(conn: &Connection, hour: i32) -> Result<usize, StoreError> {
+    let Some(until) = legacy_until(conn)? else {
+        return Ok(0);
+    };
+    if until >= hour {
+        let n = conn
+            .execute(
+                &format!("DELETE FROM {LEGACY_SEALED} WHERE hour < ?"),
+                [hour],
+            )
+            .map_err(db_err("removing old legacy slices"))?;
+        conn.execute(&format!("DELETE FROM {LEGACY_DST} WHERE hour < ?"), [hour])
+            .map_err(db_err("removing old legacy destinations"))?;
+        return Ok(n);
+    }
+    let n: i64 = conn
+        .query_row(&format!("SELECT count(*) FROM {LEGACY_SEALED}"), [], |r| {
+            r.get(0)
+        })
+        .map_err(db_err("counting the legacy slices"))?;
+    conn.execute_batch("UPDATE trail_state SET legacy_until = NULL")
+        .map_err(db_err("recording the legacy tables' removal"))?;
+    set_list(conn, &list(conn)?)?;
+    conn.execute_batch(&format!(
+        "DROP TABLE {LEGACY_SEALED}; DROP TABLE {LEGACY_DST};"
+    ))
+    .map_err(db_err("dropping the legacy tables"))?;
+    Ok(n as usize)
+}
+
+/// Part of migration 13, inside its transaction: the empty pair the views start from, and
+/// the views over the legacy tables (dropped at once when the trail had sealed nothing).
+pub fn keep_legacy(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch(&format!(
         "CREATE TABLE flow_sealed_empty {SEALED_COLUMNS};
          CREATE TABLE trail_dst_empty {DST_COLUMNS};"
     ))
     .map_err(db_err("creating the empty day tables"))?;
-    let mut stmt = conn
-        .prepare("SELECT DISTINCT hour // 24 FROM trail_dst_v12 ORDER BY 1")
-        .map_err(db_err("listing the sealed days"))?;
-    let days: Vec<i32> = stmt
-        .query_map([], |r| r.get(0))
-        .and_then(|rows| rows.collect())
-        .map_err(db_err("listing the sealed days"))?;
+    let until = legacy_until(conn)?;
+    if until.is_none() {
+        conn.execute_batch(&format!(
+            "DROP TABLE {LEGACY_SEALED}; DROP TABLE {LEGACY_DST};"
+        ))
+        .map_err(db_err("dropping the empty legacy tables"))?;
+    }
     set_list(conn, &[])?;
-    for d in &days {
-        ensure(conn, &[*d])?;
-        let (lo, hi) = (d * 24, d * 24 + 23);
-        // Insertion order is kept (DuckDB's preserve_insertion_order), so each hour stays
-        // in the sealed order without a sort.
-        let n = conn
-            .execute(
-                &format!(
-                    "INSERT INTO {} SELECT * FROM flow_sealed_v12 WHERE hour BETWEEN {lo} AND {hi}",
-                    sealed_table(Layout::Daily, *d)
-                ),
-                [],
-            )
-            .map_err(db_err(format!("moving the slices of day {}", date(*d))))?;
-        conn.execute(
-            &format!(
-                "INSERT INTO {} SELECT * FROM trail_dst_v12 WHERE hour BETWEEN {lo} AND {hi}",
-                dst_table(Layout::Daily, *d)
-            ),
-            [],
-        )
-        .map_err(db_err(format!(
-            "moving the destinations of day {}",
-            date(*d)
-        )))?;
+    if let Some(hour) = until {
         info!(
-            day = date(*d),
-            slices = n,
-            secs = t0.elapsed().as_secs_f64(),
-            "migration 13: a day of sealed hours moved into its tables"
+            up_to_hour = hour,
+            "migration 13: the sealed hours stay in their table, read beside the new daily tables"
         );
     }
     Ok(())
@@ -239,69 +263,92 @@ mod tests {
     use crate::store::database::Database;
 
     #[test]
-    fn a_schema_12_trail_is_split_into_days_in_its_order() {
-        let dir = std::env::temp_dir().join(format!("nattrail-split-{}", std::process::id()));
+    fn a_schema_12_trail_is_kept_beside_the_days_until_retention_removes_it() {
+        use crate::query::coverage::Coverage;
+        use crate::store::trail;
+        let dir = std::env::temp_dir().join(format!("nattrail-legacy-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.duckdb");
-        // Three hours across a midnight (days 19,675 and 19,676), 300 slices each, in an
-        // order no sort by any column gives back.
-        let rows = "SELECT 472_222 + i // 300, 1, 6, 0, (i * 7919) % 1000, NULL,
-                           ((i * 40503) % 65536)::USMALLINT, 1, NULL, 7, i % 5, NULL, NULL,
-                           NULL, 1700000000000 + i, 1700000000001 + i, NULL, 1, 2, 3, 4
-                    FROM range(900) t(i)";
+        // Three sealed hours across a midnight (days 19,675 and 19,676), 300 slices each.
         {
             let c = crate::store::schema::database_at_version(&path, 12);
-            c.execute_batch(&format!(
-                "INSERT INTO flow_sealed {rows};
+            c.execute_batch(
+                "INSERT INTO flow_sealed
+                 SELECT 472_222 + i // 300, 1, 6, 0, i % 1000, NULL, (i % 65536)::USMALLINT, 1,
+                        NULL, 7, i % 5, NULL, NULL, NULL, 1700000000000 + i,
+                        1700000000001 + i, NULL, 1, 2, 3, 4
+                 FROM range(900) t(i);
                  INSERT INTO trail_dst SELECT 472_222 + h, i, i, NULL, 443
                  FROM range(3) a(h), range(5) b(i);
-                 UPDATE trail_state SET sealed_hour = 472_224;"
-            ))
+                 UPDATE trail_state SET sealed_hour = 472_224;",
+            )
             .unwrap();
         }
         let db = Database::open_rw(&path).unwrap();
         let c = db.connect().unwrap();
-        assert_eq!(list(&c).unwrap(), [19_675, 19_676]);
-        let read = |sql: &str| -> Vec<(i32, u32, u16, i64)> {
-            c.prepare(sql)
-                .unwrap()
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .unwrap()
-                .collect::<Result<_, _>>()
+        let count = |c: &Connection| -> i64 {
+            c.query_row("SELECT count(*) FROM flow_trail", [], |r| r.get(0))
                 .unwrap()
         };
-        let want = read(&format!(
-            "SELECT hour, pub4, pub_port, start_ms FROM ({rows}) t(hour, f, p, z, pub4, pub6,
-             pub_port, s4, s6, sp, d, n4, n6, np, start_ms, e, el, a, b, c2, d2)"
-        ));
-        let got = [
-            read("SELECT hour, pub4, pub_port, start_ms FROM flow_sealed_20231114 ORDER BY rowid"),
-            read("SELECT hour, pub4, pub_port, start_ms FROM flow_sealed_20231115 ORDER BY rowid"),
-        ]
-        .concat();
+        let tables = |c: &Connection| -> Vec<String> {
+            c.prepare(
+                "SELECT table_name FROM duckdb_tables()
+                 WHERE table_name LIKE 'flow_sealed%' OR table_name LIKE 'trail_dst%'
+                 ORDER BY 1",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+        };
+        let parts = |c: &Connection, first: i32, last: i32| -> Vec<(String, i32, i32)> {
+            Coverage::read(c)
+                .unwrap()
+                .partitions(first, last)
+                .into_iter()
+                .map(|p| (p.sealed, p.first, p.last))
+                .collect()
+        };
+        // Migrated in place: no copy, the views read the old pair.
         assert_eq!(
-            (got.len(), got.iter().zip(&want).position(|(g, w)| g != w)),
-            (900, None)
+            (list(&c).unwrap(), legacy_until(&c).unwrap()),
+            (vec![], Some(472_224))
         );
-        let dst: (i64, i64, i64) = c
-            .query_row(
-                "SELECT (SELECT count(*) FROM trail_dst_20231114),
-                        (SELECT count(*) FROM trail_dst_20231115),
-                        (SELECT count(*) FROM flow_trail)",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .unwrap();
-        assert_eq!(dst, (10, 5, 900));
-        let old: i64 = c
-            .query_row(
-                "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE '%_v12'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(old, 0);
+        assert_eq!(count(&c), 900);
+        assert_eq!(
+            parts(&c, 472_222, 472_224),
+            [(LEGACY_SEALED.to_string(), 472_222, 472_224)]
+        );
+        // An hour sealed since goes to its day's tables; a window over both reads both.
+        c.execute_batch(
+            "INSERT INTO trail_recent VALUES (472_230, 1, 6, 0, 5, NULL, 80, 1, NULL, 7, 9, NULL,
+                 443, NULL, NULL, NULL, 1700028000000, 1700028000001, NULL, 1, 2, 3, 4, 1, 1)",
+        )
+        .unwrap();
+        assert_eq!(trail::seal(&c, 472_230).unwrap(), 1);
+        assert_eq!(list(&c).unwrap(), [19_676]);
+        assert_eq!(count(&c), 901);
+        assert_eq!(
+            parts(&c, 472_224, 472_230),
+            [
+                (LEGACY_SEALED.to_string(), 472_224, 472_224),
+                ("flow_sealed_20231115".to_string(), 472_224, 472_230)
+            ]
+        );
+        // Retention from the 15th: the legacy hours of the 14th go, the table stays.
+        assert_eq!(trail::retain(&c, 472_224).unwrap(), 600);
+        assert_eq!(count(&c), 301);
+        assert_eq!(legacy_until(&c).unwrap(), Some(472_224));
+        // From the 16th: the legacy pair and the 15th's tables are dropped whole.
+        assert_eq!(trail::retain(&c, 472_248).unwrap(), 301);
+        assert_eq!(
+            (list(&c).unwrap(), legacy_until(&c).unwrap()),
+            (vec![], None)
+        );
+        assert_eq!(count(&c), 0);
+        assert_eq!(tables(&c), ["flow_sealed_empty", "trail_dst_empty"]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

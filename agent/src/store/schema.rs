@@ -77,7 +77,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
 type RustStep = fn(&Connection) -> Result<(), StoreError>;
 
 /// Where a migration hands over to Rust (with progress logs): migration 8 to move the event
-/// rows into slices, migration 13 to split the sealed hours into daily tables.
+/// rows into slices, migration 13 to keep the sealed hours beside the new daily tables.
 const RUST_STEPS: &[(u32, &str, RustStep)] = &[
     (
         8,
@@ -86,8 +86,8 @@ const RUST_STEPS: &[(u32, &str, RustStep)] = &[
     ),
     (
         13,
-        "-- SPLIT THE SEALED DAYS HERE",
-        crate::store::days::split,
+        "-- KEEP THE SEALED HOURS HERE",
+        crate::store::days::keep_legacy,
     ),
 ];
 

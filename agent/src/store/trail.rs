@@ -287,14 +287,21 @@ pub fn retain(conn: &Connection, from_hour: i32) -> Result<usize, StoreError> {
 
 /// The oldest instant the trail holds (its oldest slice's start, else its end), in ms.
 pub fn oldest_ms(conn: &Connection) -> Result<Option<i64>, StoreError> {
-    let sealed = match days::list(conn)?.first() {
-        Some(d) => format!(
-            "SELECT min(coalesce(start_ms, end_ms)) AS m FROM {t}
-             WHERE hour = (SELECT min(hour) FROM {t}) UNION ALL",
-            t = days::sealed_table(Layout::Daily, *d)
-        ),
-        None => String::new(),
-    };
+    // The oldest day's table, and the legacy one while there is one.
+    let oldest = days::list(conn)?
+        .first()
+        .map(|d| days::sealed_table(Layout::Daily, *d));
+    let legacy = days::legacy_until(conn)?.map(|_| days::LEGACY_SEALED.to_string());
+    let sealed: String = legacy
+        .into_iter()
+        .chain(oldest)
+        .map(|t| {
+            format!(
+                "SELECT min(coalesce(start_ms, end_ms)) AS m FROM {t}
+                 WHERE hour = (SELECT min(hour) FROM {t}) UNION ALL "
+            )
+        })
+        .collect();
     conn.query_row(
         &format!(
             "SELECT min(m) FROM (
