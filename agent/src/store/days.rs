@@ -118,10 +118,10 @@ fn set_list(conn: &Connection, days: &[i32]) -> Result<(), StoreError> {
         .collect::<Vec<_>>()
         .join(", ");
     let legacy = legacy_until(conn)?.is_some();
-    let view = |name: &str, table: fn(Layout, i32) -> String| {
+    let view = |name: &str, old: &str, table: fn(Layout, i32) -> String| {
         let mut sql = format!("CREATE OR REPLACE VIEW {name} AS SELECT * FROM {name}_empty");
         if legacy {
-            sql.push_str(&format!(" UNION ALL SELECT * FROM {name}_before13"));
+            sql.push_str(&format!(" UNION ALL SELECT * FROM {old}"));
         }
         for d in days {
             sql.push_str(&format!(
@@ -135,8 +135,8 @@ fn set_list(conn: &Connection, days: &[i32]) -> Result<(), StoreError> {
         "UPDATE trail_state SET days = [{list}]::INTEGER[];
          {};
          {};",
-        view("flow_sealed", sealed_table),
-        view("trail_dst", dst_table)
+        view("flow_sealed", LEGACY_SEALED, sealed_table),
+        view("trail_dst", LEGACY_DST, dst_table)
     ))
     .map_err(db_err("recording the trail's days"))
 }
@@ -187,7 +187,8 @@ pub fn drop_before(conn: &Connection, first_kept: i32) -> Result<usize, StoreErr
             .map_err(db_err(format!("counting the slices of day {}", date(*d))))?;
         removed += n as usize;
     }
-    // The views first: a table a view names cannot be dropped.
+    // The views first, so that no statement of this transaction sees them name a table
+    // that is gone (DuckDB binds views when queried, and would let the drop through).
     set_list(conn, &kept)?;
     for d in &gone {
         conn.execute_batch(&format!(
