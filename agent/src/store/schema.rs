@@ -330,6 +330,11 @@ mod tests {
         }
         let ro = open_ro(&path).unwrap();
         assert!(ro.execute_batch("CREATE TABLE x (a INT)").is_err());
+        // Bounded, whatever the machine: a read-only open is the CLI on a gateway.
+        let limit: String = ro
+            .query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(limit, "256.0 MiB");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
