@@ -50,11 +50,7 @@ fn ensure_trail(db: &Path) -> Result<()> {
     if db.exists() && cases_path(db).exists() {
         // A trail of an older schema would be read as it is (the CLI does not migrate),
         // which is not what the agent reads once started: migrate it first.
-        let version: u32 = nattrail::store::schema::open_ro(db)?.query_row(
-            "SELECT max(version) FROM schema_version",
-            [],
-            |r| r.get(0),
-        )?;
+        let version = nattrail::store::database::Database::open_ro(db)?.schema_version();
         if version < nattrail::store::schema::SCHEMA_VERSION {
             let t = Instant::now();
             drop(nattrail::store::database::Database::open_rw(db)?);

@@ -262,8 +262,9 @@ fn sockets_between(conn: &Connection, from_us: i64, to_us: i64) -> Result<bool, 
     .map_err(QueryError::db("looking for socket rows"))
 }
 
-/// When the socket programs watched: a session's coverage began by `t - WINDOW_US` and the session had not stopped by `t`, and
-/// no eBPF gap meets `t ± WINDOW_US`.
+/// When the socket programs watched a flow started at `t`: a session's coverage began by
+/// `t - WINDOW_US` and the session had not stopped by `t`, and no eBPF gap meets
+/// `t ± WINDOW_US`.
 struct Watch {
     /// (coverage from, session stopped), µs.
     covered: Vec<(i64, Option<i64>)>,

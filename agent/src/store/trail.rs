@@ -100,11 +100,12 @@ fn seal_in_chunks(
     chunk: i64,
     layout: Layout,
 ) -> Result<usize, StoreError> {
-    let (n, first): (i64, Option<i32>) = conn
+    let (n, first, in_days): (i64, Option<i32>, duckdb::types::Value) = conn
         .query_row(
-            "SELECT count(*), min(hour) FROM trail_recent WHERE hour <= ?",
+            "SELECT count(*), min(hour), list(DISTINCT hour // 24) FROM trail_recent
+             WHERE hour <= ?",
             params![hour],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .map_err(db_err("counting the slices to seal"))?;
     let Some(first) = first else {
@@ -113,13 +114,7 @@ fn seal_in_chunks(
     let days: Vec<i32> = match layout {
         Layout::Single => vec![days::day_of(first)],
         Layout::Daily => {
-            let mut stmt = conn
-                .prepare("SELECT DISTINCT hour // 24 FROM trail_recent WHERE hour <= ? ORDER BY 1")
-                .map_err(db_err("listing the days to seal"))?;
-            let days: Vec<i32> = stmt
-                .query_map(params![hour], |r| r.get(0))
-                .and_then(|rows| rows.collect())
-                .map_err(db_err("listing the days to seal"))?;
+            let days = days::from_value(&in_days);
             days::ensure(conn, &days)?;
             days
         }
@@ -254,34 +249,22 @@ pub fn set_late(conn: &Connection, hour: Option<i32>) -> Result<(), StoreError> 
 pub fn retain(conn: &Connection, from_hour: i32) -> Result<usize, StoreError> {
     let first_kept = days::day_of(from_hour);
     let from_ms = i64::from(first_kept) * 24 * HOUR_MS;
-    conn.execute_batch("BEGIN TRANSACTION")
-        .map_err(db_err("beginning retention"))?;
-    let removed = (|| {
+    super::event_log::in_transaction(conn, "applying retention", |conn| {
         let recent = conn
             .execute(
                 "DELETE FROM trail_recent WHERE hour < ?",
                 params![first_kept * 24],
             )
-            .map_err(db_err("removing old unsealed slices"))?;
+            .map_err(db_err(format!(
+                "removing unsealed slices before {from_ms} ms"
+            )))?;
         let sealed = days::drop_before(conn, first_kept)?;
         conn.execute(
             "UPDATE trail_state SET retained_from = greatest(coalesce(retained_from, ?1), ?1)",
             params![from_ms],
         )
         .map_err(db_err("recording the retention horizon"))?;
-        conn.execute_batch("COMMIT")
-            .map_err(db_err("committing retention"))?;
         Ok(recent + sealed)
-    })();
-    if removed.is_err() {
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    removed.map_err(|e: StoreError| match e {
-        StoreError::Db { context, source } => StoreError::Db {
-            context: format!("removing the days before {from_ms} ms: {context}"),
-            source,
-        },
-        other => other,
     })
 }
 

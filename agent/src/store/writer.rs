@@ -1184,7 +1184,7 @@ mod tests {
         w.write_batch([at(New, 3, late, late + SEC)]).unwrap();
         assert_eq!(stats.seal_failures.load(Ordering::Relaxed), 1);
         assert_eq!(open_ids(&w), [2, 3]);
-        // The table is back and the retry is due: the hour is sealed whole.
+        // The name is free again and the retry is due: the hour is sealed whole.
         other.execute_batch(&format!("DROP VIEW {dst}")).unwrap();
         w.seal_retry_at = None;
         w.write_batch([at(New, 4, late, late + 2 * SEC)]).unwrap();
