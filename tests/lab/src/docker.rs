@@ -26,17 +26,53 @@ fn answering() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Pid files dockerd and its containerd leave behind when killed (a machine stopped or
+/// restored from a snapshot). dockerd trusts any live process under that pid: on a machine whose
+/// pids were reused it waits for a containerd that is not there and gives up after 20 s.
+const PID_FILES: &[(&str, &str)] = &[
+    ("/var/run/docker.pid", "dockerd"),
+    ("/var/run/docker/containerd/containerd.pid", "containerd"),
+];
+
+/// Removes each of [`PID_FILES`] whose pid is not a live process of the expected name.
+fn remove_stale_pid_files() -> Result<()> {
+    for (path, name) in PID_FILES {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        let owner = text
+            .trim()
+            .parse::<i32>()
+            .ok()
+            .filter(|&pid| alive(pid))
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok());
+        if owner.as_deref().map(str::trim) != Some(*name) {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale pid file {path}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The last `n` lines of the dockerd log, for an error message.
+fn log_tail(n: usize) -> String {
+    let text = std::fs::read_to_string(DOCKERD_LOG).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Starts dockerd unless one answers; waits until it does.
 pub fn ensure_dockerd() -> Result<()> {
     if answering() {
         return Ok(());
     }
+    remove_stale_pid_files()?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(DOCKERD_LOG)
         .with_context(|| format!("opening {DOCKERD_LOG}"))?;
-    Command::new("dockerd")
+    let mut child = Command::new("dockerd")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -44,8 +80,17 @@ pub fn ensure_dockerd() -> Result<()> {
         .context("starting dockerd (is docker.io installed?)")?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !answering() {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "dockerd exited ({status}) before answering; the end of {DOCKERD_LOG}:\n{}",
+                log_tail(20)
+            );
+        }
         if Instant::now() > deadline {
-            bail!("dockerd did not answer within 60 s; see {DOCKERD_LOG}");
+            bail!(
+                "dockerd did not answer within 60 s; the end of {DOCKERD_LOG}:\n{}",
+                log_tail(20)
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -77,9 +122,9 @@ fn alive(pid: i32) -> bool {
     !matches!(state, Some('Z' | 'X') | None)
 }
 
-/// Stops dockerd (its containers die with it) and starts it again.
-pub fn restart_dockerd() -> Result<()> {
-    let pid = dockerd_pid().context("no dockerd process to restart")?;
+/// Stops the running dockerd (its containers die with it) and waits until it has exited.
+pub fn stop_dockerd() -> Result<()> {
+    let pid = dockerd_pid().context("no dockerd process to stop")?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,
@@ -91,6 +136,12 @@ pub fn restart_dockerd() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
+}
+
+/// Stops dockerd (its containers die with it) and starts it again.
+pub fn restart_dockerd() -> Result<()> {
+    stop_dockerd()?;
     ensure_dockerd()
 }
 
