@@ -85,6 +85,8 @@ pub(crate) struct Coverage {
     days: Option<Vec<i32>>,
     /// The last hour the tables of schema 12 hold, kept beside the days.
     legacy_until: Option<i32>,
+    /// The first hour whose seal wrote its long flows' ends (schema 14 on).
+    ends_from: Option<i32>,
 }
 
 /// The sealed tables holding some hours: a day's pair (or an older trail's one pair), and
@@ -126,6 +128,7 @@ impl Coverage {
             Option<i32>,
             Option<Vec<i32>>,
             Option<i32>,
+            Option<i32>,
         );
         let rows: Vec<Row> = stmt
             .query_map([], |r| {
@@ -140,6 +143,7 @@ impl Coverage {
                 } else {
                     (None, None)
                 };
+                let ends_from = if columns > 9 { r.get(9)? } else { None };
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
@@ -150,6 +154,7 @@ impl Coverage {
                     late,
                     days,
                     legacy,
+                    ends_from,
                 ))
             })
             .map_err(QueryError::db("reading capture sessions"))?
@@ -170,6 +175,7 @@ impl Coverage {
                     cov.late_hour = r.6;
                     cov.days = r.7;
                     cov.legacy_until = r.8;
+                    cov.ends_from = r.9;
                 }
             }
         }
@@ -216,6 +222,22 @@ impl Coverage {
                     }),
             )
             .collect()
+    }
+
+    /// Where the sealed final slice of a flow found by an interim slice of `hour`, started at
+    /// `start_ms`, is if anywhere: `Some(Some(table))` its start day's ends table,
+    /// `Some(None)` nowhere (no flow of that day ended in a sealed hour since), `None` when
+    /// the ends tables cannot tell (an hour sealed before schema 14, no start, a start
+    /// before the retention horizon) and the hours after must be searched.
+    pub(crate) fn ends_of(&self, hour: i32, start_ms: Option<i64>) -> Option<Option<String>> {
+        use crate::store::days::{day_of, ends_table};
+        use crate::store::trail::hour_of;
+        let (from, start, days) = (self.ends_from?, start_ms?, self.days.as_ref()?);
+        if hour < from || self.retained_from_ms.is_some_and(|r| start < r) {
+            return None;
+        }
+        let day = day_of(hour_of(start));
+        Some(days.contains(&day).then(|| ends_table(day)))
     }
 
     /// Whether the sorted trail alone may miss a flow of the hours up to `hour`: they are not

@@ -610,6 +610,88 @@ mod tests {
     }
 
     #[test]
+    fn a_long_flows_end_is_read_from_its_start_days_ends_table() {
+        use EventKind::{Destroy, New};
+        let h = 3_600 * SEC;
+        // T0 is 22:13:20 UTC on 14 November 2023. Two flows outlive their first hour and end
+        // after midnight, the one on the lower port last; a short one does not.
+        let events = [
+            ev(New, 1, "10.77.0.30", 7000, 41010, T0, None),
+            ev(New, 3, "10.77.0.32", 7002, 41020, T0 + 60 * SEC, None),
+            ev(
+                Destroy,
+                3,
+                "10.77.0.32",
+                7002,
+                41020,
+                T0 + 60 * SEC,
+                Some(T0 + 120 * SEC),
+            ),
+            ev(New, 2, "10.77.0.31", 7001, 41005, T0 + 600 * SEC, None),
+            ev(Destroy, 1, "10.77.0.30", 7000, 41010, T0, Some(T0 + 2 * h)),
+            ev(
+                Destroy,
+                2,
+                "10.77.0.31",
+                7001,
+                41005,
+                T0 + 600 * SEC,
+                Some(T0 + 4 * h),
+            ),
+            ev(New, 4, "10.77.0.33", 7003, 41030, T0 + 7 * h, None),
+        ];
+        let db = Db::batches("ends", events.into_iter().map(|e| vec![flow(e)]).collect());
+        let ms = |ns: u64| (ns / 1_000_000) as i64;
+        let rows = |table: &str| -> Vec<(u16, i64, i64, i32)> {
+            let conn = crate::store::schema::open_ro(&db.path).unwrap();
+            conn.prepare(&format!(
+                "SELECT pub_port, start_ms, end_ms, hour FROM {table} ORDER BY rowid"
+            ))
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+        };
+        let hour = |ns: u64| crate::store::trail::hour_of(ms(ns));
+        // Sealed in two seals, the later one's row first: the table is kept sorted.
+        assert_eq!(
+            rows("flow_ends_20231114"),
+            [
+                (41005, ms(T0 + 600 * SEC), ms(T0 + 4 * h), hour(T0 + 4 * h)),
+                (41010, ms(T0), ms(T0 + 2 * h), hour(T0 + 2 * h)),
+            ]
+        );
+        assert_eq!(rows("flow_ends_20231115"), []);
+        let rw = |sql: &str| {
+            let d = crate::store::database::Database::open_rw(&db.path).unwrap();
+            d.connect().unwrap().execute_batch(sql).unwrap();
+        };
+        let end_at = |port: u16, at: u64| -> (u16, Option<i64>, Option<u64>) {
+            let w = db.who(port, at, 0);
+            assert_eq!(w.status, WhoStatus::Found, "{w:?}");
+            let f = &w.matches[0].flow;
+            (f.internal_port, f.end_us, f.bytes_in)
+        };
+        let found = (7000, Some(ms(T0 + 2 * h) * 1_000), Some(900));
+        // Asked in its second hour, by its interim slice: the end is read from the ends
+        // table, not from the hour it ended in, which is no longer consulted.
+        assert_eq!(end_at(41010, T0 + h), found);
+        rw(&format!(
+            "DELETE FROM flow_sealed_20231115 WHERE pub_port = 41010 AND hour = {}",
+            hour(T0 + 2 * h)
+        ));
+        assert_eq!(end_at(41010, T0 + h), found);
+        // An interim slice sealed before the ends were kept: the hours after are searched.
+        rw("UPDATE trail_state SET ends_from = 1 + (SELECT sealed_hour FROM trail_state)");
+        assert_eq!(end_at(41010, T0 + h), (7000, None, None));
+        assert_eq!(
+            end_at(41005, T0 + h),
+            (7001, Some(ms(T0 + 4 * h) * 1_000), Some(900))
+        );
+    }
+
+    #[test]
     fn destroy_without_start_still_answers_from_kernel_times() {
         let db = Db::new(
             "orphan",

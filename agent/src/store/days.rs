@@ -54,6 +54,13 @@ pub fn dst_table(layout: Layout, day: i32) -> String {
     }
 }
 
+/// The final slices, sealed since schema 14, of the flows of a day (by their start) that
+/// lived past the end of their first hour: where a lookup that found such a flow by an
+/// interim slice reads its end, instead of searching the hours after.
+pub fn ends_table(day: i32) -> String {
+    format!("flow_ends_{}", date(day))
+}
+
 /// The slices a trail of schema 12 or older had sealed, kept where they were by migration
 /// 13: copying months of them into daily tables would keep the upgraded agent from
 /// capturing for as long (8-10 s a day of 40 M flows). Read beside the days, for the hours
@@ -72,6 +79,16 @@ const SEALED_COLUMNS: &str = "(
     dnat4 UINTEGER, dnat6 UHUGEINT, dnat_port USMALLINT, start_ms BIGINT, end_ms BIGINT,
     end_lo_ms BIGINT, packets_out UBIGINT, bytes_out UBIGINT, packets_in UBIGINT,
     bytes_in UBIGINT)";
+
+/// The columns of a day's ends: those of `trail_recent` (the destination itself, not an
+/// index into a dictionary; the conntrack id and sequence number NULL).
+const ENDS_COLUMNS: &str = "(
+    hour INTEGER NOT NULL, flags UTINYINT NOT NULL, proto UTINYINT NOT NULL,
+    zone USMALLINT NOT NULL, pub4 UINTEGER, pub6 UHUGEINT, pub_port USMALLINT NOT NULL,
+    src4 UINTEGER, src6 UHUGEINT, src_port USMALLINT NOT NULL, dst4 UINTEGER, dst6 UHUGEINT,
+    dst_port USMALLINT NOT NULL, dnat4 UINTEGER, dnat6 UHUGEINT, dnat_port USMALLINT,
+    start_ms BIGINT, end_ms BIGINT, end_lo_ms BIGINT, packets_out UBIGINT, bytes_out UBIGINT,
+    packets_in UBIGINT, bytes_in UBIGINT, ct_id UINTEGER, seq UBIGINT)";
 
 /// The columns of a day's destination dictionary.
 const DST_COLUMNS: &str = "(hour INTEGER NOT NULL, id UINTEGER NOT NULL, dst4 UINTEGER, dst6 UHUGEINT, dst_port USMALLINT NOT NULL)";
@@ -154,12 +171,14 @@ pub fn ensure(conn: &Connection, wanted: &[i32]) -> Result<(), StoreError> {
         return Ok(());
     }
     for d in &missing {
-        let (s, t) = (
+        let (s, t, e) = (
             sealed_table(Layout::Daily, *d),
             dst_table(Layout::Daily, *d),
+            ends_table(*d),
         );
         conn.execute_batch(&format!(
-            "CREATE TABLE {s} {SEALED_COLUMNS}; CREATE TABLE {t} {DST_COLUMNS};"
+            "CREATE TABLE {s} {SEALED_COLUMNS}; CREATE TABLE {t} {DST_COLUMNS};
+             CREATE TABLE {e} {ENDS_COLUMNS};"
         ))
         .map_err(db_err(format!("creating the tables of day {}", date(*d))))?;
         days.push(*d);
@@ -192,9 +211,10 @@ pub fn drop_before(conn: &Connection, first_kept: i32) -> Result<usize, StoreErr
     set_list(conn, &kept)?;
     for d in &gone {
         conn.execute_batch(&format!(
-            "DROP TABLE {}; DROP TABLE {};",
+            "DROP TABLE {}; DROP TABLE {}; DROP TABLE {};",
             sealed_table(Layout::Daily, *d),
-            dst_table(Layout::Daily, *d)
+            dst_table(Layout::Daily, *d),
+            ends_table(*d)
         ))
         .map_err(db_err(format!("dropping the tables of day {}", date(*d))))?;
     }
@@ -254,6 +274,20 @@ pub fn keep_legacy(conn: &Connection) -> Result<(), StoreError> {
             up_to_hour = hour,
             "migration 13: the sealed hours stay in their table, read beside the new daily tables"
         );
+    }
+    Ok(())
+}
+
+/// Part of migration 14, inside its transaction: each day's (empty) ends table. The hours
+/// sealed before have none: lookups search the hours after an interim slice of theirs, as
+/// before.
+pub fn add_ends(conn: &Connection) -> Result<(), StoreError> {
+    for d in list(conn)? {
+        conn.execute_batch(&format!("CREATE TABLE {} {ENDS_COLUMNS};", ends_table(d)))
+            .map_err(db_err(format!(
+                "creating the ends table of day {}",
+                date(d)
+            )))?;
     }
     Ok(())
 }
@@ -350,6 +384,46 @@ mod tests {
         );
         assert_eq!(count(&c), 0);
         assert_eq!(tables(&c), ["flow_sealed_empty", "trail_dst_empty"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_schema_13_trail_gets_an_ends_table_per_day() {
+        let dir = std::env::temp_dir().join(format!("nattrail-ends13-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.duckdb");
+        // Two days of schema 13, their tables as it made them (no ends table), sealed up to
+        // hour 472,230.
+        {
+            let c = crate::store::schema::database_at_version(&path, 13);
+            keep_legacy(&c).unwrap();
+            c.execute_batch(
+                "CREATE TABLE flow_sealed_20231114 AS FROM flow_sealed_empty;
+                 CREATE TABLE trail_dst_20231114 AS FROM trail_dst_empty;
+                 CREATE TABLE flow_sealed_20231115 AS FROM flow_sealed_empty;
+                 CREATE TABLE trail_dst_20231115 AS FROM trail_dst_empty;
+                 UPDATE trail_state SET days = [19675, 19676], sealed_hour = 472_230;",
+            )
+            .unwrap();
+        }
+        let db = Database::open_rw(&path).unwrap();
+        let c = db.connect().unwrap();
+        let ends: Vec<String> = c
+            .prepare(
+                "SELECT table_name FROM duckdb_tables() WHERE table_name LIKE 'flow_ends%'
+                 ORDER BY 1",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ends, ["flow_ends_20231114", "flow_ends_20231115"]);
+        let from: Option<i32> = c
+            .query_row("SELECT ends_from FROM trail_state", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(from, Some(472_231));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

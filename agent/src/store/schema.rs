@@ -71,13 +71,19 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "sealed hours in daily tables",
         include_str!("../../../schemas/duckdb/0013_daily_tables.sql"),
     ),
+    (
+        14,
+        "the ends of long flows by their start day",
+        include_str!("../../../schemas/duckdb/0014_flow_ends.sql"),
+    ),
 ];
 
 /// A migration's part written in Rust, inside its transaction.
 type RustStep = fn(&Connection) -> Result<(), StoreError>;
 
 /// Where a migration hands over to Rust (with progress logs): migration 8 to move the event
-/// rows into slices, migration 13 to keep the sealed hours beside the new daily tables.
+/// rows into slices, migration 13 to keep the sealed hours beside the new daily tables,
+/// migration 14 to give each day its ends table.
 const RUST_STEPS: &[(u32, &str, RustStep)] = &[
     (
         8,
@@ -88,6 +94,11 @@ const RUST_STEPS: &[(u32, &str, RustStep)] = &[
         13,
         "-- KEEP THE SEALED HOURS HERE",
         crate::store::days::keep_legacy,
+    ),
+    (
+        14,
+        "-- ADD THE ENDS TABLES HERE",
+        crate::store::days::add_ends,
     ),
 ];
 

@@ -40,6 +40,13 @@ pub fn end_ms(ns: u64) -> i64 {
 /// NULL in runs (interleaved, they cost 2.3 B more per slice).
 pub const SEAL_ORDER: &str = "hour, pub6 IS NOT NULL, pub_port, pub6, pub4, start_ms";
 
+/// The order of a day's ends table: the sealed order without the hour (a lookup knows the
+/// flow's start, not the hour of its end).
+const ENDS_ORDER: &str = "pub6 IS NOT NULL, pub_port, pub6, pub4, start_ms";
+
+/// One UTC day, in milliseconds.
+const DAY_MS: i64 = 24 * HOUR_MS;
+
 /// The partitions' state: the newest sealed hour and the retention horizon.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TrailState {
@@ -182,6 +189,9 @@ fn seal_in_chunks(
             if v6 { 6 } else { 4 }
         )))?;
     }
+    if layout == Layout::Daily {
+        write_ends(conn, hour)?;
+    }
     conn.execute_batch(&format!(
         "DROP TABLE nt_seal;
          DELETE FROM trail_recent WHERE hour <= {hour};
@@ -189,6 +199,51 @@ fn seal_in_chunks(
     ))
     .map_err(db_err(format!("sealing the hours {first}..={hour}")))?;
     Ok(n as usize)
+}
+
+/// Copies the final slices of the hours up to `hour` whose flows started in an earlier hour
+/// into the ends tables of their start days, each rewritten sorted by public port and
+/// address: rows appended in the order of each seal would put every port in every row group,
+/// and a lookup would read the whole table. Starts before the retention horizon are left out
+/// (their day is gone; lookups of them search the hours after, as before). Inside the seal's
+/// transaction, before its slices leave `trail_recent`.
+fn write_ends(conn: &Connection, hour: i32) -> Result<(), StoreError> {
+    let long = format!(
+        "hour <= {hour} AND flags & 1 = 1 AND start_ms < hour::BIGINT * {HOUR_MS}
+         AND start_ms >= coalesce((SELECT max(retained_from) FROM trail_state), 0)"
+    );
+    let in_days: duckdb::types::Value = conn
+        .query_row(
+            &format!(
+                "SELECT list(DISTINCT (start_ms // {DAY_MS})::INTEGER) FROM trail_recent
+                 WHERE {long}"
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_err("listing the start days of the flows that end"))?;
+    let start_days = days::from_value(&in_days);
+    days::ensure(conn, &start_days)?;
+    for d in start_days {
+        let table = days::ends_table(d);
+        conn.execute_batch(&format!(
+            "CREATE TABLE nt_ends AS SELECT * FROM (
+                 SELECT * FROM {table}
+                 UNION ALL
+                 SELECT * REPLACE (NULL::UINTEGER AS ct_id, NULL::UBIGINT AS seq)
+                 FROM trail_recent
+                 WHERE {long} AND start_ms BETWEEN {} AND {})
+             ORDER BY {ENDS_ORDER};
+             DROP TABLE {table};
+             ALTER TABLE nt_ends RENAME TO {table};",
+            i64::from(d) * DAY_MS,
+            i64::from(d + 1) * DAY_MS - 1
+        ))
+        .map_err(db_err(format!(
+            "writing the ends of flows started in {table}"
+        )))?;
+    }
+    Ok(())
 }
 
 /// The most slices one sorted insert of a seal takes. The memory a sorted insert needs grows
