@@ -55,8 +55,9 @@ fn ensure_trail(db: &Path) -> Result<()> {
             let t = Instant::now();
             drop(nattrail::store::database::Database::open_rw(db)?);
             println!(
-                "{}: migrated from schema {version} in {:.1} s; its sealed hours stay in \
-                 one table, read as before (delete the file for a trail in daily tables)",
+                "{}: migrated from schema {version} in {:.1} s; the hours it had sealed are \
+                 read as before, from the tables of schema {version} and without the ends \
+                 of long flows (delete the file for a trail of this schema)",
                 db.display(),
                 t.elapsed().as_secs_f64()
             );

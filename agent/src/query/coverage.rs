@@ -225,8 +225,9 @@ impl Coverage {
     }
 
     /// Where the sealed final slice of a flow found by an interim slice of `hour`, started at
-    /// `start_ms`, is if anywhere: `Some(Some(table))` its start day's ends table,
-    /// `Some(None)` nowhere (no flow of that day ended in a sealed hour since), `None` when
+    /// `start_ms`, is if anywhere after the hour following its start: `Some(Some(table))` its
+    /// start day's ends table, `Some(None)` nowhere (no flow of that day that lived through a
+    /// whole hour ended in a sealed hour since), `None` when
     /// the ends tables cannot tell (an hour sealed before schema 14, no start, a start
     /// before the retention horizon) and the hours after must be searched.
     pub(crate) fn ends_of(&self, hour: i32, start_ms: Option<i64>) -> Option<Option<String>> {

@@ -616,8 +616,23 @@ fn resolve(
     };
     let sealed_to = (hour + RESOLVE_HOURS).min(cov.sealed_hour.unwrap_or(i32::MIN));
     match cov.ends_of(hour, id.start_ms) {
-        // One row group of the start day's ends, instead of one of each hour after.
+        // One row group of the start day's ends, instead of one of each hour after; a flow
+        // asked about in the hour it started may have ended in the next, which the ends leave
+        // out.
         Some(table) => {
+            if id.start_ms.map(crate::store::trail::hour_of) == Some(hour) && hour < sealed_to {
+                let (sql, params) = sealed_parts(
+                    &cov.partitions(hour + 1, hour + 1),
+                    ip,
+                    port,
+                    " AND flags & 1 = 1",
+                );
+                if !sql.is_empty()
+                    && let Some(flow) = pick(run(conn, &sql.join(" UNION ALL "), &params)?)?
+                {
+                    return Ok(flow);
+                }
+            }
             if let (Some(table), Some(start)) = (table, id.start_ms)
                 && hour < sealed_to
             {

@@ -613,8 +613,10 @@ mod tests {
     fn a_long_flows_end_is_read_from_its_start_days_ends_table() {
         use EventKind::{Destroy, New};
         let h = 3_600 * SEC;
-        // T0 is 22:13:20 UTC on 14 November 2023. Two flows outlive their first hour and end
-        // after midnight, the one on the lower port last; a short one does not.
+        // T0 is 22:13:20 UTC on 14 November 2023. Two flows live through 23:00-00:00 and end
+        // after midnight, the one on the lower port last; one ends in the hour after its
+        // start, one in the hour it started.
+        let (m0, m1) = (T0 + 2_200 * SEC, T0 + 3_400 * SEC);
         let events = [
             ev(New, 1, "10.77.0.30", 7000, 41010, T0, None),
             ev(New, 3, "10.77.0.32", 7002, 41020, T0 + 60 * SEC, None),
@@ -628,6 +630,8 @@ mod tests {
                 Some(T0 + 120 * SEC),
             ),
             ev(New, 2, "10.77.0.31", 7001, 41005, T0 + 600 * SEC, None),
+            ev(New, 5, "10.77.0.34", 7004, 41015, m0, None),
+            ev(Destroy, 5, "10.77.0.34", 7004, 41015, m0, Some(m1)),
             ev(Destroy, 1, "10.77.0.30", 7000, 41010, T0, Some(T0 + 2 * h)),
             ev(
                 Destroy,
@@ -654,7 +658,8 @@ mod tests {
             .unwrap()
         };
         let hour = |ns: u64| crate::store::trail::hour_of(ms(ns));
-        // Sealed in two seals, the later one's row first: the table is kept sorted.
+        // Sealed in two seals, the later one's row first: the table is kept sorted. The flow
+        // that ended in the hour after its start is not there.
         assert_eq!(
             rows("flow_ends_20231114"),
             [
@@ -677,6 +682,11 @@ mod tests {
         // Asked in its second hour, by its interim slice: the end is read from the ends
         // table, not from the hour it ended in, which is no longer consulted.
         assert_eq!(end_at(41010, T0 + h), found);
+        // Asked in the hour it started: its end is in the next hour's table.
+        assert_eq!(
+            end_at(41015, m0 + 60 * SEC),
+            (7004, Some(ms(m1) * 1_000), Some(900))
+        );
         rw(&format!(
             "DELETE FROM flow_sealed_20231115 WHERE pub_port = 41010 AND hour = {}",
             hour(T0 + 2 * h)

@@ -55,8 +55,8 @@ pub fn dst_table(layout: Layout, day: i32) -> String {
 }
 
 /// The final slices, sealed since schema 14, of the flows of a day (by their start) that
-/// lived past the end of their first hour: where a lookup that found such a flow by an
-/// interim slice reads its end, instead of searching the hours after.
+/// lived through a whole hour: where a lookup that found such a flow by an interim slice
+/// reads its end, instead of searching the hours after.
 pub fn ends_table(day: i32) -> String {
     format!("flow_ends_{}", date(day))
 }
