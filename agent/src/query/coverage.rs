@@ -227,9 +227,9 @@ impl Coverage {
     /// Where the sealed final slice of a flow found by an interim slice of `hour`, started at
     /// `start_ms`, is if anywhere after the hour following its start: `Some(Some(table))` its
     /// start day's ends table, `Some(None)` nowhere (no flow of that day that lived through a
-    /// whole hour ended in a sealed hour since), `None` when
-    /// the ends tables cannot tell (an hour sealed before schema 14, no start, a start
-    /// before the retention horizon) and the hours after must be searched.
+    /// whole hour ended in a sealed hour since), `None` when the ends tables cannot tell (an
+    /// hour sealed before schema 14, no start, a start before the retention horizon) and the
+    /// hours after must be searched.
     pub(crate) fn ends_of(&self, hour: i32, start_ms: Option<i64>) -> Option<Option<String>> {
         use crate::store::days::{day_of, ends_table};
         use crate::store::trail::hour_of;

@@ -207,9 +207,9 @@ fn seal_in_chunks(
 /// order of each seal would put every port in every row group, and a lookup would read the
 /// whole table. A flow that ended in the hour after its start is not copied (96 % of the
 /// flows with an interim slice on the generated day, which made the ends 31 MiB a day and
-/// the file 25.7 B per flow): a lookup finds it in the next hour. Starts before the retention horizon are left out
-/// (their day is gone; lookups of them search the hours after, as before). Inside the seal's
-/// transaction, before its slices leave `trail_recent`.
+/// the file 25.7 B per flow): a lookup finds it in the next hour. Starts before the
+/// retention horizon are left out (their day is gone; lookups of them search the hours
+/// after, as before). Inside the seal's transaction, before its slices leave `trail_recent`.
 fn write_ends(conn: &Connection, hour: i32) -> Result<(), StoreError> {
     let long = format!(
         "hour <= {hour} AND flags & 1 = 1 AND start_ms < (hour - 1)::BIGINT * {HOUR_MS}
