@@ -702,6 +702,58 @@ mod tests {
     }
 
     #[test]
+    fn a_start_from_an_unset_clock_backfills_at_most_a_week_of_interim_slices() {
+        use EventKind::{Destroy, New};
+        let h = 3_600 * SEC;
+        // Started, by the kernel's stamp, one second after the epoch (a clock not yet set):
+        // one flow seen open, one seen only by its DESTROY.
+        let mut open = ev(New, 11, "10.77.0.50", 7200, 41200, T0, None);
+        open.start_ns = Some(SEC);
+        let gone = ev(
+            Destroy,
+            12,
+            "10.77.0.51",
+            7201,
+            41201,
+            SEC,
+            Some(T0 + 60 * SEC),
+        );
+        let later = ev(New, 13, "10.77.0.52", 7202, 41202, T0 + 2 * h, None);
+        let db = Db::batches(
+            "unset-clock",
+            vec![vec![flow(open)], vec![flow(gone)], vec![flow(later)]],
+        );
+        let conn = crate::store::schema::open_ro(&db.path).unwrap();
+        let slices = |port: u16| -> i64 {
+            conn.query_row(
+                "SELECT count(*) FROM (SELECT pub_port FROM trail_recent
+                                       UNION ALL SELECT pub_port FROM flow_sealed)
+                 WHERE pub_port = ?",
+                [port],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        // A week of interim slices each (and the final one of the ended flow), not one for
+        // every hour since 1970.
+        assert_eq!((slices(41200), slices(41201)), (168, 169));
+        assert!(crate::store::days::list(&conn).unwrap().len() <= 9);
+        drop(conn);
+        // Within the week it is found, with the start the kernel gave (incomplete: no agent
+        // captured then).
+        let w = db.who(41201, T0 - 72 * h, 0);
+        assert_eq!(
+            (w.status, w.matches.len()),
+            (WhoStatus::Incomplete, 1),
+            "{w:?}"
+        );
+        assert_eq!(
+            (w.matches[0].flow.internal_port, w.matches[0].flow.start_us),
+            (7201, Some(1_000_000))
+        );
+    }
+
+    #[test]
     fn destroy_without_start_still_answers_from_kernel_times() {
         let db = Db::new(
             "orphan",

@@ -345,7 +345,8 @@ pub(super) fn cover<S: Slot>(
         return None;
     }
     s.set_covered(hour);
-    Some((flow, (flow.covered + 1).max(first)..=hour))
+    let floor = hour.saturating_sub(trail::BACKFILL_HOURS - 1);
+    Some((flow, (flow.covered + 1).max(first).max(floor)..=hour))
 }
 
 #[cfg(test)]

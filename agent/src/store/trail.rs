@@ -11,6 +11,14 @@ use super::schema::{StoreError, db_err};
 /// One partition, in milliseconds.
 pub const HOUR_MS: i64 = 3_600_000;
 
+/// The most hours of interim slices written at once for a flow the trail did not see
+/// through them (found by a dump, a DESTROY without its NEW, the events' clock jumping
+/// ahead): a week, the span a lookup resolves an interim slice's end over. Its start is
+/// stored as the kernel gave it. Unbounded, a start stamped by a clock not yet set (a
+/// gateway without a real-time clock boots in 1970 until NTP) made one DESTROY write 472,223
+/// slices, 56 s of the writer, and the seal would have made a table for every day since.
+pub const BACKFILL_HOURS: i32 = 24 * 7;
+
 /// The hour (since the epoch) an instant in milliseconds falls in.
 pub fn hour_of(ms: i64) -> i32 {
     ms.div_euclid(HOUR_MS) as i32

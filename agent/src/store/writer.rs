@@ -514,7 +514,9 @@ impl Writer {
             slice.flags |= UNSEEN;
         }
         if let Some(s) = start {
-            let first = hour_of(s).max(open.map_or(i32::MIN, |o| o.covered.saturating_add(1)));
+            let first = hour_of(s)
+                .max(open.map_or(i32::MIN, |o| o.covered.saturating_add(1)))
+                .max(end_hour.saturating_sub(trail::BACKFILL_HOURS));
             for h in first..end_hour {
                 slice.hour = h;
                 self.note_hour(h);
