@@ -614,24 +614,25 @@ fn resolve(
             .max_by_key(|(f, c)| (c.flags & 1, !f.end_inexact))
             .map(|(f, _)| f))
     };
+    // The final slices of the sealed hours `from..=to`.
+    let in_hours = |from: i32, to: i32| -> Result<Option<FlowRow>, QueryError> {
+        let (sql, params) = sealed_parts(&cov.partitions(from, to), ip, port, " AND flags & 1 = 1");
+        if sql.is_empty() {
+            return Ok(None);
+        }
+        pick(run(conn, &sql.join(" UNION ALL "), &params)?)
+    };
     let sealed_to = (hour + RESOLVE_HOURS).min(cov.sealed_hour.unwrap_or(i32::MIN));
     match cov.ends_of(hour, id.start_ms) {
         // One row group of the start day's ends, instead of one of each hour after; a flow
         // asked about in the hour it started may have ended in the next, which the ends leave
         // out.
         Some(table) => {
-            if id.start_ms.map(crate::store::trail::hour_of) == Some(hour) && hour < sealed_to {
-                let (sql, params) = sealed_parts(
-                    &cov.partitions(hour + 1, hour + 1),
-                    ip,
-                    port,
-                    " AND flags & 1 = 1",
-                );
-                if !sql.is_empty()
-                    && let Some(flow) = pick(run(conn, &sql.join(" UNION ALL "), &params)?)?
-                {
-                    return Ok(flow);
-                }
+            if id.start_ms.map(crate::store::trail::hour_of) == Some(hour)
+                && hour < sealed_to
+                && let Some(flow) = in_hours(hour + 1, hour + 1)?
+            {
+                return Ok(flow);
             }
             if let (Some(table), Some(start)) = (table, id.start_ms)
                 && hour < sealed_to
@@ -657,12 +658,7 @@ fn resolve(
                 if from > to {
                     break;
                 }
-                let (sql, params) =
-                    sealed_parts(&cov.partitions(from, to), ip, port, " AND flags & 1 = 1");
-                if sql.is_empty() {
-                    continue;
-                }
-                if let Some(flow) = pick(run(conn, &sql.join(" UNION ALL "), &params)?)? {
+                if let Some(flow) = in_hours(from, to)? {
                     return Ok(flow);
                 }
             }

@@ -219,9 +219,10 @@ fn seal_in_chunks(
 /// retention horizon are left out (their day is gone; lookups of them search the hours
 /// after, as before). Inside the seal's transaction, before its slices leave `trail_recent`.
 fn write_ends(conn: &Connection, hour: i32) -> Result<(), StoreError> {
+    let horizon = state(conn)?.retained_from_ms.unwrap_or(0);
     let long = format!(
         "hour <= {hour} AND flags & 1 = 1 AND start_ms < (hour - 1)::BIGINT * {HOUR_MS}
-         AND start_ms >= coalesce((SELECT max(retained_from) FROM trail_state), 0)"
+         AND start_ms >= {horizon}"
     );
     let in_days: duckdb::types::Value = conn
         .query_row(
