@@ -243,15 +243,14 @@ pub struct DatabaseInfo {
 }
 
 impl DatabaseInfo {
-    /// Reads the sizes of `db` and `db.wal`.
+    /// Reads the sizes of `db` and its WAL (beside the file a link names).
     pub fn of(db: &Path) -> Self {
+        use crate::store::database::{resolved, wal_path};
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let mut wal = db.as_os_str().to_os_string();
-        wal.push(".wal");
         DatabaseInfo {
             path: db.display().to_string(),
             size_bytes: size(db),
-            wal_bytes: size(Path::new(&wal)),
+            wal_bytes: size(&wal_path(&resolved(db))),
         }
     }
 }

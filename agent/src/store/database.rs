@@ -209,8 +209,9 @@ impl Database {
                 source,
             })?;
         }
+        let file = resolved(path);
         let c_path =
-            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| StoreError::Native {
+            CString::new(file.as_os_str().as_encoded_bytes()).map_err(|_| StoreError::Native {
                 context: format!("opening database {}", path.display()),
                 detail: "the path contains a NUL byte".into(),
             })?;
@@ -254,7 +255,7 @@ impl Database {
         } else {
             // DuckDB creates the file and its WAL with 0666 minus the umask: the trail is
             // evidence, private whatever the umask we were started under.
-            crate::store::files::make_private_files(&[path, wal_path(path).as_path()]).map_err(
+            crate::store::files::make_private_files(&[&file, wal_path(&file).as_path()]).map_err(
                 |source| StoreError::Dir {
                     path: path.to_path_buf(),
                     source,
@@ -307,6 +308,27 @@ impl Drop for Database {
     fn drop(&mut self) {
         // SAFETY: opened in open_rw, closed only here.
         unsafe { ffi::duckdb_close(&mut self.raw) };
+    }
+}
+
+/// The file DuckDB is given: `path` with its links resolved. DuckDB resolves a linked file
+/// itself, and the lockdown (no file system access beyond the database) then refuses the WAL
+/// beside the target: a trail linked onto another disk could be neither run nor read.
+pub fn resolved(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    // A link to a trail not created yet (the agent's first start) names the file to create.
+    for _ in 0..40 {
+        match std::fs::read_link(&p) {
+            Ok(target) => p = p.parent().unwrap_or(Path::new("/")).join(target),
+            Err(_) => break,
+        }
+    }
+    match (
+        p.parent().filter(|d| !d.as_os_str().is_empty()),
+        p.file_name(),
+    ) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).map_or(p.clone(), |d| d.join(name)),
+        _ => p,
     }
 }
 

@@ -348,4 +348,41 @@ mod tests {
         assert_eq!(limit, "256.0 MiB");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// An operator who keeps the trail on another disk links it into place: DuckDB resolves
+    /// the link and then refused, under the lockdown, to touch the WAL beside the target.
+    #[test]
+    fn a_trail_reached_through_a_symlink_opens_both_ways() {
+        let dir = std::env::temp_dir().join(format!("nattrail-symlink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("disk")).unwrap();
+        let (target, link) = (dir.join("disk/t.duckdb"), dir.join("t.duckdb"));
+        drop(Database::open_rw(&target).unwrap());
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        {
+            let db = Database::open_rw(&link).unwrap();
+            db.connect()
+                .unwrap()
+                .execute_batch("CREATE TABLE marker AS SELECT 42 AS v")
+                .unwrap();
+        }
+        let v: i32 = open_ro(&link)
+            .unwrap()
+            .query_row("SELECT v FROM marker", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 42);
+        // A link to a trail not yet created: the agent's first start.
+        let fresh = dir.join("fresh.duckdb");
+        std::os::unix::fs::symlink(dir.join("disk/fresh.duckdb"), &fresh).unwrap();
+        drop(Database::open_rw(&fresh).unwrap());
+        assert!(dir.join("disk/fresh.duckdb").is_file());
+        assert_eq!(
+            open_ro(&fresh)
+                .unwrap()
+                .query_row("SELECT 1", [], |r| r.get::<_, i32>(0))
+                .unwrap(),
+            1
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
