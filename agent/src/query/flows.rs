@@ -445,7 +445,22 @@ pub(crate) fn covering(
     rows.retain(|(_, id)| {
         ep.proto.is_none_or(|p| p.numbers().contains(&id.proto)) && id.meets(lo_ms, hi_ms)
     });
-    fill_destinations(conn, cov, &mut rows)?;
+    // A sealed slice's destination costs a statement (a table scan, about 1 ms here). An
+    // interim slice's is needed only to tell its flow from another that shares all but the
+    // destination (a socket that sent to two in the same millisecond); such a twin, alive in
+    // the same hour, is among these rows: without one, `resolve` reads the destination only
+    // if it must show the interim slice itself.
+    let twins = rows
+        .iter()
+        .enumerate()
+        .any(|(i, (_, a))| rows[..i].iter().any(|(_, b)| a.same_start(b, false)));
+    if twins || ep.dst_ip.is_some() || ep.dst_port.is_some() {
+        fill_destinations(conn, cov, &mut rows)?;
+    } else {
+        rows.sort_by_key(|(_, id)| id.interim);
+        let finals = rows.partition_point(|(_, id)| !id.interim);
+        fill_destinations(conn, cov, &mut rows[..finals])?;
+    }
     let dst_ip = ep.dst_ip.map(Addr::from);
     let wanted = |id: &Identity| {
         dst_ip.is_none_or(|a| id.dst.0 == a) && ep.dst_port.is_none_or(|p| id.dst.1 == p)
@@ -470,7 +485,7 @@ pub(crate) fn covering(
     let mut out = Vec::with_capacity(best.len());
     for (flow, id) in best {
         out.push(if id.interim {
-            resolve(conn, cov, flow, &id)?
+            resolve(conn, cov, (flow, id))?
         } else {
             flow
         });
@@ -564,7 +579,7 @@ pub(crate) fn matching(
     let mut out = Vec::with_capacity(rows.len());
     for (flow, id) in rows {
         out.push(if id.interim {
-            resolve(conn, &cov, flow, &id)?
+            resolve(conn, &cov, (flow, id))?
         } else {
             flow
         });
@@ -593,35 +608,46 @@ const RESOLVE_STEPS: [(i32, i32); 6] = [
 
 /// The flow of an interim slice as the trail knows it later: its final slice in a later hour
 /// (a copy of it in its start day's ends table), or its open record. A flow alive past the
-/// search keeps its interim form.
+/// search keeps its interim form. The interim slice's destination may be unread (see
+/// `covering`).
 fn resolve(
     conn: &Connection,
     cov: &Coverage,
-    interim: FlowRow,
-    id: &Identity,
+    mut interim: (FlowRow, Identity),
 ) -> Result<FlowRow, QueryError> {
-    let Some(hour) = id.hour else {
-        return Ok(interim);
+    let Some(hour) = interim.1.hour else {
+        return Ok(interim.0);
     };
-    let (ip, port) = (id.public.0.to_ip(), id.public.1);
+    let (ip, port) = (interim.1.public.0.to_ip(), interim.1.public.1);
     // Its final slice (exact end first), else its open record.
-    let pick = |mut rows: Vec<(FlowRow, Identity)>| -> Result<Option<FlowRow>, QueryError> {
-        rows.retain(|(_, c)| !c.interim && c.same_start(id, false));
+    let pick = |interim: &mut (FlowRow, Identity),
+                mut rows: Vec<(FlowRow, Identity)>|
+     -> Result<Option<FlowRow>, QueryError> {
+        rows.retain(|(_, c)| !c.interim && c.same_start(&interim.1, false));
         fill_destinations(conn, cov, &mut rows)?;
+        // Candidates with different destinations: the interim slice's own tells them apart.
+        if rows.iter().any(|(_, c)| c.dst != rows[0].1.dst) {
+            fill_destinations(conn, cov, std::slice::from_mut(interim))?;
+        }
+        let id = &interim.1;
         Ok(rows
             .into_iter()
-            .filter(|(_, c)| c.same_start(id, true))
+            .filter(|(_, c)| id.dst_id.is_some() || c.same_start(id, true))
             .max_by_key(|(f, c)| (c.flags & 1, !f.end_inexact))
             .map(|(f, _)| f))
     };
     // The final slices of the sealed hours `from..=to`.
-    let in_hours = |from: i32, to: i32| -> Result<Option<FlowRow>, QueryError> {
+    let in_hours = |interim: &mut (FlowRow, Identity),
+                    from: i32,
+                    to: i32|
+     -> Result<Option<FlowRow>, QueryError> {
         let (sql, params) = sealed_parts(&cov.partitions(from, to), ip, port, " AND flags & 1 = 1");
         if sql.is_empty() {
             return Ok(None);
         }
-        pick(run(conn, &sql.join(" UNION ALL "), &params)?)
+        pick(interim, run(conn, &sql.join(" UNION ALL "), &params)?)
     };
+    let id = interim.1;
     let sealed_to = (hour + RESOLVE_HOURS).min(cov.sealed_hour.unwrap_or(i32::MIN));
     match cov.ends_of(hour, id.start_ms) {
         // One row group of the start day's ends, instead of one of each hour after; a flow
@@ -630,7 +656,7 @@ fn resolve(
         Some(table) => {
             if id.start_ms.map(crate::store::trail::hour_of) == Some(hour)
                 && hour < sealed_to
-                && let Some(flow) = in_hours(hour + 1, hour + 1)?
+                && let Some(flow) = in_hours(&mut interim, hour + 1, hour + 1)?
             {
                 return Ok(flow);
             }
@@ -647,7 +673,7 @@ fn resolve(
                     "SELECT {SELECT} FROM {table}
                      WHERE {c} AND start_ms = ? AND hour BETWEEN ? AND ? AND flags & 1 = 1"
                 );
-                if let Some(flow) = pick(run(conn, &sql, &params)?)? {
+                if let Some(flow) = pick(&mut interim, run(conn, &sql, &params)?)? {
                     return Ok(flow);
                 }
             }
@@ -658,7 +684,7 @@ fn resolve(
                 if from > to {
                     break;
                 }
-                if let Some(flow) = in_hours(from, to)? {
+                if let Some(flow) = in_hours(&mut interim, from, to)? {
                     return Ok(flow);
                 }
             }
@@ -680,7 +706,16 @@ fn resolve(
         ));
         params.extend(open_params(ip, port));
     }
-    Ok(pick(run(conn, &parts.join(" UNION ALL "), &params)?)?.unwrap_or(interim))
+    match pick(
+        &mut interim,
+        run(conn, &parts.join(" UNION ALL "), &params)?,
+    )? {
+        Some(flow) => Ok(flow),
+        None => {
+            fill_destinations(conn, cov, std::slice::from_mut(&mut interim))?;
+            Ok(interim.0)
+        }
+    }
 }
 
 /// Reads the destinations of the sealed slices among `rows` from their hours' dictionaries,

@@ -702,6 +702,85 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_sending_to_two_destinations_at_once_keeps_its_two_flows_apart() {
+        use EventKind::{Destroy, New};
+        let h = 3_600 * SEC;
+        // One client socket, one public port (an endpoint-independent mapping), two
+        // destinations from the same millisecond: two flows told apart only by destination,
+        // both living through midnight, ending at 01:13 and 03:13.
+        let to = |mut e: FlowEvent, dst: &str, bytes_in: u64| {
+            e.orig.dst = ip(dst);
+            e.reply.src = ip(dst);
+            if let Some(c) = e.counters_reply.as_mut() {
+                c.bytes = bytes_in;
+            }
+            e
+        };
+        let a = |kind, stop| {
+            to(
+                ev(kind, 1, "10.77.0.40", 7100, 41100, T0, stop),
+                "198.51.100.2",
+                900,
+            )
+        };
+        let b = |kind, stop| {
+            to(
+                ev(kind, 2, "10.77.0.40", 7100, 41100, T0, stop),
+                "198.51.100.3",
+                1_900,
+            )
+        };
+        let events = [
+            a(New, None),
+            b(New, None),
+            a(Destroy, Some(T0 + 3 * h)),
+            b(Destroy, Some(T0 + 5 * h)),
+            ev(New, 3, "10.77.0.41", 7101, 41101, T0 + 7 * h, None),
+        ];
+        let db = Db::batches("twins", events.into_iter().map(|e| vec![flow(e)]).collect());
+        let ends = |at: u64| -> Vec<(String, Option<i64>, Option<u64>)> {
+            let w = db.who(41100, at, 0);
+            let mut m: Vec<_> = w
+                .matches
+                .iter()
+                .map(|m| (m.flow.dst_ip.clone(), m.flow.end_us, m.flow.bytes_in))
+                .collect();
+            m.sort();
+            m
+        };
+        let us = |ns: u64| Some((ns / 1_000) as i64);
+        let (fa, fb) = (
+            ("198.51.100.2".to_string(), us(T0 + 3 * h), Some(900)),
+            ("198.51.100.3".to_string(), us(T0 + 5 * h), Some(1_900)),
+        );
+        // Both alive at 23:13: both found, each with its own end.
+        assert_eq!(db.who(41100, T0 + h, 0).status, WhoStatus::Ambiguous);
+        assert_eq!(ends(T0 + h), [fa.clone(), fb.clone()]);
+        // At 02:13 only the second is alive: its interim slice alone, its end from the ends.
+        assert_eq!(db.who(41100, T0 + 4 * h, 0).status, WhoStatus::Found);
+        assert_eq!(ends(T0 + 4 * h), [fb]);
+        // The second one's slice of 23:00 lost: the first's interim slice is alone in its
+        // hour, and the two ends after it differ in destination; its own tells them apart.
+        let d = crate::store::database::Database::open_rw(&db.path).unwrap();
+        let gone = d
+            .connect()
+            .unwrap()
+            .execute(
+                "DELETE FROM flow_sealed_20231114 WHERE pub_port = 41100 AND hour = ?
+                 AND dst_id = (SELECT id FROM trail_dst_20231114 WHERE hour = ? AND dst4 = ?)",
+                duckdb::params![
+                    crate::store::trail::hour_of(((T0 + h) / 1_000_000) as i64),
+                    crate::store::trail::hour_of(((T0 + h) / 1_000_000) as i64),
+                    u32::from(std::net::Ipv4Addr::new(198, 51, 100, 3)),
+                ],
+            )
+            .unwrap();
+        assert_eq!(gone, 1);
+        drop(d);
+        assert_eq!(ends(T0 + h), [fa]);
+    }
+
+    #[test]
     fn a_start_from_an_unset_clock_backfills_at_most_a_week_of_interim_slices() {
         use EventKind::{Destroy, New};
         let h = 3_600 * SEC;
