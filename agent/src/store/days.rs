@@ -187,6 +187,27 @@ pub fn ensure(conn: &Connection, wanted: &[i32]) -> Result<(), StoreError> {
     set_list(conn, &days)
 }
 
+/// The oldest of the `keep` newest days whose tables hold slices, or `None` when fewer do.
+/// Retention keeps that many whatever the events' clock says. Read newest first: the newest
+/// days are the ones that hold slices, so this is a statement or two.
+pub fn oldest_of_newest_holding(conn: &Connection, keep: usize) -> Result<Option<i32>, StoreError> {
+    let mut found = 0;
+    for d in list(conn)?.into_iter().rev() {
+        let n: i64 = conn
+            .query_row(
+                &format!("SELECT count(*) FROM {}", sealed_table(Layout::Daily, d)),
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err(format!("counting the slices of day {}", date(d))))?;
+        found += usize::from(n > 0);
+        if found == keep {
+            return Ok(Some(d));
+        }
+    }
+    Ok(None)
+}
+
 /// Drops the tables of every day before `first_kept`; inside the caller's transaction.
 /// Returns the slices they held.
 pub fn drop_before(conn: &Connection, first_kept: i32) -> Result<usize, StoreError> {

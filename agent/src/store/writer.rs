@@ -15,6 +15,7 @@ use super::chunk_appender::ChunkAppender;
 use super::columns::{self, FINAL, INEXACT, JOURNAL_COLUMNS, SLICE_COLUMNS, Slice, UNSEEN};
 use super::cursors;
 use super::database::{Database, OpenOptions};
+use super::days;
 use super::event_log::{self, Gap};
 use super::gaps::{GapRecord, RecentGaps};
 use super::open_flows;
@@ -29,6 +30,7 @@ use crate::pipeline::clock::now_ns;
 use crate::pipeline::flow::{EventKind, FlowEvent};
 use crate::pipeline::messages::{LogBatch, WriterMsg};
 use crate::pipeline::metrics::counters;
+use crate::pipeline::ratelimit::RateLimitedLog;
 use crate::pipeline::stage::{Overflow, StageRx};
 
 counters! {
@@ -171,6 +173,8 @@ pub struct Writer {
     unswept: Option<i32>,
     retained_hour: Option<i32>,
     retain_days: u32,
+    // Retention held back by the days that hold slices: said once a day, not at every seal.
+    retention_held: RateLimitedLog,
     // After a failed seal: no attempt before this instant.
     seal_retry_at: Option<Instant>,
     // The events' clock at the last checkpoint: a replayed or generated trail is checkpointed
@@ -250,6 +254,7 @@ impl Writer {
             unswept: None,
             retained_hour: state.retained_from_ms.map(hour_of),
             retain_days: cfg.retain_days,
+            retention_held: RateLimitedLog::new(Duration::from_secs(86_400)),
             seal_retry_at: None,
             checkpointed_clock_ms: i64::MIN,
         };
@@ -645,8 +650,29 @@ impl Writer {
             }
         }
         if self.retain_days > 0 {
-            let from = hour_of(self.clock_ms) - (self.retain_days as i32).saturating_mul(24);
-            if self.retained_hour.is_none_or(|h| h < from) {
+            let by_clock = hour_of(self.clock_ms) - (self.retain_days as i32).saturating_mul(24);
+            if self.retained_hour.is_none_or(|h| h < by_clock) {
+                // The clock is the kernel's timestamps: one stamped years ahead (a system clock
+                // wrong for a moment) would put the horizon past every real day. The newest
+                // `retain_days` days that hold slices are kept whatever it says; after a long
+                // stop, the old days then go one per new day rather than all at once.
+                let Some(floor) =
+                    days::oldest_of_newest_holding(&self.conn, self.retain_days as usize)?
+                else {
+                    return self.refresh_oldest();
+                };
+                let from = by_clock.min(floor * 24);
+                if from < by_clock && self.retention_held.allow().is_some() {
+                    warn!(
+                        horizon_hour = by_clock,
+                        kept_from_hour = from,
+                        "retention keeps days before its horizon: fewer than retain_days days \
+                         after it hold slices (a clock set ahead, or a long stop)"
+                    );
+                }
+                if self.retained_hour.is_some_and(|h| h >= from) {
+                    return self.refresh_oldest();
+                }
                 let removed = trail::retain(&self.conn, from)?;
                 self.retained_hour = Some(from);
                 self.stats
@@ -1432,6 +1458,59 @@ mod tests {
         // Whole days: the first flow's day (14 November 2023) and the empty 15th are gone;
         // the 16th (the second flow's) is kept, and the third flow's hour is not sealed yet.
         assert_eq!(crate::store::days::list(&w.conn).unwrap(), [19_677]);
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The events' clock is the kernel's: a system clock set ten years ahead for a moment (a
+    /// bad RTC, a wrong NTP server) moved retention's horizon past every real day.
+    #[test]
+    fn a_clock_set_years_ahead_does_not_make_retention_remove_the_real_days() {
+        use crate::query::who::WhoStatus;
+        use EventKind::{Destroy, New};
+        const T0: u64 = 1_700_000_000_000_000_000;
+        const HOUR: u64 = 3_600_000_000_000;
+        let dir = std::env::temp_dir().join(format!("nattrail-jump-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = WriterConfig {
+            db_path: dir.join("t.duckdb"),
+            retain_days: 2,
+            ..WriterConfig::from_config(&crate::config::Config::default())
+        };
+        let stats = Arc::new(WriterStats::default());
+        let mut w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        // Two real days (14 and 16 November 2023), then one flow stamped 2033.
+        for (id, port, start) in [
+            (1, 1001, T0),
+            (2, 1002, T0 + 26 * HOUR),
+            (3, 1003, T0 + 3_650 * 24 * HOUR),
+        ] {
+            w.write_batch([
+                minute_flow(New, id, port, start),
+                minute_flow(Destroy, id, port, start),
+            ])
+            .unwrap();
+        }
+        // Sealed by the jump, and kept: the newest two days that hold slices.
+        assert!(stats.partitions_sealed.load(Ordering::Relaxed) >= 1);
+        assert_eq!(stats.slices_expired.load(Ordering::Relaxed), 0);
+        let days = crate::store::days::list(&w.conn).unwrap();
+        assert_eq!(days.first(), Some(&19_675), "{days:?}");
+        assert_eq!(days.last(), Some(&19_677), "{days:?}");
+        w.conn
+            .execute(
+                "UPDATE capture_sessions SET started = make_timestamp(?)",
+                [(T0 / 1_000 - 3_600_000_000) as i64],
+            )
+            .unwrap();
+        for (port, at) in [(1001, T0), (1002, T0 + 26 * HOUR)] {
+            let a = who_at(
+                &w.conn,
+                port,
+                chrono::DateTime::from_timestamp_nanos((at + 30_000_000_000) as i64),
+            );
+            assert_eq!(a.status, WhoStatus::Found, "{a:?}");
+        }
         drop(w);
         let _ = std::fs::remove_dir_all(&dir);
     }
