@@ -1462,6 +1462,62 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The API keeps its connections between requests, with their prepared statements; each
+    /// seal replaces a day's ends table by a rewritten one under the same name.
+    #[test]
+    fn a_kept_connection_reads_the_ends_table_each_seal_rewrites() {
+        use EventKind::{Destroy, New};
+        const T0: u64 = 1_700_000_000_000_000_000;
+        const HOUR: u64 = 3_600_000_000_000;
+        let (dir, _, stats, mut w) = test_writer("kept");
+        let kept = w.conn.try_clone().unwrap();
+        kept.execute(
+            "UPDATE capture_sessions SET started = make_timestamp(?)",
+            [(T0 / 1_000 - 3_600_000_000) as i64],
+        )
+        .unwrap();
+        let ended = |id, port, start, end: u64| {
+            let mut m = minute_flow(Destroy, id, port, start);
+            if let WriterMsg::Flow { ev, .. } = &mut m {
+                (ev.stop_ns, ev.event_ns) = (Some(end), Some(end));
+            }
+            m
+        };
+        let end_of = |port: u16| {
+            let at = chrono::DateTime::from_timestamp_nanos((T0 + HOUR) as i64);
+            let a = who_at(&kept, port, at);
+            assert_eq!(a.matches.len(), 1, "{a:?}");
+            a.matches[0].flow.end_us
+        };
+        // Two flows from 22:13 and 22:23; the first ends at 00:13, sealed by 01:30.
+        w.write_batch([
+            minute_flow(New, 1, 1001, T0),
+            minute_flow(New, 2, 1002, T0 + HOUR / 6),
+        ])
+        .unwrap();
+        w.write_batch([ended(1, 1001, T0, T0 + 2 * HOUR)]).unwrap();
+        w.write_batch([minute_flow(New, 3, 1003, T0 + 3 * HOUR + HOUR / 4)])
+            .unwrap();
+        let sealed = stats.partitions_sealed.load(Ordering::Relaxed);
+        assert!(sealed >= 1);
+        assert_eq!(end_of(1001), Some(((T0 + 2 * HOUR) / 1_000) as i64));
+        assert_eq!(end_of(1002), None, "still open");
+        // The second ends at 02:23, sealed by 03:30: the day's ends table is written anew.
+        w.write_batch([ended(2, 1002, T0 + HOUR / 6, T0 + 4 * HOUR)])
+            .unwrap();
+        w.write_batch([minute_flow(New, 4, 1004, T0 + 5 * HOUR + HOUR / 4)])
+            .unwrap();
+        assert!(stats.partitions_sealed.load(Ordering::Relaxed) > sealed);
+        let ends: i64 = kept
+            .query_row("SELECT count(*) FROM flow_ends_20231114", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ends, 2, "both ends where the lookups read them");
+        assert_eq!(end_of(1001), Some(((T0 + 2 * HOUR) / 1_000) as i64));
+        assert_eq!(end_of(1002), Some(((T0 + 4 * HOUR) / 1_000) as i64));
+        drop((kept, w));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The events' clock is the kernel's: a system clock set ten years ahead for a moment (a
     /// bad RTC, a wrong NTP server) moved retention's horizon past every real day.
     #[test]
