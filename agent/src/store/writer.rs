@@ -1387,22 +1387,36 @@ mod tests {
         WriterMsg::Flow { ev, received_ns: 0 }
     }
 
+    /// A writer keeping `retain_days`, its directory and counters.
+    fn retaining_writer(name: &str, retain_days: u32) -> (PathBuf, Arc<WriterStats>, Writer) {
+        let dir = std::env::temp_dir().join(format!("nattrail-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = WriterConfig {
+            db_path: dir.join("t.duckdb"),
+            retain_days,
+            ..WriterConfig::from_config(&crate::config::Config::default())
+        };
+        let stats = Arc::new(WriterStats::default());
+        let w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        (dir, stats, w)
+    }
+
+    /// A minute-long flow from `start`, written and committed.
+    fn write_minute_flow(w: &mut Writer, id: u32, port: u16, start: u64) {
+        w.write_batch([
+            minute_flow(EventKind::New, id, port, start),
+            minute_flow(EventKind::Destroy, id, port, start),
+        ])
+        .unwrap();
+    }
+
     #[test]
     fn retention_removes_whole_old_hours_and_who_says_so() {
         use crate::query::coverage::HoleKind;
         use crate::query::who::WhoStatus;
-        use EventKind::{Destroy, New};
         const T0: u64 = 1_700_000_000_000_000_000;
         const HOUR: u64 = 3_600_000_000_000;
-        let dir = std::env::temp_dir().join(format!("nattrail-retain-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cfg = WriterConfig {
-            db_path: dir.join("t.duckdb"),
-            retain_days: 1,
-            ..WriterConfig::from_config(&crate::config::Config::default())
-        };
-        let stats = Arc::new(WriterStats::default());
-        let mut w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        let (dir, stats, mut w) = retaining_writer("retain", 1);
         // One flow on day 0, one 26 hours later, one 50 hours later (its clock seals hour
         // 48 and keeps the last day: hours from 26 on).
         for (id, port, start) in [
@@ -1410,11 +1424,7 @@ mod tests {
             (2, 1002, T0 + 26 * HOUR),
             (3, 1003, T0 + 50 * HOUR),
         ] {
-            w.write_batch([
-                minute_flow(New, id, port, start),
-                minute_flow(Destroy, id, port, start),
-            ])
-            .unwrap();
+            write_minute_flow(&mut w, id, port, start);
         }
         assert!(stats.slices_expired.load(Ordering::Relaxed) >= 1);
         let oldest = stats.oldest_seconds.load(Ordering::Relaxed);
@@ -1523,29 +1533,16 @@ mod tests {
     #[test]
     fn a_clock_set_years_ahead_does_not_make_retention_remove_the_real_days() {
         use crate::query::who::WhoStatus;
-        use EventKind::{Destroy, New};
         const T0: u64 = 1_700_000_000_000_000_000;
         const HOUR: u64 = 3_600_000_000_000;
-        let dir = std::env::temp_dir().join(format!("nattrail-jump-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cfg = WriterConfig {
-            db_path: dir.join("t.duckdb"),
-            retain_days: 2,
-            ..WriterConfig::from_config(&crate::config::Config::default())
-        };
-        let stats = Arc::new(WriterStats::default());
-        let mut w = Writer::open(&cfg, Arc::clone(&stats)).unwrap();
+        let (dir, stats, mut w) = retaining_writer("jump", 2);
         // Two real days (14 and 16 November 2023), then one flow stamped 2033.
         for (id, port, start) in [
             (1, 1001, T0),
             (2, 1002, T0 + 26 * HOUR),
             (3, 1003, T0 + 3_650 * 24 * HOUR),
         ] {
-            w.write_batch([
-                minute_flow(New, id, port, start),
-                minute_flow(Destroy, id, port, start),
-            ])
-            .unwrap();
+            write_minute_flow(&mut w, id, port, start);
         }
         // Sealed by the jump, and kept: the newest two days that hold slices.
         assert!(stats.partitions_sealed.load(Ordering::Relaxed) >= 1);
