@@ -60,6 +60,8 @@ fn store_round(grams: &[&[u8]], per_round: usize, target: usize, db: &Path) -> (
         db_path: db.to_path_buf(),
         memory_limit_mb: env("NATTRAIL_BENCH_DUCKDB_MB").unwrap_or(defaults.memory_limit_mb),
         threads: env("NATTRAIL_BENCH_DUCKDB_THREADS").map_or(defaults.threads, |t: u64| t as u32),
+        batch_rows: env("NATTRAIL_BENCH_BATCH_ROWS")
+            .map_or(defaults.batch_rows, |b: u64| b as usize),
         ..defaults
     };
     let stats = Arc::new(WriterStats::default());
