@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::{Result, ensure};
 use gen_trail::{CaseKind, GenConfig};
+use nattrail::query::coverage::KeptCoverage;
 use nattrail::query::who::WhoStatus;
 use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 
@@ -65,14 +66,24 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
     // Two days of hours: two days' tables (a third when the last hours pass midnight).
     let days = nattrail::store::days::list(&conn)?;
     ensure!((2..=3).contains(&days.len()), "days with tables: {days:?}");
-    check(&conn, &cases, "as written")?;
+    check(
+        &conn,
+        &KeptCoverage::of(writer.database()),
+        &cases,
+        "as written",
+    )?;
     drop(conn);
     // A crash: no clean stop, no last checkpoint. The open flows come back from the
     // checkpoint and the journal written since.
     drop(writer);
     let writer = Writer::open(&wcfg, Arc::new(WriterStats::default()))?;
     let conn = writer.database().connect()?;
-    check(&conn, &cases, "after a restart without a clean stop")?;
+    check(
+        &conn,
+        &KeptCoverage::of(writer.database()),
+        &cases,
+        "after a restart without a clean stop",
+    )?;
     drop(conn);
     drop(writer);
     let _ = std::fs::remove_dir_all(&dir);
@@ -80,11 +91,16 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
 }
 
 /// Asks every case; fails listing the wrong answers.
-fn check(conn: &duckdb::Connection, cases: &[gen_trail::Case], when: &str) -> Result<()> {
+fn check(
+    conn: &duckdb::Connection,
+    kept: &KeptCoverage,
+    cases: &[gen_trail::Case],
+    when: &str,
+) -> Result<()> {
     let mut wrong = Vec::new();
     let t = Instant::now();
     for c in cases {
-        let (status, got, ends) = gen_trail::ask(conn, c.public, c.at_ns)?;
+        let (status, got, ends) = gen_trail::ask(conn, kept, c.public, c.at_ns)?;
         let want = (c.internal.0.to_string(), c.internal.1);
         // Stored ends are rounded up to the millisecond. A 12-hour flow asked in its middle
         // is found by an interim slice: its end comes from the hours after.

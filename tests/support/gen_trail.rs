@@ -466,6 +466,7 @@ pub fn cover_span(
 /// the internal endpoints of its matches, best first, with each match's end in µs.
 pub fn ask(
     conn: &duckdb::Connection,
+    kept: &nattrail::query::coverage::KeptCoverage,
     public: (IpAddr, u16),
     at_ns: u64,
 ) -> Result<Answer, nattrail::query::QueryError> {
@@ -480,7 +481,7 @@ pub fn ask(
         dst_port: None,
         live: false,
     };
-    let a = nattrail::query::who::who(conn, &q)?;
+    let a = nattrail::query::who::who_kept(conn, &q, kept)?;
     let got = a
         .matches
         .iter()

@@ -21,11 +21,12 @@ use super::error::ApiError;
 use super::rules;
 use super::triggers;
 use crate::query::attribution::attribute;
+use crate::query::coverage::KeptCoverage;
 use crate::query::events::{EventsPage, events};
 use crate::query::flows::{FlowRow, flows};
 use crate::query::request::{EventsRequest, FlowsRequest, SqlRequest, WhoRequest};
 use crate::query::sql::{SqlLimits, SqlResult, run_sql};
-use crate::query::who::{WhoAnswer, who};
+use crate::query::who::{WhoAnswer, who_kept};
 use crate::status::{AgentState, DatabaseInfo, StatusReport, StatusSource};
 use crate::store::database::Database;
 use crate::store::gaps;
@@ -98,6 +99,8 @@ pub struct ApiState {
     pub sql_slots: Arc<tokio::sync::Semaphore>,
     /// The handlers' connections between requests.
     conns: Arc<Connections>,
+    /// The trail's coverage, kept between lookups until the writer changes it.
+    coverage: Arc<KeptCoverage>,
 }
 
 /// How many idle connections the handlers keep.
@@ -156,6 +159,7 @@ impl ApiState {
         });
         ApiState {
             conns,
+            coverage: Arc::new(KeptCoverage::of(Arc::clone(&db))),
             db,
             status,
             limits,
@@ -249,8 +253,9 @@ async fn who_route(
     q: Result<Query<WhoRequest>, QueryRejection>,
 ) -> Result<Json<WhoAnswer>, ApiError> {
     let q = q?.0.to_query(true)?;
+    let kept = Arc::clone(&st.coverage);
     with_conn(&st, move |c| {
-        let mut ans = who(c, &q)?;
+        let mut ans = who_kept(c, &q, &kept)?;
         attribute(c, ans.matches.iter_mut().map(|m| &mut m.flow))?;
         Ok(ans)
     })

@@ -57,3 +57,24 @@ impl QueryError {
         move |source| QueryError::Db { context, source }
     }
 }
+
+/// Runs `f` in one read-only transaction, so that its statements read one snapshot: a seal
+/// committed between two of a lookup's statements would have moved an hour's slices out of
+/// the table the first statement said to search.
+pub(crate) fn in_snapshot<T>(
+    conn: &duckdb::Connection,
+    f: impl FnOnce(&duckdb::Connection) -> Result<T, QueryError>,
+) -> Result<T, QueryError> {
+    conn.prepare_cached("BEGIN TRANSACTION READ ONLY")
+        .and_then(|mut s| s.execute([]))
+        .map_err(QueryError::db("starting a read-only transaction"))?;
+    let out = f(conn);
+    let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let ended = conn
+        .prepare_cached(end)
+        .and_then(|mut s| s.execute([]))
+        .map_err(QueryError::db("ending a read-only transaction"));
+    let out = out?;
+    ended?;
+    Ok(out)
+}

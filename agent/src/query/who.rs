@@ -6,10 +6,12 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
-use super::QueryError;
-use super::coverage::{Coverage, Hole};
+use std::sync::Arc;
+
+use super::coverage::{Coverage, Hole, KeptCoverage};
 use super::flows::{Endpoint, FlowRow, covering};
 use super::proto::Proto;
+use super::{QueryError, in_snapshot};
 
 /// A forensic lookup.
 #[derive(Debug, Clone)]
@@ -78,6 +80,35 @@ pub struct WhoAnswer {
 /// Runs the lookup: the hours around the instant (never the whole history), pruned to the
 /// public address and port, plus the flows open in the trail.
 pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
+    who_kept(conn, q, &KeptCoverage::default())
+}
+
+/// `who`, with the trail's coverage kept between lookups while its writer changes nothing.
+pub fn who_kept(
+    conn: &Connection,
+    q: &WhoQuery,
+    kept: &KeptCoverage,
+) -> Result<WhoAnswer, QueryError> {
+    // Counted before the snapshot is taken (at its first statement): the same even count
+    // after it proves that no change was made or under way meanwhile, so the snapshot holds
+    // the coverage kept at that count.
+    let before = kept.count();
+    in_snapshot(conn, |conn| {
+        if let Some(cov) = kept.at(before) {
+            let ans = answer(conn, q, &cov)?;
+            if kept.count() == before {
+                return Ok(ans);
+            }
+        }
+        let cov = Arc::new(Coverage::read(conn)?.with_gaps(conn)?);
+        if kept.count() == before {
+            kept.keep(before, Arc::clone(&cov));
+        }
+        answer(conn, q, &cov)
+    })
+}
+
+fn answer(conn: &Connection, q: &WhoQuery, cov: &Coverage) -> Result<WhoAnswer, QueryError> {
     let at_us = q.at.timestamp_micros();
     let tol_us = q.tolerance.as_micros() as i64;
     let (lo, hi) = (at_us - tol_us, at_us + tol_us);
@@ -86,7 +117,6 @@ pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
         lo.div_euclid(1_000) + i64::from(lo.rem_euclid(1_000) > 0),
         hi.div_euclid(1_000),
     );
-    let cov = Coverage::read(conn)?;
     let ep = Endpoint {
         ip: q.ip,
         port: q.port,
@@ -94,7 +124,7 @@ pub fn who(conn: &Connection, q: &WhoQuery) -> Result<WhoAnswer, QueryError> {
         dst_ip: q.dst_ip,
         dst_port: q.dst_port,
     };
-    let flows = covering(conn, &cov, &ep, lo_ms, hi_ms)?;
+    let flows = covering(conn, cov, &ep, lo_ms, hi_ms)?;
     let mut matches: Vec<WhoMatch> = flows
         .into_iter()
         .map(|flow| {
@@ -483,6 +513,115 @@ mod tests {
         let b = db.who(40001, T0 + 15 * SEC, 0);
         assert_eq!(b.status, WhoStatus::Found);
         assert_eq!(b.matches[0].flow.internal_ip, "10.77.0.11");
+    }
+
+    #[test]
+    fn a_kept_coverage_is_read_again_once_the_writer_seals_or_records_a_gap() {
+        let dir = std::env::temp_dir().join(format!("nattrail-who-kept-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = WriterConfig {
+            db_path: dir.join("t.duckdb"),
+            ..WriterConfig::from_config(&crate::config::Config::default())
+        };
+        let mut w = Writer::open(&cfg, Arc::new(WriterStats::default())).unwrap();
+        let db = w.database();
+        let conn = db.connect().unwrap();
+        // The synthetic flows are in the past: let the capture session cover them.
+        conn.execute(
+            "UPDATE capture_sessions SET started = make_timestamp(?)",
+            [(T0 / 1_000 - 3_600_000_000) as i64],
+        )
+        .unwrap();
+        let (start, end) = (T0 + 10 * SEC, T0 + 20 * SEC);
+        w.write_batch([
+            flow(ev(
+                EventKind::New,
+                1,
+                "10.77.0.40",
+                5000,
+                41200,
+                start,
+                None,
+            )),
+            flow(ev(
+                EventKind::Destroy,
+                1,
+                "10.77.0.40",
+                5000,
+                41200,
+                start,
+                Some(end),
+            )),
+        ])
+        .unwrap();
+        let kept = KeptCoverage::of(Arc::clone(&db));
+        let ask = || {
+            let q = WhoQuery {
+                ip: "198.51.100.1".parse().unwrap(),
+                port: 41200,
+                at: DateTime::from_timestamp_nanos((T0 + 15 * SEC) as i64),
+                tolerance: Duration::ZERO,
+                proto: None,
+                live: false,
+                dst_ip: None,
+                dst_port: None,
+            };
+            who_kept(&conn, &q, &kept).unwrap()
+        };
+        let sealed = || -> Option<i32> {
+            conn.query_row("SELECT sealed_hour FROM trail_state", [], |r| r.get(0))
+                .unwrap()
+        };
+        // Unsealed: found in trail_recent; the coverage read is kept at the count now.
+        let a = ask();
+        assert_eq!((a.status, a.matches.len()), (WhoStatus::Found, 1), "{a:?}");
+        assert_eq!(sealed(), None);
+        let count = kept.count();
+        assert!(count.is_multiple_of(2) && kept.at(count).is_some());
+        // A flow two hours on moves the events' clock: the seal moves the hour's slices out
+        // of trail_recent. The coverage kept said the hour was unsealed, and read alone it
+        // would send the lookup to trail_recent, now without them.
+        let later = T0 + 2 * 3_600 * SEC + 300 * SEC;
+        w.write_batch([flow(ev(
+            EventKind::New,
+            2,
+            "10.77.0.41",
+            5001,
+            41201,
+            later,
+            None,
+        ))])
+        .unwrap();
+        assert!(sealed().is_some_and(|h| h as u64 >= T0 / 3_600 / SEC));
+        let a = ask();
+        assert_eq!((a.status, a.matches.len()), (WhoStatus::Found, 1), "{a:?}");
+        let f = &a.matches[0].flow;
+        assert_eq!(
+            (f.internal_ip.as_str(), f.internal_port),
+            ("10.77.0.40", 5000)
+        );
+        assert!(kept.count() > count && kept.count().is_multiple_of(2));
+        // A gap recorded over the instant: the next lookup says so.
+        let count = kept.count();
+        w.write_batch([WriterMsg::Gap {
+            source: "conntrack",
+            start_ns: T0 + 14 * SEC,
+            end_ns: T0 + 16 * SEC,
+            lost: Some(7),
+            reason: "test overflow",
+        }])
+        .unwrap();
+        assert!(kept.count() > count);
+        let a = ask();
+        assert_eq!(
+            (a.status, a.matches.len()),
+            (WhoStatus::Incomplete, 1),
+            "{a:?}"
+        );
+        assert_eq!((a.holes.len(), a.holes[0].lost), (1, Some(7)));
+        drop(conn);
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

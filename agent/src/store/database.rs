@@ -5,6 +5,7 @@
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use duckdb::{Connection, ffi};
 
@@ -17,6 +18,37 @@ pub struct Database {
     raw: ffi::duckdb_database,
     path: PathBuf,
     version: u32,
+    changes: Changes,
+}
+
+/// Counts the writer's changes to what says how far the trail reaches (capture sessions,
+/// gaps, sealed hours, retention), so that a reader may keep what it read of them: odd while
+/// a change is being made, even once it is committed (a sequence lock). A reader that saw
+/// the same even count before its snapshot and after knows that no change is in it that it
+/// did not see.
+#[derive(Debug, Default)]
+pub struct Changes(AtomicU64);
+
+impl Changes {
+    /// The count now.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Marks a change begun; it counts as made when the guard drops (on every path out).
+    pub fn begin(&self) -> ChangeGuard<'_> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        ChangeGuard(self)
+    }
+}
+
+/// A change in progress (see `Changes::begin`).
+pub struct ChangeGuard<'a>(&'a Changes);
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 // SAFETY: a duckdb_database is a thread-safe handle to a DuckDB instance: duckdb_connect may
@@ -249,6 +281,7 @@ impl Database {
             raw,
             path: path.to_path_buf(),
             version: SCHEMA_VERSION,
+            changes: Changes::default(),
         };
         if opts.read_only {
             db.version = check_version(&db.connect()?, path)?;
@@ -269,6 +302,11 @@ impl Database {
     /// The schema version of the file: the latest once migrated, as found when read-only.
     pub fn schema_version(&self) -> u32 {
         self.version
+    }
+
+    /// The writer's changes to the trail's coverage (see `Changes`).
+    pub fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     /// The database file.

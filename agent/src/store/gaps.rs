@@ -47,6 +47,19 @@ impl GapRecord {
     }
 }
 
+/// A row of (source, start µs, end µs, lost, reason).
+fn gap_of(r: &duckdb::Row<'_>) -> duckdb::Result<GapRecord> {
+    let source: String = r.get(0)?;
+    let reason: String = r.get(4)?;
+    Ok(GapRecord::new(
+        &source,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        &reason,
+    ))
+}
+
 /// Gaps overlapping `[lo_us, hi_us]`, oldest first: the one reading of `capture_gaps`,
 /// for `status` and for `who`'s coverage.
 pub fn overlapping(conn: &Connection, lo_us: i64, hi_us: i64) -> duckdb::Result<Vec<GapRecord>> {
@@ -54,17 +67,18 @@ pub fn overlapping(conn: &Connection, lo_us: i64, hi_us: i64) -> duckdb::Result<
         "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
          WHERE epoch_us(start) <= ? AND epoch_us(\"end\") >= ? ORDER BY start",
     )?;
-    let rows = stmt.query_map([hi_us, lo_us], |r| {
-        let source: String = r.get(0)?;
-        let reason: String = r.get(4)?;
-        Ok(GapRecord::new(
-            &source,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            &reason,
-        ))
-    })?;
+    let rows = stmt.query_map([hi_us, lo_us], gap_of)?;
+    rows.collect()
+}
+
+/// Up to `n` gaps in no order, read by a statement without parameters (planned once per
+/// connection): for a reader that keeps them while they are few.
+pub fn first(conn: &Connection, n: usize) -> duckdb::Result<Vec<GapRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
+         LIMIT {n}"
+    ))?;
+    let rows = stmt.query_map([], gap_of)?;
     rows.collect()
 }
 

@@ -364,6 +364,8 @@ impl Writer {
                 lost,
                 reason,
             } => {
+                let db = Arc::clone(&self.db);
+                let _change = db.changes().begin();
                 let stored = event_log::record_gap(
                     &self.conn,
                     &Gap {
@@ -715,6 +717,10 @@ impl Writer {
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
+        // Sessions, late hours, seals and retention change here: readers keeping the
+        // coverage read it again.
+        let db = Arc::clone(&self.db);
+        let _change = db.changes().begin();
         // An idle trail costs no write transaction a second: the session's last sign of life
         // is refreshed every SESSION_TOUCH only (after a crash it bounds the session's end
         // from below, and an older bound is still a true one).
@@ -850,6 +856,10 @@ impl Writer {
     pub fn finish(mut self) -> Result<(), StoreError> {
         self.commit()?;
         self.publish_held();
+        // After the commit, which marks its own change: a nested mark would make the count
+        // even while the session is being closed.
+        let db = Arc::clone(&self.db);
+        let _change = db.changes().begin();
         self.checkpoint_open_flows()?;
         sessions::stop(&self.conn, self.session_id, now_ns())?;
         debug!("writer stopped");
