@@ -308,9 +308,12 @@ impl Coverage {
             };
             out.push(Hole::stopped(Some(end), None, reason));
         }
-        // Kept or read, gaps outside the window go with the other holes' filter below.
         let gaps = match &self.gaps {
-            Some(all) => all.clone(),
+            Some(all) => all
+                .iter()
+                .filter(|g| g.start_us <= hi_us && lo_us <= g.end_us)
+                .cloned()
+                .collect(),
             None => crate::store::gaps::overlapping(conn, lo_us, hi_us)
                 .map_err(QueryError::db("reading capture gaps"))?,
         };

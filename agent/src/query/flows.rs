@@ -843,12 +843,15 @@ pub fn flows(conn: &Connection, q: &FlowsQuery) -> Result<Vec<FlowRow>, QueryErr
     let lo = q.since.map(|t| t.timestamp_micros().div_euclid(1_000));
     let hi = q.until.map(|t| t.timestamp_micros().div_euclid(1_000));
     c.hours(lo.map(hour_of), hi.map(hour_of));
-    matching(
-        conn,
-        &c,
-        lo,
-        hi,
-        "start_ms NULLS FIRST, src_port, pub_port",
-        Some(q.limit),
-    )
+    // One snapshot, as `who`: a seal between two statements would hide an hour's slices.
+    super::in_snapshot(conn, |conn| {
+        matching(
+            conn,
+            &c,
+            lo,
+            hi,
+            "start_ms NULLS FIRST, src_port, pub_port",
+            Some(q.limit),
+        )
+    })
 }
