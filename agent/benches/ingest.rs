@@ -67,7 +67,6 @@ fn store_round(grams: &[&[u8]], per_round: usize, target: usize, db: &Path) -> (
     let stats = Arc::new(WriterStats::default());
     let mut writer = Writer::open(&cfg, Arc::clone(&stats)).expect("open bench database");
     let rounds = target.div_ceil(per_round);
-    let mut batch = Vec::with_capacity(cfg.batch_rows + per_round);
     let mut events = 0usize;
     let t = Instant::now();
     for round in 0..rounds {
@@ -79,17 +78,17 @@ fn store_round(grams: &[&[u8]], per_round: usize, target: usize, db: &Path) -> (
                     }
                     // Each replay round gets fresh conntrack ids so flows stay distinct.
                     ev.ct_id ^= (round as u32).wrapping_mul(0x9E37_79B9);
-                    batch.push(WriterMsg::Flow { ev, received_ns: 0 });
                     events += 1;
-                    // Commit at exactly `batch_rows`, as the agent's writer does.
-                    if batch.len() == cfg.batch_rows {
-                        writer.write_batch(batch.drain(..)).expect("store batch");
-                    }
+                    // One message at a time, committing every `batch_rows` rows, as the
+                    // agent's writer thread does.
+                    writer
+                        .write(WriterMsg::Flow { ev, received_ns: 0 })
+                        .expect("store event");
                 }
             }
         }
     }
-    writer.write_batch(batch.drain(..)).expect("store batch");
+    writer.commit_pending().expect("commit the last rows");
     // Until checkpointed, part of the work is only deferred: count it.
     writer.checkpoint().expect("checkpoint");
     let rate = events as f64 / t.elapsed().as_secs_f64();

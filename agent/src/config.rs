@@ -344,11 +344,13 @@ impl Default for ConntrackConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            // One DuckDB row group (122,880 rows): a commit of whole row groups is written
-            // straight to the data file and never merged again. Above DuckDB's own appender
-            // flush (204,800 rows) commits split into partial groups that every checkpoint
-            // vacuums: measured 460k events/s at 245,760 against 640k at this size.
-            batch_rows: 122_880,
+            // Four DuckDB row groups, two for each of the tables a flow writes (journal and
+            // slices): each appender moves every row group's worth into its transaction
+            // (`ChunkAppender`), and DuckDB writes whole row groups compressed, once, rather
+            // than through its WAL and a checkpoint. 1.6-1.9 times the events a second of
+            // 122,880 (`cargo xtask bench ingest`, docs/DESIGN-trail.md); the commit interval
+            // still bounds what a crash loses.
+            batch_rows: 491_520,
             commit_interval_ms: 1_000,
             // With one thread and the seal in chunks, 64 MiB (DuckDB's floor here) seals
             // hours of 10 M slices and holds 2 M open flows in 240 MiB of agent; at 256 MiB

@@ -83,7 +83,19 @@ pub struct ChunkAppender {
     table: String,
     len: usize,
     capacity: usize,
+    /// Rows handed to the appender since its last flush.
+    unflushed: usize,
+    /// A transaction is open on `conn`: rows were spilled into it before the commit.
+    in_txn: bool,
 }
+
+/// Rows an appender holds before it moves them into a transaction of its own, left open
+/// until `flush`: DuckDB's row group. A transaction that gathers a whole row group of a
+/// table has it compressed and written by DuckDB's optimistic writer as it fills, and its
+/// commit logs a pointer to it; below that, each row is copied into the table, into the WAL,
+/// and compressed again by the checkpoint the WAL's growth triggers. Measured with
+/// `cargo xtask bench ingest`: 1.6-1.9 times the events a second with 491,520-row commits.
+const SPILL_ROWS: usize = 122_880;
 
 // SAFETY: the handles are used from one thread at a time (the writer owns this value).
 unsafe impl Send for ChunkAppender {}
@@ -154,6 +166,8 @@ impl ChunkAppender {
                 .collect(),
             table: table.to_string(),
             len: 0,
+            unflushed: 0,
+            in_txn: false,
             // SAFETY: a constant of the library.
             capacity: unsafe { ffi::duckdb_vector_size() } as usize,
         };
@@ -273,20 +287,88 @@ impl ChunkAppender {
             }
             ffi::duckdb_data_chunk_reset(self.chunk);
         }
+        self.unflushed += self.len;
         self.len = 0;
         self.refresh_pointers();
+        if self.unflushed >= SPILL_ROWS {
+            self.spill()?;
+        }
         Ok(())
     }
 
-    /// Hands the pending rows to DuckDB and commits them.
+    /// Moves the appender's rows into this appender's open transaction (opened first when
+    /// none is): they are not committed until `flush`, and a full row group of them goes to
+    /// the file compressed rather than through the WAL.
+    fn spill(&mut self) -> Result<(), StoreError> {
+        if !self.in_txn {
+            self.exec("BEGIN TRANSACTION")?;
+            self.in_txn = true;
+        }
+        // SAFETY: live appender.
+        if unsafe { ffi::duckdb_appender_flush(self.app) } != ffi::DuckDBSuccess {
+            let e = appender_error(
+                self.app,
+                format!("moving {} rows into {}", self.unflushed, self.table),
+            );
+            self.abandon();
+            return Err(e);
+        }
+        self.unflushed = 0;
+        Ok(())
+    }
+
+    /// Rolls back this appender's open transaction, if any (after a failed statement in it).
+    fn abandon(&mut self) {
+        if std::mem::take(&mut self.in_txn) {
+            let _ = self.exec("ROLLBACK");
+        }
+    }
+
+    /// Runs a statement that returns nothing on this appender's connection.
+    fn exec(&mut self, sql: &str) -> Result<(), StoreError> {
+        let c_sql = CString::new(sql).expect("our statements have no NUL");
+        // SAFETY: an all-zero duckdb_result is the documented initial state; it is destroyed
+        // whatever the outcome.
+        let mut res: ffi::duckdb_result = unsafe { std::mem::zeroed() };
+        let rc = unsafe { ffi::duckdb_query(self.conn, c_sql.as_ptr(), &mut res) };
+        let failed = (rc != ffi::DuckDBSuccess).then(|| {
+            // SAFETY: the result of a failed query holds its message until destroyed.
+            let msg = unsafe { ffi::duckdb_result_error(&mut res) };
+            if msg.is_null() {
+                "unknown error".to_string()
+            } else {
+                unsafe { CStr::from_ptr(msg) }
+                    .to_string_lossy()
+                    .into_owned()
+            }
+        });
+        unsafe { ffi::duckdb_destroy_result(&mut res) };
+        match failed {
+            Some(detail) => Err(StoreError::Native {
+                context: format!("{sql} for the appender into {}", self.table),
+                detail,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands the pending rows to DuckDB and commits them, with any spilled before.
     pub fn flush(&mut self) -> Result<(), StoreError> {
         self.append_chunk()?;
         // SAFETY: live appender.
         if unsafe { ffi::duckdb_appender_flush(self.app) } != ffi::DuckDBSuccess {
-            return Err(appender_error(
-                self.app,
-                format!("committing rows to {}", self.table),
-            ));
+            let e = appender_error(self.app, format!("committing rows to {}", self.table));
+            self.abandon();
+            return Err(e);
+        }
+        self.unflushed = 0;
+        if std::mem::take(&mut self.in_txn)
+            && let Err(e) = self.exec("COMMIT")
+        {
+            // A commit that failed leaves the transaction aborted, not closed.
+            self.in_txn = true;
+            self.abandon();
+            return Err(e);
         }
         Ok(())
     }
@@ -294,8 +376,9 @@ impl ChunkAppender {
 
 impl Drop for ChunkAppender {
     fn drop(&mut self) {
-        // Rows not flushed are dropped with the chunk: the writer always flushes first, and a
-        // flush on drop could not report its error.
+        // Rows not flushed are dropped with the chunk, and rows spilled but not committed
+        // with the transaction (rolled back by the disconnect): the writer always flushes
+        // first, and a flush on drop could not report its error.
         unsafe {
             ffi::duckdb_destroy_data_chunk(&mut self.chunk);
             ffi::duckdb_appender_destroy(&mut self.app);
@@ -368,6 +451,179 @@ mod tests {
         assert_eq!(b, ((4097u128 << 64) | 0xffff_0a4d_0001).to_string());
         assert_eq!(c, 4097 * 1_000_000);
         assert!(!d);
+        drop(app);
+        drop(conn);
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    /// Counts and sums `t.a` as another connection sees them.
+    fn seen(conn: &duckdb::Connection) -> (u64, u64) {
+        conn.query_row(
+            "SELECT count(*)::UBIGINT, coalesce(sum(a), 0)::UBIGINT FROM t",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn spilled_rows_stay_uncommitted_until_the_flush_and_are_dropped_without_it() {
+        let dir = std::env::temp_dir().join(format!("nattrail-spill-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Database::open_rw(&dir.join("t.duckdb")).unwrap();
+        let conn = db.connect().unwrap();
+        conn.execute_batch("CREATE TABLE t (a UBIGINT NOT NULL, b UHUGEINT)")
+            .unwrap();
+        let fill = |app: &mut ChunkAppender, from: u64, n: u64| {
+            for i in from..from + n {
+                app.begin_row().unwrap();
+                app.set(0, i);
+                app.set_opt(1, (i % 7 != 0).then_some(u128::from(i) << 70));
+                app.end_row();
+            }
+        };
+        // Two and a half row groups: two spills, then the rest at the flush.
+        let n = (SPILL_ROWS * 5 / 2) as u64;
+        let mut app = db.appender("t").unwrap();
+        fill(&mut app, 0, n);
+        assert!(app.in_txn, "{n} rows spilled into a transaction");
+        assert_eq!(seen(&conn), (0, 0), "spilled rows are not committed");
+        app.flush().unwrap();
+        assert!(!app.in_txn);
+        assert_eq!(seen(&conn), (n, n * (n - 1) / 2));
+        let (nulls, max_b): (u64, String) = conn
+            .query_row(
+                "SELECT (count(*) - count(b))::UBIGINT, max(b)::VARCHAR FROM t",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(nulls, n.div_ceil(7));
+        assert_eq!(max_b, ((u128::from(n - 1)) << 70).to_string());
+        // Spilled but never flushed (a writer killed mid-batch): the rows go with the
+        // transaction, and what was committed before stays.
+        fill(&mut app, n, SPILL_ROWS as u64 + 10);
+        assert!(app.in_txn);
+        drop(app);
+        assert_eq!(seen(&conn), (n, n * (n - 1) / 2));
+        drop(conn);
+        drop(db);
+        let db = Database::open_rw(&dir.join("t.duckdb")).unwrap();
+        assert_eq!(seen(&db.connect().unwrap()), (n, n * (n - 1) / 2));
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The child of `spilled_rows_are_lost_and_committed_ones_kept_when_the_process_is_killed`:
+    /// commits `n` rows, spills a row group more, says so on stdout and waits to be killed.
+    fn spill_and_wait(db_path: &std::path::Path, n: u64) -> ! {
+        use std::io::Write;
+        let db = Database::open_rw(db_path).unwrap();
+        db.connect()
+            .unwrap()
+            .execute_batch("CREATE TABLE t (a UBIGINT NOT NULL, b UHUGEINT)")
+            .unwrap();
+        let mut app = db.appender("t").unwrap();
+        for i in 0..n + SPILL_ROWS as u64 + 10 {
+            if i == n {
+                app.flush().unwrap();
+            }
+            app.begin_row().unwrap();
+            app.set(0, i);
+            app.set_null(1);
+            app.end_row();
+        }
+        assert!(app.in_txn);
+        println!("spilled");
+        std::io::stdout().flush().unwrap();
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn spilled_rows_are_lost_and_committed_ones_kept_when_the_process_is_killed() {
+        use std::io::BufRead;
+        const CHILD: &str = "NATTRAIL_TEST_SPILL_CHILD";
+        // Two row groups committed (written by DuckDB's optimistic writer), then one spilled.
+        let n = 2 * SPILL_ROWS as u64 + 7;
+        if let Some(path) = std::env::var_os(CHILD) {
+            spill_and_wait(std::path::Path::new(&path), n);
+        }
+        let dir = std::env::temp_dir().join(format!("nattrail-spillkill-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.duckdb");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::chunk_appender::tests::spilled_rows_are_lost_and_committed_ones_kept_when_the_process_is_killed",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let said = out
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("spilled"));
+        assert!(said, "the child spilled before it was killed");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        let db = Database::open_rw(&path).unwrap();
+        assert_eq!(seen(&db.connect().unwrap()), (n, n * (n - 1) / 2));
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_spill_is_rolled_back_and_the_appender_commits_again() {
+        let dir = std::env::temp_dir().join(format!("nattrail-spillfail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Database::open_rw(&dir.join("t.duckdb")).unwrap();
+        let conn = db.connect().unwrap();
+        conn.execute_batch("CREATE TABLE t (a UBIGINT NOT NULL, b UHUGEINT)")
+            .unwrap();
+        let mut app = db.appender("t").unwrap();
+        // A NULL in the NOT NULL column, found when the rows are moved into the table.
+        let mut failed = None;
+        for i in 0..SPILL_ROWS as u64 {
+            if let Err(e) = app.begin_row() {
+                failed = Some(e);
+                break;
+            }
+            if i == 5 {
+                app.set_null(0);
+            } else {
+                app.set(0, i);
+            }
+            app.set_null(1);
+            app.end_row();
+        }
+        let e = match failed {
+            Some(e) => e,
+            None => app.flush().unwrap_err(),
+        };
+        assert!(e.to_string().contains("NOT NULL"), "{e}");
+        assert!(!app.in_txn, "the failed transaction was rolled back");
+        assert_eq!(seen(&conn), (0, 0));
+        // The connection is free again: rows appended from here commit.
+        let mut app = db.appender("t").unwrap();
+        for i in 0..3u64 {
+            app.begin_row().unwrap();
+            app.set(0, i);
+            app.set_null(1);
+            app.end_row();
+        }
+        app.flush().unwrap();
+        assert_eq!(seen(&conn), (3, 3));
         drop(app);
         drop(conn);
         drop(db);

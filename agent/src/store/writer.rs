@@ -139,6 +139,8 @@ pub struct Writer {
     next_seq: u64,
     flows: OpenFlows,
     pending: usize,
+    /// Commit once this many rows are pending (`WriterConfig::batch_rows`).
+    batch_rows: usize,
     session_id: u64,
     stats: Arc<WriterStats>,
     recent_gaps: Arc<RecentGaps>,
@@ -234,6 +236,7 @@ impl Writer {
             next_seq,
             flows: OpenFlows::default(),
             pending: 0,
+            batch_rows: cfg.batch_rows.max(1),
             session_id,
             stats,
             recent_gaps: Arc::default(),
@@ -807,9 +810,7 @@ impl Writer {
                     let _ = ack.send(());
                 }
                 Some((_, msg)) => {
-                    self.handle(msg)?;
-                    if self.pending >= cfg.batch_rows {
-                        self.commit()?;
+                    if self.write(msg)? {
                         deadline = Instant::now() + cfg.commit_interval;
                     }
                 }
@@ -905,6 +906,22 @@ impl Writer {
         self.conn
             .execute_batch("CHECKPOINT")
             .map_err(db_err("checkpointing the database"))
+    }
+
+    /// Handles one message and commits once `batch_rows` rows are pending, as the writer's
+    /// thread does; returns whether it committed.
+    pub fn write(&mut self, msg: WriterMsg) -> Result<bool, StoreError> {
+        self.handle(msg)?;
+        if self.pending < self.batch_rows {
+            return Ok(false);
+        }
+        self.commit()?;
+        Ok(true)
+    }
+
+    /// Commits what is pending: for benchmarks and tests.
+    pub fn commit_pending(&mut self) -> Result<(), StoreError> {
+        self.commit()
     }
 
     /// Appends a batch of messages and commits once: for benchmarks and tests.
