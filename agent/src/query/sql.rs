@@ -139,21 +139,8 @@ impl Drop for Prepared {
 
 /// Runs SQL of our own on the C API connection.
 fn raw_exec(raw: &RawConnection, sql: &CStr) -> Result<(), QueryError> {
-    // SAFETY: a zeroed duckdb_result is the documented initial state for duckdb_query.
-    let mut res: ffi::duckdb_result = unsafe { std::mem::zeroed() };
-    // SAFETY: a live connection, a C string and an out-pointer to a local.
-    let rc = unsafe { ffi::duckdb_query(raw.handle(), sql.as_ptr(), &mut res) };
-    // SAFETY: the result is read before it is destroyed, once.
-    let err =
-        (rc != ffi::DuckDBSuccess).then(|| message(unsafe { ffi::duckdb_result_error(&mut res) }));
-    unsafe { ffi::duckdb_destroy_result(&mut res) };
-    match err {
-        Some(e) => Err(QueryError::Refused(format!(
-            "{}: {e}",
-            sql.to_string_lossy()
-        ))),
-        None => Ok(()),
-    }
+    raw.execute(sql)
+        .map_err(|e| QueryError::Refused(format!("{}: {e}", sql.to_string_lossy())))
 }
 
 /// Whether DuckDB's parser sees `text` (one statement, parsed already) as a SELECT

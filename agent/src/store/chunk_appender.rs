@@ -8,6 +8,7 @@ use std::ptr;
 
 use duckdb::ffi;
 
+use super::database::RawConnection;
 use super::schema::StoreError;
 
 /// A column type the appender can write, with its DuckDB type id.
@@ -76,7 +77,6 @@ struct Column {
 
 /// An appender on its own connection that fills one data chunk at a time.
 pub struct ChunkAppender {
-    conn: ffi::duckdb_connection,
     app: ffi::duckdb_appender,
     chunk: ffi::duckdb_data_chunk,
     columns: Vec<Column>,
@@ -87,6 +87,8 @@ pub struct ChunkAppender {
     unflushed: usize,
     /// A transaction is open on `conn`: rows were spilled into it before the commit.
     in_txn: bool,
+    /// Dropped after `Drop::drop` has destroyed the appender on it.
+    conn: RawConnection,
 }
 
 /// Rows an appender holds before it moves them into a transaction of its own, left open
@@ -114,28 +116,20 @@ fn appender_error(app: ffi::duckdb_appender, context: String) -> StoreError {
 }
 
 impl ChunkAppender {
-    /// Creates an appender into `table` of the open database `db`.
-    pub(crate) fn create(db: ffi::duckdb_database, table: &str) -> Result<Self, StoreError> {
-        let native = |detail: &str| StoreError::Native {
+    /// Creates an appender into `table` on `conn`, a connection of its own.
+    pub(crate) fn create(conn: RawConnection, table: &str) -> Result<Self, StoreError> {
+        let c_table = CString::new(table).map_err(|_| StoreError::Native {
             context: format!("creating an appender into {table}"),
-            detail: detail.to_string(),
-        };
-        let c_table = CString::new(table).map_err(|_| native("table name contains NUL"))?;
-        let mut conn: ffi::duckdb_connection = ptr::null_mut();
-        // SAFETY: `db` is open (the caller holds the Database).
-        if unsafe { ffi::duckdb_connect(db, &mut conn) } != ffi::DuckDBSuccess {
-            return Err(native("could not connect"));
-        }
+            detail: "table name contains NUL".into(),
+        })?;
         let mut app: ffi::duckdb_appender = ptr::null_mut();
         // SAFETY: live connection, valid C string, out-pointer to a local.
-        let rc =
-            unsafe { ffi::duckdb_appender_create(conn, ptr::null(), c_table.as_ptr(), &mut app) };
+        let rc = unsafe {
+            ffi::duckdb_appender_create(conn.handle(), ptr::null(), c_table.as_ptr(), &mut app)
+        };
         if rc != ffi::DuckDBSuccess {
             let e = appender_error(app, format!("creating an appender into {table}"));
-            unsafe {
-                ffi::duckdb_appender_destroy(&mut app);
-                ffi::duckdb_disconnect(&mut conn);
-            }
+            unsafe { ffi::duckdb_appender_destroy(&mut app) };
             return Err(e);
         }
         // SAFETY: live appender; each logical type is destroyed after the chunk is made.
@@ -301,7 +295,7 @@ impl ChunkAppender {
     /// the file compressed rather than through the WAL.
     fn spill(&mut self) -> Result<(), StoreError> {
         if !self.in_txn {
-            self.exec("BEGIN TRANSACTION")?;
+            self.exec(c"BEGIN TRANSACTION")?;
             self.in_txn = true;
         }
         // SAFETY: live appender.
@@ -320,36 +314,20 @@ impl ChunkAppender {
     /// Rolls back this appender's open transaction, if any (after a failed statement in it).
     fn abandon(&mut self) {
         if std::mem::take(&mut self.in_txn) {
-            let _ = self.exec("ROLLBACK");
+            let _ = self.exec(c"ROLLBACK");
         }
     }
 
-    /// Runs a statement that returns nothing on this appender's connection.
-    fn exec(&mut self, sql: &str) -> Result<(), StoreError> {
-        let c_sql = CString::new(sql).expect("our statements have no NUL");
-        // SAFETY: an all-zero duckdb_result is the documented initial state; it is destroyed
-        // whatever the outcome.
-        let mut res: ffi::duckdb_result = unsafe { std::mem::zeroed() };
-        let rc = unsafe { ffi::duckdb_query(self.conn, c_sql.as_ptr(), &mut res) };
-        let failed = (rc != ffi::DuckDBSuccess).then(|| {
-            // SAFETY: the result of a failed query holds its message until destroyed.
-            let msg = unsafe { ffi::duckdb_result_error(&mut res) };
-            if msg.is_null() {
-                "unknown error".to_string()
-            } else {
-                unsafe { CStr::from_ptr(msg) }
-                    .to_string_lossy()
-                    .into_owned()
-            }
-        });
-        unsafe { ffi::duckdb_destroy_result(&mut res) };
-        match failed {
-            Some(detail) => Err(StoreError::Native {
-                context: format!("{sql} for the appender into {}", self.table),
-                detail,
-            }),
-            None => Ok(()),
-        }
+    /// Runs BEGIN, COMMIT or ROLLBACK on this appender's connection.
+    fn exec(&self, sql: &CStr) -> Result<(), StoreError> {
+        self.conn.execute(sql).map_err(|detail| StoreError::Native {
+            context: format!(
+                "{} for the appender into {}",
+                sql.to_string_lossy(),
+                self.table
+            ),
+            detail,
+        })
     }
 
     /// Hands the pending rows to DuckDB and commits them, with any spilled before.
@@ -363,7 +341,7 @@ impl ChunkAppender {
         }
         self.unflushed = 0;
         if std::mem::take(&mut self.in_txn)
-            && let Err(e) = self.exec("COMMIT")
+            && let Err(e) = self.exec(c"COMMIT")
         {
             // A commit that failed leaves the transaction aborted, not closed.
             self.in_txn = true;
@@ -382,7 +360,6 @@ impl Drop for ChunkAppender {
         unsafe {
             ffi::duckdb_destroy_data_chunk(&mut self.chunk);
             ffi::duckdb_appender_destroy(&mut self.app);
-            ffi::duckdb_disconnect(&mut self.conn);
         }
     }
 }

@@ -186,6 +186,26 @@ impl RawConnection {
         // SAFETY: a live connection; interrupting is thread-safe.
         unsafe { ffi::duckdb_interrupt(self.0) };
     }
+
+    /// Runs SQL of our own that returns nothing (BEGIN, COMMIT); Err holds DuckDB's message.
+    pub fn execute(&self, sql: &CStr) -> Result<(), String> {
+        // SAFETY: a zeroed duckdb_result is the documented initial state for duckdb_query.
+        let mut res: ffi::duckdb_result = unsafe { std::mem::zeroed() };
+        // SAFETY: a live connection, a C string and an out-pointer to a local.
+        let rc = unsafe { ffi::duckdb_query(self.0, sql.as_ptr(), &mut res) };
+        let err = (rc != ffi::DuckDBSuccess).then(|| {
+            // SAFETY: the message is owned by the result, read before it is destroyed.
+            let p = unsafe { ffi::duckdb_result_error(&mut res) };
+            if p.is_null() {
+                "no message from DuckDB".to_string()
+            } else {
+                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            }
+        });
+        // SAFETY: destroyed once, whatever the outcome.
+        unsafe { ffi::duckdb_destroy_result(&mut res) };
+        err.map_or(Ok(()), Err)
+    }
 }
 
 impl Drop for RawConnection {
@@ -338,7 +358,7 @@ impl Database {
 
     /// A raw appender into `table`, on its own connection.
     pub fn appender(&self, table: &str) -> Result<ChunkAppender, StoreError> {
-        ChunkAppender::create(self.raw, table)
+        ChunkAppender::create(self.raw_connection()?, table)
     }
 }
 
