@@ -171,7 +171,6 @@ impl PartialOrd for Pending {
 }
 
 const SEC: f64 = 1e9;
-const BATCH: usize = 100_000;
 
 fn public_v4(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(203, 0, 113, 10 + i)
@@ -190,30 +189,22 @@ pub fn generate(
     let mut free_at = vec![0u64; publics * 65_536];
     let mut last_holder: Vec<Option<(u64, IpAddr, u16)>> = vec![None; publics * 65_536];
     let mut pending: BinaryHeap<Pending> = BinaryHeap::new();
-    let mut batch: Vec<WriterMsg> = Vec::with_capacity(BATCH);
     let mut stats = GenStats::default();
     let mut cases = Vec::new();
     let mut t = cfg.start_ns as f64;
     let end_of_trail = cfg.start_ns + span_ns;
-
-    let flush = |batch: &mut Vec<WriterMsg>, writer: &mut Writer| {
-        let b = std::mem::replace(batch, Vec::with_capacity(BATCH));
-        writer.write_batch(b)
-    };
 
     for n in 0..cfg.flows {
         t += mean_gap * -(1.0 - rng.unit()).ln();
         let start = (t as u64).min(end_of_trail - 1);
         while pending.peek().is_some_and(|p| p.end_ns <= start) {
             let p = pending.pop().expect("peeked");
-            batch.push(WriterMsg::Flow {
+            // One message at a time, committed every `batch_rows` rows: the agent's writer.
+            writer.write(WriterMsg::Flow {
                 ev: p.ev,
                 received_ns: p.end_ns,
-            });
+            })?;
             stats.events += 1;
-        }
-        if batch.len() >= BATCH {
-            flush(&mut batch, writer)?;
         }
         let v6 = rng.below(100) < 5;
         let r = rng.below(1000);
@@ -404,10 +395,10 @@ pub fn generate(
             let kind = if v6 { CaseKind::V6 } else { CaseKind::Sampled };
             want(kind, start + (end - start) / 2, &mut cases);
         }
-        batch.push(WriterMsg::Flow {
+        writer.write(WriterMsg::Flow {
             ev: ev.clone(),
             received_ns: start,
-        });
+        })?;
         stats.events += 1;
         stats.flows += 1;
         if end < end_of_trail {
@@ -434,16 +425,13 @@ pub fn generate(
             stats.open_at_end += 1;
             continue;
         }
-        batch.push(WriterMsg::Flow {
+        writer.write(WriterMsg::Flow {
             ev: p.ev,
             received_ns: p.end_ns,
-        });
+        })?;
         stats.events += 1;
-        if batch.len() >= BATCH {
-            flush(&mut batch, writer)?;
-        }
     }
-    flush(&mut batch, writer)?;
+    writer.commit_pending()?;
     stats.end_ns = end_of_trail;
     Ok((stats, cases))
 }
