@@ -298,11 +298,17 @@ impl ChunkAppender {
             self.exec(c"BEGIN TRANSACTION")?;
             self.in_txn = true;
         }
+        self.move_rows("moving rows into")
+    }
+
+    /// Runs the appender's buffered rows into the connection's transaction; on failure rolls
+    /// it back and says `what` failed.
+    fn move_rows(&mut self, what: &str) -> Result<(), StoreError> {
         // SAFETY: live appender.
         if unsafe { ffi::duckdb_appender_flush(self.app) } != ffi::DuckDBSuccess {
             let e = appender_error(
                 self.app,
-                format!("moving {} rows into {}", self.unflushed, self.table),
+                format!("{what} {} ({} rows)", self.table, self.unflushed),
             );
             self.abandon();
             return Err(e);
@@ -333,13 +339,7 @@ impl ChunkAppender {
     /// Hands the pending rows to DuckDB and commits them, with any spilled before.
     pub fn flush(&mut self) -> Result<(), StoreError> {
         self.append_chunk()?;
-        // SAFETY: live appender.
-        if unsafe { ffi::duckdb_appender_flush(self.app) } != ffi::DuckDBSuccess {
-            let e = appender_error(self.app, format!("committing rows to {}", self.table));
-            self.abandon();
-            return Err(e);
-        }
-        self.unflushed = 0;
+        self.move_rows("committing rows to")?;
         if std::mem::take(&mut self.in_txn)
             && let Err(e) = self.exec(c"COMMIT")
         {
@@ -433,6 +433,19 @@ mod tests {
         drop(db);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A fresh database in a scratch folder named after `name`, with table
+    /// `t (a UBIGINT NOT NULL, b UHUGEINT)`.
+    fn scratch(name: &str) -> (std::path::PathBuf, Database, duckdb::Connection) {
+        let dir = std::env::temp_dir().join(format!("nattrail-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Database::open_rw(&dir.join("t.duckdb")).unwrap();
+        let conn = db.connect().unwrap();
+        conn.execute_batch("CREATE TABLE t (a UBIGINT NOT NULL, b UHUGEINT)")
+            .unwrap();
+        (dir, db, conn)
+    }
+
     /// Counts and sums `t.a` as another connection sees them.
     fn seen(conn: &duckdb::Connection) -> (u64, u64) {
         conn.query_row(
@@ -445,12 +458,7 @@ mod tests {
 
     #[test]
     fn spilled_rows_stay_uncommitted_until_the_flush_and_are_dropped_without_it() {
-        let dir = std::env::temp_dir().join(format!("nattrail-spill-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let db = Database::open_rw(&dir.join("t.duckdb")).unwrap();
-        let conn = db.connect().unwrap();
-        conn.execute_batch("CREATE TABLE t (a UBIGINT NOT NULL, b UHUGEINT)")
-            .unwrap();
+        let (dir, db, conn) = scratch("spill");
         let fill = |app: &mut ChunkAppender, from: u64, n: u64| {
             for i in from..from + n {
                 app.begin_row().unwrap();
@@ -562,12 +570,7 @@ mod tests {
 
     #[test]
     fn a_failed_spill_is_rolled_back_and_the_appender_commits_again() {
-        let dir = std::env::temp_dir().join(format!("nattrail-spillfail-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let db = Database::open_rw(&dir.join("t.duckdb")).unwrap();
-        let conn = db.connect().unwrap();
-        conn.execute_batch("CREATE TABLE t (a UBIGINT NOT NULL, b UHUGEINT)")
-            .unwrap();
+        let (dir, db, conn) = scratch("spillfail");
         let mut app = db.appender("t").unwrap();
         // A NULL in the NOT NULL column, found when the rows are moved into the table.
         let mut failed = None;
