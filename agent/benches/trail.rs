@@ -8,7 +8,9 @@
 //! `NATTRAIL_TRAIL=<db>[,<db>...]` measures other trails (each `<db>.cases.jsonl` beside it);
 //! `NATTRAIL_TRAIL_FLOWS` and `NATTRAIL_TRAIL_DAYS` size one to generate (default: 40 M flows a
 //! day, one day, seven for a name with `-7d`); `NATTRAIL_TRAIL_CASES` how many lookups are
-//! timed; `NATTRAIL_TRAIL_NO_BASELINES` skips grep and SQLite.
+//! timed; `NATTRAIL_TRAIL_NO_BASELINES` skips grep and SQLite; `NATTRAIL_TRAIL_EACH` prints
+//! each in-process lookup's time (to tell a slow case from a slow run);
+//! `NATTRAIL_TRAIL_WHO_ONLY` stops after the in-process lookups.
 
 #[path = "../../tests/support/gen_trail.rs"]
 mod gen_trail;
@@ -148,6 +150,18 @@ struct Measured {
     flows_stored: u64,
 }
 
+/// One trail's in-process lookups while they run.
+struct Lookups {
+    conn: duckdb::Connection,
+    kept: nattrail::query::coverage::KeptCoverage,
+    cases: Vec<Case>,
+    times: Vec<f64>,
+    long: Vec<f64>,
+    short: Vec<f64>,
+    right: usize,
+    flows_stored: u64,
+}
+
 fn main() -> Result<()> {
     let trails: Vec<PathBuf> = match std::env::var("NATTRAIL_TRAIL") {
         Ok(list) => list.split(',').map(PathBuf::from).collect(),
@@ -159,6 +173,9 @@ fn main() -> Result<()> {
     for db in &trails {
         ensure_trail(db)?;
     }
+    // Writing a trail or the baselines' text leaves gigabytes dirty; flushed during the
+    // timing, they slow whatever runs then.
+    nix::unistd::sync();
     // Every trail starts from the page cache: the 7-day file, last read hours before, was
     // otherwise read from disk while the 1-day one was warm (2.18x one run, 1.44 and 1.30x
     // the next two), which measures the cache and not whether lookups grow with history.
@@ -172,10 +189,7 @@ fn main() -> Result<()> {
         warmed as f64 / 1048576.0,
         t.elapsed().as_secs_f64()
     );
-    let mut measured = Vec::new();
-    for db in &trails {
-        measured.push(measure(db)?);
-    }
+    let measured = who_in_process(&trails)?;
     if measured.len() >= 2 {
         println!(
             "who p50 on {} against {}: {:.2}x (target <= 1.5x)",
@@ -184,6 +198,10 @@ fn main() -> Result<()> {
             measured[1].who_p50_ms / measured[0].who_p50_ms
         );
     }
+    if std::env::var_os("NATTRAIL_TRAIL_WHO_ONLY").is_some() {
+        return Ok(());
+    }
+    measure_outside(&trails)?;
     if std::env::var_os("NATTRAIL_TRAIL_NO_BASELINES").is_none() {
         let db = &trails[0];
         let cases = load_cases(db)?;
@@ -218,131 +236,204 @@ fn count_flows(conn: &duckdb::Connection) -> Result<u64> {
     )?)
 }
 
-fn measure(db: &Path) -> Result<Measured> {
+/// The cases a trail's lookups time: spread over its cases file (every kind).
+fn picked_cases(db: &Path) -> Result<Vec<Case>> {
     let cases = load_cases(db)?;
     let n = env_or("NATTRAIL_TRAIL_CASES", 20usize).min(cases.len());
-    let conn = nattrail::store::schema::open_ro(db)?;
-    let flows_stored = count_flows(&conn)?;
-    let size = std::fs::metadata(db)?.len();
-    println!(
-        "{}: {flows_stored} flows, {:.0} MiB, {:.1} B per flow",
-        db.display(),
-        size as f64 / 1048576.0,
-        size as f64 / flows_stored.max(1) as f64
-    );
-
-    // In process, spread over the cases file (every kind).
     let step = (cases.len() / n.max(1)).max(1);
-    let mut times = Vec::new();
-    let mut by_kind: std::collections::BTreeMap<bool, Vec<f64>> = Default::default();
-    let mut right = 0;
-    // As the agent's API keeps it: the file is open read-only, nothing writes it meanwhile.
-    let kept = nattrail::query::coverage::KeptCoverage::read_only();
-    for c in cases.iter().step_by(step).take(n) {
-        let t = Instant::now();
-        let (status, got, _) = gen_trail::ask(&conn, &kept, c.public, c.at_ns)?;
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        times.push(ms);
-        by_kind.entry(c.kind == "long").or_default().push(ms);
-        right += usize::from(status == WhoStatus::Found && got == [c.internal.clone()]);
-    }
-    times.sort_by(f64::total_cmp);
-    println!(
-        "who in process: p50 {:.2} ms, p99 {:.2} ms over {} lookups; {right} answered exactly",
-        pct(&times, 0.5),
-        pct(&times, 0.99),
-        times.len()
-    );
-    // 12-hour flows asked in their middle are most of the cases: their end is looked up in
-    // the hours after the one asked.
-    for (long, mut t) in by_kind {
-        t.sort_by(f64::total_cmp);
+    Ok(cases.into_iter().step_by(step).take(n).collect())
+}
+
+/// `who` in process on every trail, case by case in turn (the first trail's first case, the
+/// second's, ...): this machine's slow spells last tens of seconds, and trails measured one
+/// after the other took them in turn (the same 1-day trail 13.7-15.1 ms p50 in one run and
+/// 6.3-6.5 ms in the next, the 7-day one 6.0-6.8 ms in both), which compared the spells and
+/// not the trails.
+fn who_in_process(trails: &[PathBuf]) -> Result<Vec<Measured>> {
+    let mut all = Vec::new();
+    for db in trails {
+        let conn = nattrail::store::schema::open_ro(db)?;
+        let flows_stored = count_flows(&conn)?;
+        let size = std::fs::metadata(db)?.len();
         println!(
-            "  {}: p50 {:.2} ms over {}",
-            if long {
-                "12-hour flows asked in their middle"
+            "{}: {flows_stored} flows, {:.0} MiB, {:.1} B per flow",
+            db.display(),
+            size as f64 / 1048576.0,
+            size as f64 / flows_stored.max(1) as f64
+        );
+        all.push(Lookups {
+            conn,
+            // As the agent's API keeps it: the file is open read-only, nothing writes it.
+            kept: nattrail::query::coverage::KeptCoverage::read_only(),
+            cases: picked_cases(db)?,
+            times: Vec::new(),
+            long: Vec::new(),
+            short: Vec::new(),
+            right: 0,
+            flows_stored,
+        });
+    }
+    let each = std::env::var_os("NATTRAIL_TRAIL_EACH").is_some();
+    let rounds = all.iter().map(|l| l.cases.len()).max().unwrap_or(0);
+    for i in 0..rounds {
+        for (db, l) in trails.iter().zip(all.iter_mut()) {
+            let Some(c) = l.cases.get(i) else { continue };
+            let t = Instant::now();
+            let (status, got, _) = gen_trail::ask(&l.conn, &l.kept, c.public, c.at_ns)?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if each {
+                println!(
+                    "  {} case {} {}:{} at {} {}: {ms:.2} ms",
+                    db.display(),
+                    c.kind,
+                    c.public.0,
+                    c.public.1,
+                    c.at_ns,
+                    c.internal.0
+                );
+            }
+            l.times.push(ms);
+            // 12-hour flows asked in their middle are most of the cases: their end is
+            // looked up in its start day's ends table.
+            if c.kind == "long" {
+                l.long.push(ms);
             } else {
-                "sampled flows, reused ports, IPv6"
-            },
-            pct(&t, 0.5),
-            t.len()
-        );
+                l.short.push(ms);
+            }
+            l.right += usize::from(status == WhoStatus::Found && got == [c.internal.clone()]);
+        }
     }
-    drop(conn);
+    let mut measured = Vec::new();
+    for (db, mut l) in trails.iter().zip(all) {
+        for t in [&mut l.times, &mut l.long, &mut l.short] {
+            t.sort_by(f64::total_cmp);
+        }
+        println!(
+            "{}: who in process: p50 {:.2} ms, p99 {:.2} ms over {} lookups; {} answered exactly",
+            db.display(),
+            pct(&l.times, 0.5),
+            pct(&l.times, 0.99),
+            l.times.len(),
+            l.right
+        );
+        for (what, t) in [
+            ("sampled flows, reused ports, IPv6", &l.short),
+            ("12-hour flows asked in their middle", &l.long),
+        ] {
+            if !t.is_empty() {
+                println!("  {what}: p50 {:.2} ms over {}", pct(t, 0.5), t.len());
+            }
+        }
+        measured.push(Measured {
+            who_p50_ms: pct(&l.times, 0.5),
+            flows_stored: l.flows_stored,
+        });
+    }
+    Ok(measured)
+}
 
-    // Through the CLI on the file (a process start, the open, the lookup).
+/// `who` through the CLI on the file (a process start, the open, the lookup), then one
+/// client's flows over one hour in the middle of each trail; trails in turn, as in process.
+fn measure_outside(trails: &[PathBuf]) -> Result<()> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_nattrail"));
-    let mut cli = Vec::new();
-    for c in cases.iter().step_by(step).take(n.min(9)) {
-        let at = Utc
-            .timestamp_nanos(c.at_ns as i64)
-            .to_rfc3339_opts(SecondsFormat::Micros, true);
-        let t = Instant::now();
-        let out = Command::new(&bin)
-            .arg("--db")
-            .arg(db)
-            .args([
-                "who",
-                "--ip",
-                &c.public.0.to_string(),
-                "--port",
-                &c.public.1.to_string(),
-                "--at",
-                &at,
-                "--tolerance",
-                "0s",
-                "--json",
-            ])
-            .output()?;
-        cli.push(t.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(
-            out.status.success(),
-            "nattrail who: {}",
-            String::from_utf8_lossy(&out.stderr)
+    let picked = trails
+        .iter()
+        .map(|db| picked_cases(db))
+        .collect::<Result<Vec<_>>>()?;
+    let mut cli = vec![Vec::new(); trails.len()];
+    for i in 0..9 {
+        for ((db, cases), ms) in trails.iter().zip(&picked).zip(cli.iter_mut()) {
+            let Some(c) = cases.get(i) else { continue };
+            ms.push(cli_who(&bin, db, c)?);
+        }
+    }
+    let all = trails
+        .iter()
+        .map(|db| load_cases(db))
+        .collect::<Result<Vec<_>>>()?;
+    let conns = trails
+        .iter()
+        .map(|db| Ok(nattrail::store::schema::open_ro(db)?))
+        .collect::<Result<Vec<_>>>()?;
+    let mut flows_ms = vec![Vec::new(); trails.len()];
+    let mut rows_seen = vec![0; trails.len()];
+    for i in 0..5 {
+        for (k, cases) in all.iter().enumerate() {
+            let Some(c) = cases.get(cases.len() / 2 + i) else {
+                continue;
+            };
+            let mid = Utc.timestamp_nanos(c.at_ns as i64);
+            let q = FlowsQuery {
+                internal_ip: Some(c.internal.0.parse()?),
+                public_ip: None,
+                port: None,
+                public_port: None,
+                dst_ip: None,
+                dst_port: None,
+                proto: None,
+                since: Some(mid - chrono::Duration::minutes(30)),
+                until: Some(mid + chrono::Duration::minutes(30)),
+                limit: 10_000,
+            };
+            let t = Instant::now();
+            let rows = flows(&conns[k], &q)?;
+            flows_ms[k].push(t.elapsed().as_secs_f64() * 1e3);
+            rows_seen[k] += rows.len();
+        }
+    }
+    drop(conns);
+    for (k, db) in trails.iter().enumerate() {
+        cli[k].sort_by(f64::total_cmp);
+        flows_ms[k].sort_by(f64::total_cmp);
+        println!(
+            "{}: who through the CLI on the file: p50 {:.0} ms over {} lookups",
+            db.display(),
+            pct(&cli[k], 0.5),
+            cli[k].len()
+        );
+        println!(
+            "{}: flows --internal-ip over one hour: p50 {:.1} ms over {} clients ({} rows)",
+            db.display(),
+            pct(&flows_ms[k], 0.5),
+            flows_ms[k].len(),
+            rows_seen[k]
         );
     }
-    cli.sort_by(f64::total_cmp);
-    println!(
-        "who through the CLI on the file: p50 {:.0} ms over {} lookups",
-        pct(&cli, 0.5),
-        cli.len()
-    );
-
-    // One client's flows over one hour in the middle of the trail, a few times.
-    let conn = nattrail::store::schema::open_ro(db)?;
-    let mut flows_ms = Vec::new();
-    let mut rows_seen = 0;
-    for c in cases.iter().skip(cases.len() / 2).take(5) {
-        let mid = Utc.timestamp_nanos(c.at_ns as i64);
-        let q = FlowsQuery {
-            internal_ip: Some(c.internal.0.parse()?),
-            public_ip: None,
-            port: None,
-            public_port: None,
-            dst_ip: None,
-            dst_port: None,
-            proto: None,
-            since: Some(mid - chrono::Duration::minutes(30)),
-            until: Some(mid + chrono::Duration::minutes(30)),
-            limit: 10_000,
-        };
-        let t = Instant::now();
-        let rows = flows(&conn, &q)?;
-        flows_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        rows_seen += rows.len();
+    for db in trails {
+        startup(&bin, db)?;
     }
-    flows_ms.sort_by(f64::total_cmp);
-    println!(
-        "flows --internal-ip over one hour: p50 {:.1} ms over {} clients ({rows_seen} rows)",
-        pct(&flows_ms, 0.5),
-        flows_ms.len()
+    Ok(())
+}
+
+/// One `nattrail who --json` on the file; its wall time in ms.
+fn cli_who(bin: &Path, db: &Path, c: &Case) -> Result<f64> {
+    let at = Utc
+        .timestamp_nanos(c.at_ns as i64)
+        .to_rfc3339_opts(SecondsFormat::Micros, true);
+    let t = Instant::now();
+    let out = Command::new(bin)
+        .arg("--db")
+        .arg(db)
+        .args([
+            "who",
+            "--ip",
+            &c.public.0.to_string(),
+            "--port",
+            &c.public.1.to_string(),
+            "--at",
+            &at,
+            "--tolerance",
+            "0s",
+            "--json",
+        ])
+        .output()?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        out.status.success(),
+        "nattrail who: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    drop(conn);
-    startup(&bin, db)?;
-    Ok(Measured {
-        who_p50_ms: pct(&times, 0.5),
-        flows_stored,
-    })
+    Ok(ms)
 }
 
 /// From `nattrail run` to its "running" line (conntrack subscribed), on a copy of the trail.
@@ -384,7 +475,8 @@ fn startup(bin: &Path, db: &Path) -> Result<()> {
     let _ = std::fs::remove_file(nattrail::store::database::wal_path(&copy));
     let running = running.context("the agent never logged \"nattrail running\"")?;
     println!(
-        "start-up on a copy of the trail: running after {:.2} s",
+        "{}: start-up on a copy of the trail: running after {:.2} s",
+        db.display(),
         running.as_secs_f64()
     );
     Ok(())

@@ -86,7 +86,10 @@ pub fn run(cfg: &Config, a: &EventsArgs) -> Result<()> {
     };
     let page: EventsPage = match super::remote::agent(cfg)? {
         Some(api) => api.get_json("/api/v1/events", &req)?,
-        None => events(&super::open_for_query(cfg)?.connect()?, &req.to_query()?)?,
+        None => events(
+            &super::open_for_query(cfg, None)?.connect()?,
+            &req.to_query()?,
+        )?,
     };
     let rows: Vec<Vec<String>> = page.events.iter().map(row).collect();
     match pick(a.format, a.json) {

@@ -68,7 +68,7 @@ pub fn run(cfg: &Config, a: &FlowsArgs) -> Result<()> {
         Some(api) => api.get_json("/api/v1/flows", &req)?,
         None => {
             let q = req.to_query()?;
-            let db = super::open_for_query(cfg)?;
+            let db = super::open_for_query(cfg, None)?;
             let conn = db.connect()?;
             let mut rows = flows(&conn, &q)?;
             if db.schema_version() >= SINCE_SCHEMA {

@@ -124,11 +124,15 @@ static QUERY_DB: std::sync::OnceLock<crate::store::database::Database> = std::sy
 /// Opens the trail for a query command, explaining the lock held by a running agent. The
 /// database lives in a static, never dropped: it is read-only, so there is nothing to flush,
 /// and DuckDB's teardown (4-5 ms) would only delay the exit that follows the answer.
-fn open_for_query(cfg: &Config) -> Result<&'static crate::store::database::Database> {
+/// `threads` sets DuckDB's worker threads (None: one per core).
+fn open_for_query(
+    cfg: &Config,
+    threads: Option<u32>,
+) -> Result<&'static crate::store::database::Database> {
     if let Some(db) = QUERY_DB.get() {
         return Ok(db);
     }
-    let db = match crate::store::database::Database::open_ro(&cfg.db_path) {
+    let db = match crate::store::database::Database::open_ro_threads(&cfg.db_path, threads) {
         Ok(c) => c,
         Err(e @ crate::store::schema::StoreError::Locked { .. }) => {
             return Err(anyhow::anyhow!(

@@ -45,7 +45,7 @@ pub fn run(cfg: &Config, a: &SqlArgs) -> Result<()> {
     let res: SqlResult = match super::remote::agent(cfg)? {
         Some(api) => api.post_json("/api/v1/sql", &req)?,
         None => run_sql(
-            super::open_for_query(cfg)?,
+            super::open_for_query(cfg, None)?,
             &req.sql,
             &SqlLimits {
                 max_rows: limit,

@@ -224,12 +224,17 @@ impl Database {
 
     /// Opens an existing database read-only, refusing one written by a newer nattrail.
     pub fn open_ro(path: &Path) -> Result<Self, StoreError> {
+        Self::open_ro_threads(path, None)
+    }
+
+    /// `open_ro` with DuckDB's worker threads set (None: one per core).
+    pub fn open_ro_threads(path: &Path, threads: Option<u32>) -> Result<Self, StoreError> {
         Self::open(
             path,
             OpenOptions {
                 read_only: true,
                 memory_limit_mb: Some(READ_ONLY_MEMORY_MB),
-                ..OpenOptions::default()
+                threads,
             },
         )
     }
