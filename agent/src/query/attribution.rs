@@ -165,8 +165,8 @@ fn attribute_as<'a>(
         }
     }
     // The joining statement costs 10-20 ms here, mostly planning (its text differs at each
-    // call, so no plan is cached); the statements before it 2-7 ms.
-    if !joined && !sockets_between(conn, first - WINDOW_US, last + WINDOW_US)? {
+    // call, so no plan is cached); the statement before it 1-3 ms.
+    if !joined && !watch.sockets {
         return Ok(());
     }
     // The tuples are numbers this process parsed and formats itself: no text from a caller
@@ -252,16 +252,6 @@ fn attribute_as<'a>(
     Ok(())
 }
 
-/// Whether any socket row lies between two instants (µs).
-fn sockets_between(conn: &Connection, from_us: i64, to_us: i64) -> Result<bool, QueryError> {
-    conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM socket_events
-                        WHERE ts BETWEEN make_timestamp(?) AND make_timestamp(?))",
-    )
-    .and_then(|mut st| st.query_row(duckdb::params![from_us, to_us], |r| r.get(0)))
-    .map_err(QueryError::db("looking for socket rows"))
-}
-
 /// When the socket programs watched a flow started at `t`: a session's coverage began by
 /// `t - WINDOW_US` and the session had not stopped by `t`, and no eBPF gap meets
 /// `t ± WINDOW_US`.
@@ -270,35 +260,55 @@ struct Watch {
     covered: Vec<(i64, Option<i64>)>,
     /// eBPF gaps (start, end), µs.
     gaps: Vec<(i64, i64)>,
+    /// Some socket row lies in the span read.
+    sockets: bool,
 }
 
 impl Watch {
     /// The coverage and gaps that can matter to flows started between `from_us + WINDOW_US`
-    /// and `to_us - WINDOW_US`.
+    /// and `to_us - WINDOW_US`, and whether socket rows lie between the two. One statement:
+    /// on a cold file (the CLI) each statement costs 1-2 ms before it reads anything.
     fn read(conn: &Connection, from_us: i64, to_us: i64) -> Result<Self, QueryError> {
-        let covered = conn
+        let rows = conn
             .prepare_cached(
-                "SELECT epoch_us(e.sockets_from), epoch_us(cs.stopped)
+                "SELECT 0, epoch_us(e.sockets_from), epoch_us(cs.stopped)
                  FROM ebpf_coverage e JOIN capture_sessions cs ON cs.id = e.session_id
-                 WHERE e.sockets_from <= make_timestamp(?)",
-            )
-            .and_then(|mut st| {
-                st.query_map([to_us], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .map_err(QueryError::db("reading the socket programs' coverage"))?;
-        let gaps = conn
-            .prepare_cached(
-                "SELECT epoch_us(start), epoch_us(\"end\") FROM capture_gaps
+                 WHERE e.sockets_from <= make_timestamp(?)
+                 UNION ALL
+                 SELECT 1, epoch_us(start), epoch_us(\"end\") FROM capture_gaps
                  WHERE source = 'ebpf' AND start <= make_timestamp(?)
-                   AND \"end\" >= make_timestamp(?)",
+                   AND \"end\" >= make_timestamp(?)
+                 UNION ALL
+                 SELECT 2, NULL, NULL WHERE EXISTS (SELECT 1 FROM socket_events
+                     WHERE ts BETWEEN make_timestamp(?) AND make_timestamp(?))",
             )
             .and_then(|mut st| {
-                st.query_map([to_us, from_us], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()
+                st.query_map([to_us, to_us, from_us, from_us, to_us], |r| {
+                    Ok((
+                        r.get::<_, i32>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()
             })
-            .map_err(QueryError::db("reading the socket programs' gaps"))?;
-        Ok(Watch { covered, gaps })
+            .map_err(QueryError::db(
+                "reading the socket programs' coverage and gaps",
+            ))?;
+        let mut w = Watch {
+            covered: Vec::new(),
+            gaps: Vec::new(),
+            sockets: false,
+        };
+        for (kind, a, b) in rows {
+            match (kind, a, b) {
+                (0, Some(from), stopped) => w.covered.push((from, stopped)),
+                (1, Some(start), Some(end)) => w.gaps.push((start, end)),
+                (2, _, _) => w.sockets = true,
+                _ => {}
+            }
+        }
+        Ok(w)
     }
 
     /// Whether a flow started at `t` (µs) was watched.
@@ -505,7 +515,7 @@ mod tests {
         ] {
             let first = T0 + at[0] - WINDOW_US;
             let last = T0 + at[at.len() - 1] + WINDOW_US;
-            assert!(!sockets_between(&conn, first, last).unwrap(), "{at:?}");
+            assert!(!Watch::read(&conn, first, last).unwrap().sockets, "{at:?}");
             assert_eq!(statuses(&at, false), want, "{at:?}");
             assert_eq!(statuses(&at, true), want, "{at:?}");
         }

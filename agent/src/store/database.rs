@@ -285,6 +285,9 @@ impl Database {
         for (k, v) in LOCKDOWN {
             config.set(path, k, v)?;
         }
+        // DuckDB 2.0 starts 8 threads for asynchronous I/O at every open, used for remote
+        // files, which the lockdown forbids: starting them cost a CLI lookup 1.5-5 ms here.
+        config.set(path, "async_threads", "0")?;
         let mut raw: ffi::duckdb_database = ptr::null_mut();
         let mut err: *mut std::os::raw::c_char = ptr::null_mut();
         // SAFETY: valid C string and config, out-pointers to locals.
