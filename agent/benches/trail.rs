@@ -28,6 +28,7 @@ use nattrail::query::flows::{FlowsQuery, flows};
 use nattrail::query::who::WhoStatus;
 use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 
+#[derive(Clone)]
 struct Case {
     kind: String,
     public: (IpAddr, u16),
@@ -156,7 +157,6 @@ struct Lookups {
     conn: duckdb::Connection,
     kept: nattrail::query::coverage::KeptCoverage,
     cases: Vec<Case>,
-    times: Vec<f64>,
     long: Vec<f64>,
     short: Vec<f64>,
     right: usize,
@@ -253,11 +253,10 @@ fn count_flows(conn: &duckdb::Connection) -> Result<u64> {
 }
 
 /// The cases a trail's lookups time: spread over its cases file (every kind).
-fn picked_cases(db: &Path) -> Result<Vec<Case>> {
-    let cases = load_cases(db)?;
+fn picked(cases: &[Case]) -> Vec<Case> {
     let n = env_or("NATTRAIL_TRAIL_CASES", 20usize).min(cases.len());
     let step = (cases.len() / n.max(1)).max(1);
-    Ok(cases.into_iter().step_by(step).take(n).collect())
+    cases.iter().step_by(step).take(n).cloned().collect()
 }
 
 /// `who` in process on every trail, case by case in turn (the first trail's first case, the
@@ -281,8 +280,7 @@ fn who_in_process(trails: &[PathBuf]) -> Result<Vec<Measured>> {
             conn,
             // As the agent's API keeps it: the file is open read-only, nothing writes it.
             kept: nattrail::query::coverage::KeptCoverage::read_only(),
-            cases: picked_cases(db)?,
-            times: Vec::new(),
+            cases: picked(&load_cases(db)?),
             long: Vec::new(),
             short: Vec::new(),
             right: 0,
@@ -308,7 +306,6 @@ fn who_in_process(trails: &[PathBuf]) -> Result<Vec<Measured>> {
                     c.internal.0
                 );
             }
-            l.times.push(ms);
             // 12-hour flows asked in their middle are most of the cases: their end is
             // looked up in its start day's ends table.
             if c.kind == "long" {
@@ -321,15 +318,16 @@ fn who_in_process(trails: &[PathBuf]) -> Result<Vec<Measured>> {
     }
     let mut measured = Vec::new();
     for (db, mut l) in trails.iter().zip(all) {
-        for t in [&mut l.times, &mut l.long, &mut l.short] {
+        let mut times = [l.long.as_slice(), &l.short].concat();
+        for t in [&mut times, &mut l.long, &mut l.short] {
             t.sort_by(f64::total_cmp);
         }
         println!(
             "{}: who in process: p50 {:.2} ms, p99 {:.2} ms over {} lookups; {} answered exactly",
             db.display(),
-            pct(&l.times, 0.5),
-            pct(&l.times, 0.99),
-            l.times.len(),
+            pct(&times, 0.5),
+            pct(&times, 0.99),
+            times.len(),
             l.right
         );
         for (what, t) in [
@@ -341,7 +339,7 @@ fn who_in_process(trails: &[PathBuf]) -> Result<Vec<Measured>> {
             }
         }
         measured.push(Measured {
-            who_p50_ms: pct(&l.times, 0.5),
+            who_p50_ms: pct(&times, 0.5),
             flows_stored: l.flows_stored,
         });
     }
@@ -352,21 +350,18 @@ fn who_in_process(trails: &[PathBuf]) -> Result<Vec<Measured>> {
 /// client's flows over one hour in the middle of each trail; trails in turn, as in process.
 fn measure_outside(trails: &[PathBuf]) -> Result<()> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_nattrail"));
-    let picked = trails
-        .iter()
-        .map(|db| picked_cases(db))
-        .collect::<Result<Vec<_>>>()?;
-    let mut cli = vec![Vec::new(); trails.len()];
-    for i in 0..9 {
-        for ((db, cases), ms) in trails.iter().zip(&picked).zip(cli.iter_mut()) {
-            let Some(c) = cases.get(i) else { continue };
-            ms.push(cli_who(&bin, db, c)?);
-        }
-    }
     let all = trails
         .iter()
         .map(|db| load_cases(db))
         .collect::<Result<Vec<_>>>()?;
+    let timed: Vec<Vec<Case>> = all.iter().map(|cases| picked(cases)).collect();
+    let mut cli = vec![Vec::new(); trails.len()];
+    for i in 0..9 {
+        for ((db, cases), ms) in trails.iter().zip(&timed).zip(cli.iter_mut()) {
+            let Some(c) = cases.get(i) else { continue };
+            ms.push(cli_who(&bin, db, c)?);
+        }
+    }
     let conns = trails
         .iter()
         .map(|db| open_as_agent(db))
