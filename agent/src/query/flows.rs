@@ -103,7 +103,11 @@ const SEALED_SELECT: &str = "SELECT hour, flags, proto, zone, src4, src6, src_po
      bytes_out, packets_out, bytes_in, packets_in, NULL::UINTEGER, dst_id FROM";
 
 /// `SELECT`s of the sealed slices of public `ip:port` in the hours of `parts` matching
-/// `extra` (SQL on the slice's columns), joined by UNION ALL, and their parameters.
+/// `extra` (SQL on the slice's columns), joined by UNION ALL, and their parameters. The
+/// hours come first: DuckDB checks a row group's zone maps in the order the filters are
+/// written and stops at the first that rules it out, loading each filtered column's
+/// metadata as it goes; the other hours' row groups of a day table then cost their `hour`
+/// column's only (a cold CLI lookup's first statement: 8.5 ms against 12.2 ms, medians of 25).
 fn sealed_parts(
     parts: &[Partition],
     ip: IpAddr,
@@ -115,11 +119,11 @@ fn sealed_parts(
     for p in parts {
         let (c, v) = public_condition(ip, port);
         sql.push(format!(
-            "{SEALED_SELECT} {} WHERE {c} AND hour BETWEEN ? AND ?{extra}",
+            "{SEALED_SELECT} {} WHERE hour BETWEEN ? AND ? AND {c}{extra}",
             p.sealed
         ));
-        params.extend(v);
         params.extend([Value::Int(p.first), Value::Int(p.last)]);
+        params.extend(v);
     }
     (sql, params)
 }
@@ -288,17 +292,22 @@ impl Conditions {
         self.open.push_str(&format!(" AND proto IN ({list})"));
     }
 
-    /// Slices of these hours only (open flows have no hour).
+    /// Slices of these hours only (open flows have no hour). Written before the other
+    /// conditions, whenever it is called: DuckDB checks zone maps in the order of the filters
+    /// (see `sealed_parts`).
     pub(crate) fn hours(&mut self, from: Option<i32>, to: Option<i32>) {
         self.span = (from, to);
+        let (mut sql, mut params) = (String::new(), Vec::new());
         if let Some(h) = from {
-            self.slices.push_str(" AND hour >= ?");
-            self.slice_params.push(Value::Int(h));
+            sql.push_str(" AND hour >= ?");
+            params.push(Value::Int(h));
         }
         if let Some(h) = to {
-            self.slices.push_str(" AND hour <= ?");
-            self.slice_params.push(Value::Int(h));
+            sql.push_str(" AND hour <= ?");
+            params.push(Value::Int(h));
         }
+        self.slices.insert_str(0, &sql);
+        self.slice_params.splice(0..0, params);
     }
 
     /// The parameters of a query that reads `sealed` sealed tables, trail_recent,
@@ -427,10 +436,10 @@ pub(crate) fn covering(
     if cov.recent_reaches(last) {
         let (c, p) = public_condition(ep.ip, ep.port);
         parts.push(format!(
-            "SELECT {SELECT} FROM trail_recent WHERE {c} AND hour BETWEEN ? AND ?"
+            "SELECT {SELECT} FROM trail_recent WHERE hour BETWEEN ? AND ? AND {c}"
         ));
-        params.extend(p);
         params.extend([Value::Int(first), Value::Int(last)]);
+        params.extend(p);
         for table in ["open_flows", "open_journal"] {
             parts.push(format!(
                 "SELECT {OPEN_SELECT} FROM {table} WHERE reply_dst = ? AND reply_dport = ?"
@@ -704,10 +713,10 @@ fn resolve(
     if cov.recent_reaches(hour + RESOLVE_HOURS) {
         let (c, p) = public_condition(ip, port);
         parts.push(format!(
-            "SELECT {SELECT} FROM trail_recent WHERE {c} AND hour BETWEEN ? AND ? AND flags & 1 = 1"
+            "SELECT {SELECT} FROM trail_recent WHERE hour BETWEEN ? AND ? AND {c} AND flags & 1 = 1"
         ));
-        params.extend(p);
         params.extend([Value::Int(hour + 1), Value::Int(hour + RESOLVE_HOURS)]);
+        params.extend(p);
     }
     for table in ["open_flows", "open_journal"] {
         parts.push(format!(
