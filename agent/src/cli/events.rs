@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use super::output::{Format, pick, print_csv, print_json, print_table};
+use super::output::{Format, outln, pick, print_csv, print_json, print_table};
 use crate::config::Config;
 use crate::query::events::{EventRow, EventsPage, events};
 use crate::query::request::EventsRequest;
@@ -96,10 +96,10 @@ pub fn run(cfg: &Config, a: &EventsArgs) -> Result<()> {
         Format::Json => print_json(&page),
         Format::Csv => print_csv(&HEADER, &rows),
         Format::Table => {
-            print_table(&HEADER, &rows);
+            print_table(&HEADER, &rows)?;
             match page.next_cursor {
-                Some(c) => println!("{} event(s); more with --cursor {c}", rows.len()),
-                None => println!("{} event(s)", rows.len()),
+                Some(c) => outln!("{} event(s); more with --cursor {c}", rows.len())?,
+                None => outln!("{} event(s)", rows.len())?,
             }
             Ok(())
         }

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use super::output::{Format, endpoint, opt, pick, print_csv, print_json, print_table};
+use super::output::{Format, endpoint, opt, outln, pick, print_csv, print_json, print_table};
 use crate::config::Config;
 use crate::query::attribution::{SINCE_SCHEMA, attribute};
 use crate::query::flows::{FlowRow, flows};
@@ -93,8 +93,8 @@ pub fn run(cfg: &Config, a: &FlowsArgs) -> Result<()> {
                     "ct id",
                 ],
                 &rows.iter().map(table_row).collect::<Vec<_>>(),
-            );
-            println!("{} flow(s)", rows.len());
+            )?;
+            outln!("{} flow(s)", rows.len())?;
             Ok(())
         }
     }

@@ -55,8 +55,10 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
             match &a.out {
                 Some(_) => write(&out_dir(a)?.join("nattrail.toml"), text.as_bytes()),
                 None => {
-                    print!("{text}");
-                    Ok(())
+                    use std::io::Write as _;
+                    std::io::stdout()
+                        .write_all(text.as_bytes())
+                        .map_err(super::output::stdout_error)
                 }
             }
         }

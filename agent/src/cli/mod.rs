@@ -80,6 +80,15 @@ impl Cli {
 
 /// Entry point of the binary.
 pub fn main() -> Result<()> {
+    match run() {
+        // The reader of our output went away (`| head`): nothing left to say, nor anyone
+        // to say it to.
+        Err(e) if e.chain().any(|c| c.is::<output::StdoutClosed>()) => std::process::exit(0),
+        other => other,
+    }
+}
+
+fn run() -> Result<()> {
     // Everything nattrail writes (the trail, its WAL and spill files, the token, secrets,
     // captures) is private, whatever umask it was started under; files it must share are
     // opened up explicitly.

@@ -6,6 +6,32 @@ use anyhow::Result;
 use clap::ValueEnum;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 
+/// Standard output was closed by its reader (`nattrail flows | head`): the command stops
+/// quietly, as ripgrep does, instead of reporting an error for output nobody reads.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Names a failed write to standard output; a closed pipe becomes [`StdoutClosed`]. Only
+/// writes to standard output go through here, so a broken pipe to the agent's socket is
+/// still an error.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
+}
+
+/// `println!` that returns the write's error instead of panicking (see [`StdoutClosed`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(super::output::stdout_error)
+    }};
+}
+pub(crate) use outln;
+
 /// Output format of the listing commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum Format {
@@ -28,7 +54,7 @@ pub fn pick(format: Option<Format>, json: bool) -> Format {
 }
 
 /// Prints a table.
-pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY)
         .set_content_arrangement(ContentArrangement::Disabled)
@@ -36,18 +62,26 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     for r in rows {
         t.add_row(r.iter().cloned());
     }
-    println!("{t}");
+    outln!("{t}")?;
+    Ok(())
 }
 
 /// Prints CSV with a header.
 pub fn print_csv(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let stdout = std::io::stdout();
     let mut w = csv::Writer::from_writer(stdout.lock());
-    w.write_record(header)?;
+    // csv's own conversion to io::Error forgets the kind: look inside.
+    let to_stdout = |e: csv::Error| match e.kind() {
+        csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+            anyhow::Error::new(StdoutClosed)
+        }
+        _ => anyhow::Error::new(e).context("writing CSV to standard output"),
+    };
+    w.write_record(header).map_err(to_stdout)?;
     for r in rows {
-        w.write_record(r)?;
+        w.write_record(r).map_err(to_stdout)?;
     }
-    w.flush()?;
+    w.flush().map_err(stdout_error)?;
     Ok(())
 }
 
@@ -55,8 +89,9 @@ pub fn print_csv(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     let stdout = std::io::stdout();
     let mut lock = stdout.lock();
-    serde_json::to_writer_pretty(&mut lock, v)?;
-    writeln!(lock)?;
+    // serde_json hands back the underlying io::Error, kind and all.
+    serde_json::to_writer_pretty(&mut lock, v).map_err(|e| stdout_error(e.into()))?;
+    writeln!(lock).map_err(stdout_error)?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
-use super::output::{Format, pick, print_csv, print_json, print_table};
+use super::output::{Format, outln, pick, print_csv, print_json, print_table};
 use super::remote::{Target, target};
 use crate::config::Config;
 use crate::scan::admin::{self, RuleList, RuleRequest, TrialAnswer, TrialRequest};
@@ -117,7 +117,7 @@ pub fn run(cfg: &Config, a: &RulesArgs) -> Result<()> {
             if a.json {
                 print_json(&rule)
             } else {
-                println!("rule {} ({}) added", rule.id, rule.name);
+                outln!("rule {} ({}) added", rule.id, rule.name)?;
                 Ok(())
             }
         }
@@ -149,18 +149,18 @@ pub fn run(cfg: &Config, a: &RulesArgs) -> Result<()> {
                 Format::Json => print_json(&list),
                 Format::Csv => print_csv(&header, &rows),
                 Format::Table => {
-                    print_table(&header, &rows);
+                    print_table(&header, &rows)?;
                     for e in &list.compile_errors {
-                        println!("rule {} does not compile: {}", e.rule_id, e.error);
+                        outln!("rule {} does not compile: {}", e.rule_id, e.error)?;
                     }
                     for o in &list.overrides {
-                        println!(
+                        outln!(
                             "override: rule {} for {}: enabled={} severity={}",
                             o.rule_id,
                             o.workload,
                             o.enabled.map(|e| e.to_string()).unwrap_or("-".into()),
                             o.severity.map(Severity::as_str).unwrap_or("-")
-                        );
+                        )?;
                     }
                     Ok(())
                 }
@@ -175,7 +175,7 @@ pub fn run(cfg: &Config, a: &RulesArgs) -> Result<()> {
                     crate::scan::rule_store::delete(c, r.id)?;
                 }
             }
-            println!("rule {} ({}) removed", r.id, r.name);
+            outln!("rule {} ({}) removed", r.id, r.name)?;
             Ok(())
         }
         RulesCommand::Test(a) => {
@@ -193,16 +193,16 @@ pub fn run(cfg: &Config, a: &RulesArgs) -> Result<()> {
                 return print_json(&ans);
             }
             if !ans.matched {
-                println!("no rule matched");
+                outln!("no rule matched")?;
             }
             for m in &ans.matches {
-                println!(
+                outln!(
                     "matched rule {} ({}), severity {}, captures {}",
                     m.rule_id,
                     m.rule_name,
                     m.severity.as_str(),
                     serde_json::to_string(&m.captures)?
-                );
+                )?;
             }
             Ok(())
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 
-use super::output::{Format, pick, print_csv, print_json, print_table};
+use super::output::{Format, outln, pick, print_csv, print_json, print_table};
 use crate::config::Config;
 use crate::query::request::SqlRequest;
 use crate::query::sql::{SqlLimits, SqlResult, run_sql};
@@ -64,8 +64,8 @@ pub fn run(cfg: &Config, a: &SqlArgs) -> Result<()> {
         Format::Json => print_json(&res)?,
         Format::Csv => print_csv(&header, &rows)?,
         Format::Table => {
-            print_table(&header, &rows);
-            println!("{} row(s)", rows.len());
+            print_table(&header, &rows)?;
+            outln!("{} row(s)", rows.len())?;
         }
     }
     Ok(())

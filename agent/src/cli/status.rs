@@ -4,7 +4,7 @@ use anyhow::Result;
 use chrono::{DateTime, Utc};
 use clap::Args;
 
-use super::output::{print_json, print_table};
+use super::output::{outln, print_json, print_table};
 use crate::config::Config;
 use crate::status::{self, AgentState, AgentStatus, DatabaseInfo, StatusReport};
 use crate::store::gaps;
@@ -72,28 +72,27 @@ pub fn run(cfg: &Config, a: &StatusArgs) -> Result<()> {
     if a.json {
         return print_json(&report);
     }
-    print_human(&report);
-    Ok(())
+    print_human(&report)
 }
 
-fn print_human(r: &StatusReport) {
+fn print_human(r: &StatusReport) -> Result<()> {
     match (&r.agent, r.agent_state) {
         (Some(s), AgentState::Running) => {
-            println!("agent: running (pid {}, since {})", s.pid, s.started)
+            outln!("agent: running (pid {}, since {})", s.pid, s.started)?
         }
-        (Some(s), AgentState::Stopped) => println!("agent: stopped (at {})", s.updated),
-        (Some(s), _) => println!(
+        (Some(s), AgentState::Stopped) => outln!("agent: stopped (at {})", s.updated)?,
+        (Some(s), _) => outln!(
             "agent: NOT running: its last snapshot ({}) says running; it ended without a clean stop",
             s.updated
-        ),
-        (None, _) => println!("agent: no status snapshot beside this database"),
+        )?,
+        (None, _) => outln!("agent: no status snapshot beside this database")?,
     }
-    println!(
+    outln!(
         "database: {} ({:.1} MiB, WAL {:.1} MiB)",
         r.database.path,
         r.database.size_bytes as f64 / 1048576.0,
         r.database.wal_bytes as f64 / 1048576.0
-    );
+    )?;
     if let Some(s) = &r.agent {
         let rows: Vec<Vec<String>> = s
             .stages
@@ -121,9 +120,9 @@ fn print_human(r: &StatusReport) {
                 "peak",
             ],
             &rows,
-        );
+        )?;
         let c = &s.conntrack;
-        println!(
+        outln!(
             "conntrack: {} decoded, {} forwarded, {} filtered, {} decode errors, {} overflows, {} dropped by the kernel, {} resyncs",
             c.decoded,
             c.forwarded,
@@ -132,14 +131,18 @@ fn print_human(r: &StatusReport) {
             c.overflows,
             c.kernel_dropped,
             c.resyncs
-        );
+        )?;
         let w = &s.writer;
-        println!(
+        outln!(
             "writer: {} rows in {} commits, {} open flows, {} duplicates skipped, {} closed by reconciliation",
-            w.rows, w.commits, w.open_flows, w.duplicates, w.reconciled
-        );
+            w.rows,
+            w.commits,
+            w.open_flows,
+            w.duplicates,
+            w.reconciled
+        )?;
         if let Some(l) = &s.logscan {
-            println!(
+            outln!(
                 "log scan: {} tails, {} lines, {} hits, {} held back by cooldown, {} by the bucket, {} lines cut, {} stream errors",
                 l.discovery.active_tails,
                 l.scan.lines_seen,
@@ -148,13 +151,13 @@ fn print_human(r: &StatusReport) {
                 l.scan.suppressed_bucket,
                 l.tails.truncated,
                 l.tails.stream_errors
-            );
+            )?;
             for e in &l.compile_errors {
-                println!("rule {} does not compile: {}", e.rule_id, e.error);
+                outln!("rule {} does not compile: {}", e.rule_id, e.error)?;
             }
         }
         if let Some(w) = &s.webhooks {
-            println!(
+            outln!(
                 "webhooks: {} events, {} matched, {} delivered, {} failed, {} rate-limited, {} dropped (queue full), {} missed (behind the bus), {} abandoned at stop",
                 w.events,
                 w.matched,
@@ -164,17 +167,17 @@ fn print_human(r: &StatusReport) {
                 w.dropped,
                 w.missed,
                 w.abandoned
-            );
+            )?;
         }
     }
     if r.gaps_24h.is_empty() {
-        println!("gaps in the last 24 h: none");
+        outln!("gaps in the last 24 h: none")?;
     } else {
-        println!(
+        outln!(
             "gaps in the last 24 h ({}, from the {}):",
             r.gaps_24h.len(),
             r.gaps_from
-        );
+        )?;
         let rows: Vec<Vec<String>> = r
             .gaps_24h
             .iter()
@@ -188,6 +191,7 @@ fn print_human(r: &StatusReport) {
                 ]
             })
             .collect();
-        print_table(&["source", "start", "end", "lost", "reason"], &rows);
+        print_table(&["source", "start", "end", "lost", "reason"], &rows)?;
     }
+    Ok(())
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use super::output::{Format, pick, print_csv, print_json, print_table};
+use super::output::{Format, outln, pick, print_csv, print_json, print_table};
 use super::remote::{Target, target};
 use crate::config::Config;
 use crate::scan::rules::Severity;
@@ -214,7 +214,7 @@ pub fn run(cfg: &Config, a: &TriggersArgs) -> Result<()> {
                 Target::Agent(api) => api.post_json("/api/v1/triggers", &n)?,
                 Target::File(c) => triggers::insert(c, &secrets, &n, &guard)?.redacted(),
             };
-            println!("trigger {} ({}) added", created.id, created.name);
+            outln!("trigger {} ({}) added", created.id, created.name)?;
             Ok(())
         }
         TriggersCommand::List { format, json } => {
@@ -238,7 +238,7 @@ pub fn run(cfg: &Config, a: &TriggersArgs) -> Result<()> {
                 Format::Json => print_json(&list),
                 Format::Csv => print_csv(&header, &rows),
                 Format::Table => {
-                    print_table(&header, &rows);
+                    print_table(&header, &rows)?;
                     Ok(())
                 }
             }
@@ -251,7 +251,7 @@ pub fn run(cfg: &Config, a: &TriggersArgs) -> Result<()> {
                     triggers::delete(c, &secrets, tr.id)?;
                 }
             }
-            println!("trigger {} ({}) removed", tr.id, tr.name);
+            outln!("trigger {} ({}) removed", tr.id, tr.name)?;
             Ok(())
         }
         TriggersCommand::Test { trigger } => {
@@ -271,7 +271,7 @@ pub fn run(cfg: &Config, a: &TriggersArgs) -> Result<()> {
                     rt.block_on(d.deliver(&delivery_target(&tr), &id, &body))
                 }
             };
-            println!("{}", serde_json::to_string(&out)?);
+            outln!("{}", serde_json::to_string(&out)?)?;
             match out {
                 Outcome::Delivered { .. } => Ok(()),
                 other => bail!("test delivery did not succeed: {other:?}"),

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use super::output::{endpoint, opt, print_json, print_table};
+use super::output::{endpoint, opt, outln, print_json, print_table};
 use crate::config::Config;
 use crate::query::attribution::{Attribution, OwnerStatus, SINCE_SCHEMA, attribute};
 use crate::query::request::WhoRequest;
@@ -76,43 +76,42 @@ pub fn run(cfg: &Config, a: &WhoArgs) -> Result<()> {
     if a.json {
         print_json(&ans)
     } else {
-        print_human(&endpoint(&req.ip, Some(req.port)), &ans);
-        Ok(())
+        print_human(&endpoint(&req.ip, Some(req.port)), &ans)
     }
 }
 
-fn print_human(public: &str, ans: &WhoAnswer) {
+fn print_human(public: &str, ans: &WhoAnswer) -> Result<()> {
     match ans.status {
         WhoStatus::None => {
-            println!(
+            outln!(
                 "NONE: no flow used {public} within ±{}s of {}",
-                ans.tolerance_s, ans.at
-            );
-            print_holes(ans);
-            return;
+                ans.tolerance_s,
+                ans.at
+            )?;
+            return print_holes(ans);
         }
         WhoStatus::Found => {
             let m = &ans.matches[0];
-            println!(
+            outln!(
                 "FOUND: {public} was {} ({}) at {}",
                 endpoint(&m.flow.internal_ip, Some(m.flow.internal_port)),
                 m.flow.proto,
                 ans.at
-            );
+            )?;
         }
-        WhoStatus::Incomplete => println!(
+        WhoStatus::Incomplete => outln!(
             "INCOMPLETE: the trail has a hole at {}; {} flow(s) found within ±{}s of {public}, \
              but another may be missing",
             ans.at,
             ans.matches.len(),
             ans.tolerance_s
-        ),
-        WhoStatus::Ambiguous => println!(
+        )?,
+        WhoStatus::Ambiguous => outln!(
             "AMBIGUOUS: {} flows used {public} within ±{}s of {}; best match first",
             ans.matches.len(),
             ans.tolerance_s,
             ans.at
-        ),
+        )?,
     }
     let rows: Vec<Vec<String>> = ans
         .matches
@@ -148,8 +147,7 @@ fn print_human(public: &str, ans: &WhoAnswer) {
         })
         .collect();
     if ans.matches.is_empty() {
-        print_holes(ans);
-        return;
+        return print_holes(ans);
     }
     print_table(
         &[
@@ -166,8 +164,8 @@ fn print_human(public: &str, ans: &WhoAnswer) {
             "owner",
         ],
         &rows,
-    );
-    print_holes(ans);
+    )?;
+    print_holes(ans)
 }
 
 /// The owner column: process and container, or why there is none.
@@ -195,17 +193,18 @@ fn owner(a: Option<&Attribution>) -> String {
     }
 }
 
-fn print_holes(ans: &WhoAnswer) {
+fn print_holes(ans: &WhoAnswer) -> Result<()> {
     for h in &ans.holes {
         let lost = h
             .lost
             .map(|n| format!(", {n} events lost"))
             .unwrap_or_default();
-        println!(
+        outln!(
             "hole: {} .. {}: {}{lost}",
             h.start.as_deref().unwrap_or("(beginning)"),
             h.end.as_deref().unwrap_or("(now)"),
             h.reason
-        );
+        )?;
     }
+    Ok(())
 }
