@@ -4,6 +4,7 @@ mod capture;
 mod events;
 mod flows;
 mod generate;
+mod heap;
 mod output;
 mod remote;
 mod rules;
@@ -141,6 +142,7 @@ fn open_for_query(
     if let Some(db) = QUERY_DB.get() {
         return Ok(db);
     }
+    heap::prepare_for_query();
     let db = match crate::store::database::Database::open_ro_threads(&cfg.db_path, threads) {
         Ok(c) => c,
         Err(e @ crate::store::schema::StoreError::Locked { .. }) => {
