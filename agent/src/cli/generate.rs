@@ -54,12 +54,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
             let text = config_file()?;
             match &a.out {
                 Some(_) => write(&out_dir(a)?.join("nattrail.toml"), text.as_bytes()),
-                None => {
-                    use std::io::Write as _;
-                    std::io::stdout()
-                        .write_all(text.as_bytes())
-                        .map_err(super::output::stdout_error)
-                }
+                None => super::output::write_stdout(text.as_bytes()),
             }
         }
         What::Man => man_pages(out_dir(a)?),

@@ -66,33 +66,32 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` to standard output (see [`StdoutClosed`]).
+pub fn write_stdout(bytes: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
+}
+
 /// Prints CSV with a header.
 pub fn print_csv(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
-    let stdout = std::io::stdout();
-    let mut w = csv::Writer::from_writer(stdout.lock());
-    // csv's own conversion to io::Error forgets the kind: look inside.
-    let to_stdout = |e: csv::Error| match e.kind() {
-        csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
-            anyhow::Error::new(StdoutClosed)
-        }
-        _ => anyhow::Error::new(e).context("writing CSV to standard output"),
-    };
-    w.write_record(header).map_err(to_stdout)?;
+    // Encoded whole, then written: the rows are in memory already, and standard output's
+    // errors then have one place to be told apart (a closed pipe from the rest).
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(header)?;
     for r in rows {
-        w.write_record(r).map_err(to_stdout)?;
+        w.write_record(r)?;
     }
-    w.flush().map_err(stdout_error)?;
-    Ok(())
+    w.flush()?;
+    write_stdout(w.get_ref())
 }
 
 /// Prints pretty JSON.
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    let stdout = std::io::stdout();
-    let mut lock = stdout.lock();
-    // serde_json hands back the underlying io::Error, kind and all.
-    serde_json::to_writer_pretty(&mut lock, v).map_err(|e| stdout_error(e.into()))?;
-    writeln!(lock).map_err(stdout_error)?;
-    Ok(())
+    let mut bytes = serde_json::to_vec_pretty(v)?;
+    bytes.push(b'\n');
+    write_stdout(&bytes)
 }
 
 /// Renders an optional value, `-` when absent.
