@@ -268,19 +268,23 @@ impl Watch {
     /// The coverage and gaps that can matter to flows started between `from_us + WINDOW_US`
     /// and `to_us - WINDOW_US`, and whether socket rows lie between the two. One statement:
     /// on a cold file (the CLI) each statement costs 1-2 ms before it reads anything.
+    /// Every column is named and the socket check is a `LIMIT`, not `EXISTS` (planned as an
+    /// aggregate): DuckDB 2.0 names those by printing them, which builds its keyword table
+    /// once per process by parsing its grammar again, 1-2 ms of a CLI lookup.
     fn read(conn: &Connection, from_us: i64, to_us: i64) -> Result<Self, QueryError> {
         let rows = conn
             .prepare_cached(
-                "SELECT 0, epoch_us(e.sockets_from), epoch_us(cs.stopped)
+                "SELECT 0 AS kind, epoch_us(e.sockets_from) AS from_us, epoch_us(cs.stopped) AS to_us
                  FROM ebpf_coverage e JOIN capture_sessions cs ON cs.id = e.session_id
                  WHERE e.sockets_from <= make_timestamp(?)
                  UNION ALL
-                 SELECT 1, epoch_us(start), epoch_us(\"end\") FROM capture_gaps
+                 SELECT 1 AS kind, epoch_us(start) AS from_us, epoch_us(\"end\") AS to_us
+                 FROM capture_gaps
                  WHERE source = 'ebpf' AND start <= make_timestamp(?)
                    AND \"end\" >= make_timestamp(?)
                  UNION ALL
-                 SELECT 2, NULL, NULL WHERE EXISTS (SELECT 1 FROM socket_events
-                     WHERE ts BETWEEN make_timestamp(?) AND make_timestamp(?))",
+                 (SELECT 2 AS kind, NULL AS from_us, NULL AS to_us FROM socket_events
+                     WHERE ts BETWEEN make_timestamp(?) AND make_timestamp(?) LIMIT 1)",
             )
             .and_then(|mut st| {
                 st.query_map([to_us, to_us, from_us, from_us, to_us], |r| {

@@ -91,16 +91,19 @@ struct Identity {
 
 /// The columns every slice query selects, in the order `read_candidate` reads them: the
 /// table's own columns, so that binding the statement expands no macro. The last is a sealed
-/// slice's index into its hour's destinations (`fill_destinations` reads them).
+/// slice's index into its hour's destinations (`fill_destinations` reads them). Computed
+/// columns are named: DuckDB names an unnamed one by printing it, which costs a CLI lookup
+/// the building of its keyword table (see `Watch::read` in attribution).
 const SELECT: &str = "hour, flags, proto, zone, src4, src6, src_port, pub4, pub6, pub_port,
      dst4, dst6, dst_port, start_ms, end_ms, end_lo_ms, bytes_out, packets_out, bytes_in,
-     packets_in, ct_id, NULL::UINTEGER";
+     packets_in, ct_id, NULL::UINTEGER AS dst_id";
 
 /// `SELECT` from the sealed hours, without their destinations: a join with the dictionary
 /// costs a lookup more than a second statement for the few rows found.
 const SEALED_SELECT: &str = "SELECT hour, flags, proto, zone, src4, src6, src_port, pub4, pub6,
-     pub_port, NULL::UINTEGER, NULL::UHUGEINT, NULL::USMALLINT, start_ms, end_ms, end_lo_ms,
-     bytes_out, packets_out, bytes_in, packets_in, NULL::UINTEGER, dst_id FROM";
+     pub_port, NULL::UINTEGER AS dst4, NULL::UHUGEINT AS dst6, NULL::USMALLINT AS dst_port,
+     start_ms, end_ms, end_lo_ms, bytes_out, packets_out, bytes_in, packets_in,
+     NULL::UINTEGER AS ct_id, dst_id FROM";
 
 /// `SELECT`s of the sealed slices of public `ip:port` in the hours of `parts` matching
 /// `extra` (SQL on the slice's columns), joined by UNION ALL, and their parameters.

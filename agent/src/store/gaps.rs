@@ -64,7 +64,8 @@ fn gap_of(r: &duckdb::Row<'_>) -> duckdb::Result<GapRecord> {
 /// for `status` and for `who`'s coverage.
 pub fn overlapping(conn: &Connection, lo_us: i64, hi_us: i64) -> duckdb::Result<Vec<GapRecord>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
+        "SELECT source, epoch_us(start) AS start_us, epoch_us(\"end\") AS end_us, lost, reason
+         FROM capture_gaps
          WHERE epoch_us(start) <= ? AND epoch_us(\"end\") >= ? ORDER BY start",
     )?;
     let rows = stmt.query_map([hi_us, lo_us], gap_of)?;
@@ -75,7 +76,8 @@ pub fn overlapping(conn: &Connection, lo_us: i64, hi_us: i64) -> duckdb::Result<
 /// connection): for a reader that keeps them while they are few.
 pub fn first(conn: &Connection, n: usize) -> duckdb::Result<Vec<GapRecord>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT source, epoch_us(start), epoch_us(\"end\"), lost, reason FROM capture_gaps
+        "SELECT source, epoch_us(start) AS start_us, epoch_us(\"end\") AS end_us, lost, reason
+         FROM capture_gaps
          LIMIT {n}"
     ))?;
     let rows = stmt.query_map([], gap_of)?;
