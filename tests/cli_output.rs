@@ -10,11 +10,9 @@ mod gen_trail;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 use anyhow::{Result, ensure};
 use gen_trail::GenConfig;
-use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_nattrail"))
@@ -45,12 +43,7 @@ fn a_closed_stdout_ends_query_commands_quietly() -> Result<()> {
         max_cases: 20,
         ..Default::default()
     };
-    let wcfg = WriterConfig {
-        db_path: dir.join("t.duckdb"),
-        ..WriterConfig::from_config(&nattrail::config::Config::default())
-    };
-    let mut writer = Writer::open(&wcfg, Arc::new(WriterStats::default()))?;
-    let (_, cases) = gen_trail::generate(&cfg, &mut writer)?;
+    let (writer, _, cases) = gen_trail::write_trail(&dir.join("t.duckdb"), &cfg)?;
     writer.finish()?;
 
     let listings: [&[&str]; 4] = [

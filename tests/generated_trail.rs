@@ -16,7 +16,7 @@ use anyhow::{Result, ensure};
 use gen_trail::{CaseKind, GenConfig};
 use nattrail::query::coverage::KeptCoverage;
 use nattrail::query::who::WhoStatus;
-use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
+use nattrail::store::writer::{Writer, WriterStats};
 
 #[test]
 fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
@@ -33,12 +33,8 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
         max_cases: 1_000,
         ..Default::default()
     };
-    let wcfg = WriterConfig {
-        db_path: dir.join("t.duckdb"),
-        ..WriterConfig::from_config(&nattrail::config::Config::default())
-    };
-    let mut writer = Writer::open(&wcfg, Arc::new(WriterStats::default()))?;
-    let (stats, cases) = gen_trail::generate(&cfg, &mut writer)?;
+    let db = dir.join("t.duckdb");
+    let (writer, stats, cases) = gen_trail::write_trail(&db, &cfg)?;
     let conn = writer.database().connect()?;
     gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
@@ -76,7 +72,10 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
     // A crash: no clean stop, no last checkpoint. The open flows come back from the
     // checkpoint and the journal written since.
     drop(writer);
-    let writer = Writer::open(&wcfg, Arc::new(WriterStats::default()))?;
+    let writer = Writer::open(
+        &gen_trail::writer_config(&db),
+        Arc::new(WriterStats::default()),
+    )?;
     let conn = writer.database().connect()?;
     check(
         &conn,

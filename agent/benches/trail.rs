@@ -19,14 +19,13 @@ mod gen_trail;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use chrono::{SecondsFormat, TimeZone, Utc};
 use nattrail::query::flows::{FlowsQuery, flows};
 use nattrail::query::who::WhoStatus;
-use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
+use nattrail::store::writer::WriterConfig;
 
 #[derive(Clone)]
 struct Case {
@@ -89,12 +88,7 @@ fn ensure_trail(db: &Path) -> Result<()> {
         case_every: (flows / 2_000).max(1),
         ..Default::default()
     };
-    let wcfg = WriterConfig {
-        db_path: db.to_path_buf(),
-        ..WriterConfig::from_config(&nattrail::config::Config::default())
-    };
-    let mut writer = Writer::open(&wcfg, Arc::new(WriterStats::default()))?;
-    let (stats, cases) = gen_trail::generate(&cfg, &mut writer)?;
+    let (writer, stats, cases) = gen_trail::write_trail(db, &cfg)?;
     let conn = writer.database().connect()?;
     gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
     drop(conn);

@@ -7,12 +7,10 @@
 mod gen_trail;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 
 /// Writes a synthetic trail.
 #[derive(Parser)]
@@ -45,14 +43,9 @@ fn main() -> Result<()> {
         case_every: (a.flows / a.cases.max(1) as u64).max(1),
         ..Default::default()
     };
-    let wcfg = WriterConfig {
-        db_path: a.out.clone(),
-        ..WriterConfig::from_config(&nattrail::config::Config::default())
-    };
-    let mut writer = Writer::open(&wcfg, Arc::new(WriterStats::default()))
-        .with_context(|| format!("opening {}", a.out.display()))?;
     let t = Instant::now();
-    let (stats, cases) = gen_trail::generate(&cfg, &mut writer)?;
+    let (writer, stats, cases) = gen_trail::write_trail(&a.out, &cfg)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     let conn = writer.database().connect()?;
     gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
     drop(conn);

@@ -10,10 +10,13 @@
 
 use std::collections::BinaryHeap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::sync::Arc;
 
 use nattrail::pipeline::flow::{Addr, Counters, EventKind, FlowEvent, IPS_SRC_NAT, Tuple};
 use nattrail::pipeline::messages::WriterMsg;
-use nattrail::store::writer::Writer;
+use nattrail::store::schema::StoreError;
+use nattrail::store::writer::{Writer, WriterConfig, WriterStats};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -176,11 +179,27 @@ fn public_v4(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(203, 0, 113, 10 + i)
 }
 
-/// Writes the trail through `writer`; returns what it wrote and the cases.
-pub fn generate(
+/// The agent's default writer settings, on the trail at `db`.
+pub fn writer_config(db: &Path) -> WriterConfig {
+    WriterConfig {
+        db_path: db.to_path_buf(),
+        ..WriterConfig::from_config(&nattrail::config::Config::default())
+    }
+}
+
+/// Opens a writer on `db` with [`writer_config`] and writes the trail through it; returns the
+/// writer, what it wrote and the cases.
+pub fn write_trail(
+    db: &Path,
     cfg: &GenConfig,
-    writer: &mut Writer,
-) -> Result<(GenStats, Vec<Case>), nattrail::store::schema::StoreError> {
+) -> Result<(Writer, GenStats, Vec<Case>), StoreError> {
+    let mut writer = Writer::open(&writer_config(db), Arc::new(WriterStats::default()))?;
+    let (stats, cases) = generate(cfg, &mut writer)?;
+    Ok((writer, stats, cases))
+}
+
+/// Writes the trail through `writer`; returns what it wrote and the cases.
+pub fn generate(cfg: &GenConfig, writer: &mut Writer) -> Result<(GenStats, Vec<Case>), StoreError> {
     let mut rng = Rng(cfg.seed);
     let span_ns = u64::from(cfg.days) * 86_400 * 1_000_000_000;
     let mean_gap = span_ns as f64 / cfg.flows.max(1) as f64;

@@ -270,7 +270,7 @@ impl Watch {
     /// on a cold file (the CLI) each statement costs 1-2 ms before it reads anything.
     /// Every column is named and the socket check is a `LIMIT`, not `EXISTS` (planned as an
     /// aggregate): DuckDB 2.0 names those by printing them, which builds its keyword table
-    /// once per process by parsing its grammar again, 1-2 ms of a CLI lookup.
+    /// once per process by parsing its grammar again (see `schema::max_version`).
     fn read(conn: &Connection, from_us: i64, to_us: i64) -> Result<Self, QueryError> {
         let rows = conn
             .prepare_cached(
