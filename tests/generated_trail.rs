@@ -119,3 +119,169 @@ fn check(
     ensure!(wrong.is_empty(), "{when}: {}", wrong.join("\n"));
     Ok(())
 }
+
+/// `events` reads only the hours of its window and filters the slices before numbering:
+/// on a small generated trail (where the view `conntrack_events` still fits in memory, as it
+/// numbers the whole trail) it gives the view's events, in the view's order, for windows
+/// across hour boundaries, addresses of each side, ports, kinds, and each page of a paging.
+#[test]
+fn events_of_a_window_are_the_views_events() -> Result<()> {
+    use nattrail::pipeline::clock::rfc3339_us;
+    use nattrail::pipeline::flow::{Addr, proto_name};
+    use nattrail::query::events::{EventsQuery, events};
+
+    let dir = std::env::temp_dir().join(format!("nattrail-genevents-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = GenConfig {
+        flows: 60_000,
+        days: 1,
+        publics: 1,
+        ports: (10_000, 11_999),
+        ..Default::default()
+    };
+    let db = dir.join("t.duckdb");
+    let (writer, stats, cases) = gen_trail::write_trail(&db, &cfg)?;
+    let conn = writer.database().connect()?;
+    let at = |h: i64, s: i64| {
+        chrono::DateTime::from_timestamp_nanos(cfg.start_ns as i64 + (h * 3600 + s) * 1_000_000_000)
+    };
+    let c = &cases[cases.len() / 2];
+    let queries = [
+        EventsQuery::default(),
+        EventsQuery {
+            since: Some(at(10, -30)),
+            until: Some(at(10, 30)),
+            ..Default::default()
+        },
+        EventsQuery {
+            since: Some(at(23, 3000)),
+            ..Default::default()
+        },
+        EventsQuery {
+            until: Some(at(0, 120)),
+            kind: Some(2),
+            ..Default::default()
+        },
+        EventsQuery {
+            ip: Some(c.internal.0),
+            ..Default::default()
+        },
+        EventsQuery {
+            ip: Some(c.public.0),
+            port: Some(c.public.1),
+            since: Some(at(2, 0)),
+            until: Some(at(20, 0)),
+            ..Default::default()
+        },
+        EventsQuery {
+            port: Some(443),
+            kind: Some(1),
+            since: Some(at(5, 0)),
+            until: Some(at(6, 10)),
+            ..Default::default()
+        },
+    ];
+    let mut counts = Vec::new();
+    for q in queries {
+        let mut conds = Vec::new();
+        if let Some(t) = q.since {
+            conds.push(format!("epoch_us(ts) >= {}", t.timestamp_micros()));
+        }
+        if let Some(t) = q.until {
+            conds.push(format!("epoch_us(ts) <= {}", t.timestamp_micros()));
+        }
+        if let Some(ip) = q.ip {
+            let a = Addr::from(ip).0;
+            conds.push(format!(
+                "(orig_src = {a}::UHUGEINT OR reply_dst = {a}::UHUGEINT OR orig_dst = {a}::UHUGEINT)"
+            ));
+        }
+        if let Some(p) = q.port {
+            conds.push(format!(
+                "(orig_sport = {p} OR reply_dport = {p} OR orig_dport = {p})"
+            ));
+        }
+        if let Some(k) = q.kind {
+            conds.push(format!("kind = {k}"));
+        }
+        let sql =
+            format!(
+            "SELECT epoch_us(ts) AS t, kind, proto, orig_src, orig_sport, reply_dst, reply_dport,
+                    orig_dst, orig_dport, ct_id, inexact, orig_bytes, reply_bytes
+             FROM conntrack_events WHERE {} ORDER BY seq",
+            if conds.is_empty() { "true".to_string() } else { conds.join(" AND ") }
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let want: Vec<String> = stmt
+            .query_map([], |r| {
+                let kind: u8 = r.get(1)?;
+                Ok(format!(
+                    "{} {} {} {}:{} {}:{} {}:{} {:?} {} {:?} {:?}",
+                    rfc3339_us(r.get(0)?),
+                    ["", "new", "destroy", "dump"][kind as usize],
+                    proto_name(r.get(2)?),
+                    Addr(r.get(3)?),
+                    r.get::<_, u16>(4)?,
+                    Addr(r.get(5)?),
+                    r.get::<_, u16>(6)?,
+                    Addr(r.get(7)?),
+                    r.get::<_, u16>(8)?,
+                    r.get::<_, Option<u32>>(9)?,
+                    r.get::<_, bool>(10)?,
+                    r.get::<_, Option<u64>>(11)?,
+                    r.get::<_, Option<u64>>(12)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        // Paged in pages of 40, as a client with the cursor would (the first 400 events).
+        let mut got = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = events(
+                &conn,
+                &EventsQuery {
+                    limit: 40,
+                    after_seq: cursor,
+                    ..q.clone()
+                },
+            )?;
+            for e in &page.events {
+                ensure!(e.seq == got.len() as u64, "seq {} at {}", e.seq, got.len());
+                got.push(format!(
+                    "{} {} {} {}:{} {}:{} {}:{} {:?} {} {:?} {:?}",
+                    e.ts,
+                    e.kind,
+                    e.proto,
+                    e.internal_ip,
+                    e.internal_port,
+                    e.public_ip,
+                    e.public_port,
+                    e.dst_ip,
+                    e.dst_port,
+                    e.conntrack_id,
+                    e.inexact,
+                    e.bytes_out,
+                    e.bytes_in
+                ));
+            }
+            match page.next_cursor {
+                Some(c) if got.len() < 400 => cursor = Some(c),
+                _ => break,
+            }
+        }
+        let n = got.len();
+        ensure!(n > 0, "{q:?}: no events");
+        ensure!(
+            got[..] == want[..n] && (n == want.len() || n >= 400),
+            "{q:?}: {n} events paged against the view's {}; first difference at {:?}",
+            want.len(),
+            got.iter().zip(&want).position(|(a, b)| a != b)
+        );
+        counts.push((n, want.len()));
+    }
+    println!("{stats:?}; events (paged, the view's): {counts:?}");
+    drop(conn);
+    drop(writer);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

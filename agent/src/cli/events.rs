@@ -1,4 +1,4 @@
-//! `nattrail events`: raw conntrack events in order of receipt, a page at a time.
+//! `nattrail events`: the starts and ends of flows in time order, a page at a time.
 
 use anyhow::Result;
 use clap::Args;

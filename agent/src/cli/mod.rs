@@ -45,7 +45,7 @@ enum Command {
     Who(who::WhoArgs),
     /// List flows by address, port, protocol and time window.
     Flows(flows::FlowsArgs),
-    /// Raw conntrack events in order of receipt, a page at a time.
+    /// The starts and ends of flows as events, in time order, a page at a time.
     Events(events::EventsArgs),
     /// Run a read-only SQL query on the trail.
     Sql(sql::SqlArgs),

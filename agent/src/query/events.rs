@@ -1,12 +1,15 @@
-//! Raw conntrack events in order of receipt, paged by sequence number.
+//! Conntrack events (the starts and ends of flows) in time order, rebuilt from the trail
+//! for a window, paged by sequence number.
 
 use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
-use duckdb::{Connection, ToSql};
+use duckdb::Connection;
+use duckdb::types::Value;
 use serde::{Deserialize, Serialize};
 
 use super::QueryError;
+use super::flows::{Conditions, one_row_per_flow};
 use crate::pipeline::clock::rfc3339_us;
 use crate::pipeline::flow::{Addr, proto_name};
 
@@ -32,7 +35,7 @@ pub struct EventsQuery {
 /// One stored event.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventRow {
-    /// Sequence number (order of receipt); the paging cursor.
+    /// Position among the events the query selects, in time order; the paging cursor.
     pub seq: u64,
     /// Event time, RFC 3339 UTC.
     pub ts: String,
@@ -73,47 +76,81 @@ pub struct EventsPage {
     pub next_cursor: Option<u64>,
 }
 
-/// Reads one page.
+/// Reads one page. The events are rebuilt from the flows of the hours `since` and `until`
+/// bound, the filters applied to the slices before anything is sorted: the starts and ends of
+/// the flows found, numbered in time order (`seq`, from 0, among the events this query
+/// selects, so a cursor pages the query that gave it).
 pub fn events(conn: &Connection, q: &EventsQuery) -> Result<EventsPage, QueryError> {
-    let mut sql = String::from(
-        "SELECT seq, epoch_us(ts), ts_source, kind, proto, orig_src, orig_sport, reply_dst,
-                reply_dport, orig_dst, orig_dport, ct_id, inexact, orig_bytes, reply_bytes
-         FROM conntrack_events WHERE true",
-    );
-    let mut params: Vec<Box<dyn ToSql>> = Vec::new();
-    if let Some(s) = q.after_seq {
-        sql.push_str(" AND seq > ?");
-        params.push(Box::new(s));
-    }
-    if let Some(t) = q.since {
-        sql.push_str(" AND epoch_us(ts) >= ?");
-        params.push(Box::new(t.timestamp_micros()));
-    }
-    if let Some(t) = q.until {
-        sql.push_str(" AND epoch_us(ts) <= ?");
-        params.push(Box::new(t.timestamp_micros()));
-    }
+    use crate::store::trail::hour_of;
+    let mut cond = Conditions::default();
     if let Some(ip) = q.ip {
-        let a = Addr::from(ip).0;
-        sql.push_str(" AND (orig_src = ? OR reply_dst = ? OR orig_dst = ?)");
-        params.extend([Box::new(a) as Box<dyn ToSql>, Box::new(a), Box::new(a)]);
+        cond.any_ip(ip);
     }
     if let Some(p) = q.port {
-        sql.push_str(" AND (orig_sport = ? OR reply_dport = ? OR orig_dport = ?)");
-        params.extend([Box::new(p) as Box<dyn ToSql>, Box::new(p), Box::new(p)]);
+        cond.any_port(p);
+    }
+    let lo = q.since.map(|t| t.timestamp_micros().div_euclid(1_000));
+    let hi = q.until.map(|t| t.timestamp_micros().div_euclid(1_000));
+    // An event at t is in the slice of its flow in t's hour (every flow alive in an hour has
+    // one there): the start in its first slice, the end in its final one.
+    cond.hours(lo.map(hour_of), hi.map(hour_of));
+    let mut tail: Vec<Value> = Vec::new();
+    let mut when = String::new();
+    if let Some(lo) = lo {
+        when.push_str(" AND t >= ?");
+        tail.push(Value::BigInt(lo));
+    }
+    if let Some(hi) = hi {
+        when.push_str(" AND t <= ?");
+        tail.push(Value::BigInt(hi));
     }
     if let Some(k) = q.kind {
-        sql.push_str(" AND kind = ?");
-        params.push(Box::new(k));
+        when.push_str(" AND kind = ?");
+        tail.push(Value::UTinyInt(k));
     }
-    sql.push_str(" ORDER BY seq LIMIT ?");
-    params.push(Box::new(q.limit as u64 + 1));
-    let refs: Vec<&dyn ToSql> = params.iter().map(|b| b.as_ref()).collect();
+    tail.push(Value::UBigInt(q.after_seq.map_or(0, |s| s + 1)));
+    tail.push(Value::UBigInt(q.limit as u64 + 1));
+    super::in_snapshot(conn, |conn| {
+        let (flows, _, parts) = one_row_per_flow(conn, &cond, "")?;
+        // As the view `conntrack_events`, which numbers the whole trail's events. Columns
+        // named and the order by position: see `flows::SELECT`.
+        let sql = format!(
+            "WITH f AS ({flows}),
+             e AS (SELECT start_ms AS t, CASE WHEN flags & 2 = 2 THEN 3 ELSE 1 END AS kind,
+                          * EXCLUDE (seq)
+                   FROM f WHERE start_ms IS NOT NULL AND flags & 16 = 0
+                   UNION ALL
+                   SELECT end_ms AS t, 2 AS kind, * EXCLUDE (seq) FROM f WHERE flags & 1 = 1)
+             SELECT * FROM (
+                 SELECT (row_number() OVER (ORDER BY t, kind, proto, zone, nt_addr(src4, src6),
+                             src_port, nt_addr(dst4, dst6), dst_port, nt_addr(pub4, pub6),
+                             pub_port) - 1)::UBIGINT AS seq,
+                        t * 1000 AS ts_us, 0::UTINYINT AS ts_source, kind::UTINYINT AS kind,
+                        proto, nt_addr(src4, src6) AS orig_src, src_port AS orig_sport,
+                        nt_addr(pub4, pub6) AS reply_dst, pub_port AS reply_dport,
+                        nt_addr(dst4, dst6) AS orig_dst, dst_port AS orig_dport, ct_id,
+                        (kind = 2 AND flags & 4 = 4) AS inexact,
+                        CASE WHEN kind = 2 THEN bytes_out END AS orig_bytes,
+                        CASE WHEN kind = 2 THEN bytes_in END AS reply_bytes
+                 FROM e WHERE true {when})
+             WHERE seq >= ? ORDER BY 1 LIMIT ?"
+        );
+        read_page(conn, &sql, &cond.params(parts, &tail), q.limit)
+    })
+}
+
+/// Runs the page's statement and reads `limit` events, and whether there are more.
+fn read_page(
+    conn: &Connection,
+    sql: &str,
+    params: &[Value],
+    limit: usize,
+) -> Result<EventsPage, QueryError> {
     let mut stmt = conn
-        .prepare(&sql)
+        .prepare(sql)
         .map_err(QueryError::db("preparing events"))?;
     let rows = stmt
-        .query_map(refs.as_slice(), |r| {
+        .query_map(duckdb::params_from_iter(params.iter()), |r| {
             let kind: u8 = r.get(3)?;
             Ok(EventRow {
                 seq: r.get(0)?,
@@ -147,8 +184,8 @@ pub fn events(conn: &Connection, q: &EventsQuery) -> Result<EventsPage, QueryErr
     let mut events = rows
         .collect::<Result<Vec<_>, _>>()
         .map_err(QueryError::db("reading events"))?;
-    let next_cursor = if events.len() > q.limit {
-        events.truncate(q.limit);
+    let next_cursor = if events.len() > limit {
+        events.truncate(limit);
         events.last().map(|e| e.seq)
     } else {
         None

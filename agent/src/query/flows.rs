@@ -124,10 +124,15 @@ fn sealed_parts(
 }
 
 /// `SELECT` from an open-flow table (its addresses are 16-byte, IPv4 mapped).
-const OPEN_SELECT: &str = "NULL::INTEGER, CASE WHEN by_dump THEN 10 ELSE 8 END::UTINYINT,
-     proto, zone, NULL::UINTEGER, orig_src, orig_sport, NULL::UINTEGER, reply_dst, reply_dport,
-     NULL::UINTEGER, orig_dst, orig_dport, start_us // 1000, NULL::BIGINT, NULL::BIGINT,
-     NULL::UBIGINT, NULL::UBIGINT, NULL::UBIGINT, NULL::UBIGINT, ct_id, NULL::UINTEGER";
+/// Its computed columns are named as `SELECT`'s: DuckDB names the columns of every arm of a
+/// UNION, and an unnamed one makes it build its keyword table (see `SELECT`).
+const OPEN_SELECT: &str = "NULL::INTEGER AS hour,
+     CASE WHEN by_dump THEN 10 ELSE 8 END::UTINYINT AS flags, proto, zone,
+     NULL::UINTEGER AS src4, orig_src, orig_sport, NULL::UINTEGER AS pub4, reply_dst,
+     reply_dport, NULL::UINTEGER AS dst4, orig_dst, orig_dport, start_us // 1000 AS start_ms,
+     NULL::BIGINT AS end_ms, NULL::BIGINT AS end_lo_ms, NULL::UBIGINT AS bytes_out,
+     NULL::UBIGINT AS packets_out, NULL::UBIGINT AS bytes_in, NULL::UBIGINT AS packets_in, ct_id,
+     NULL::UINTEGER AS dst_id";
 
 /// An address stored as an IPv4 column beside a 16-byte one (the other NULL).
 fn read_addr(r: &Row<'_>, v4: usize) -> duckdb::Result<Addr> {
@@ -253,6 +258,27 @@ impl Conditions {
         self.addr("src", "orig_src", Addr::from(ip));
     }
 
+    /// The internal, public or destination address.
+    pub(crate) fn any_ip(&mut self, ip: IpAddr) {
+        let a = Addr::from(ip);
+        let (cols, v) = if a.is_v4() {
+            (
+                "(src4 = ? OR pub4 = ? OR dst4 = ?)",
+                Value::UInt(a.0 as u32),
+            )
+        } else {
+            ("(src6 = ? OR pub6 = ? OR dst6 = ?)", Value::UHugeInt(a.0))
+        };
+        self.slices.push_str(" AND ");
+        self.slices.push_str(cols);
+        self.open
+            .push_str(" AND (orig_src = ? OR reply_dst = ? OR orig_dst = ?)");
+        for _ in 0..3 {
+            self.slice_params.push(v.clone());
+            self.open_params.push(Value::UHugeInt(a.0));
+        }
+    }
+
     /// The destination address.
     pub(crate) fn dst_ip(&mut self, ip: IpAddr) {
         self.addr("dst", "orig_dst", Addr::from(ip));
@@ -307,7 +333,7 @@ impl Conditions {
 
     /// The parameters of a query that reads `sealed` sealed tables, trail_recent,
     /// open_journal and open_flows in that order, then `tail`.
-    fn params(&self, sealed: usize, tail: &[Value]) -> Vec<Value> {
+    pub(crate) fn params(&self, sealed: usize, tail: &[Value]) -> Vec<Value> {
         let mut v = Vec::new();
         for _ in 0..=sealed {
             v.extend(self.slice_params.iter().cloned());
@@ -535,22 +561,16 @@ impl Identity {
     }
 }
 
-/// Every flow matching `cond` whose interval meets `[lo_ms, hi_ms]` (either side open), one
-/// row per flow (its final slice, else its open record, else its newest interim slice, whose
-/// end is then looked up in the hours after), ordered by `order`, at most `limit`.
-pub(crate) fn matching(
+/// The slices matching `cond` in the hours of its span (the sealed tables of those hours
+/// only, trail_recent, the open flows), those meeting `filter` (SQL on the slice columns),
+/// then one row per flow: its final slice, else its open record, else its newest interim
+/// slice. Returns that SQL, the coverage read and the number of sealed tables it names (for
+/// `Conditions::params`).
+pub(crate) fn one_row_per_flow(
     conn: &Connection,
     cond: &Conditions,
-    lo_ms: Option<i64>,
-    hi_ms: Option<i64>,
-    order: &str,
-    limit: Option<usize>,
-) -> Result<Vec<FlowRow>, QueryError> {
-    let (window, mut tail) = window(lo_ms, hi_ms);
-    let limit_sql = if limit.is_some() { " LIMIT ?" } else { "" };
-    if let Some(n) = limit {
-        tail.push(Value::UBigInt(n as u64));
-    }
+    filter: &str,
+) -> Result<(String, Coverage, usize), QueryError> {
     let s = &cond.slices;
     let open = open_slices(&cond.open);
     // The sealed tables of the hours asked only: each table a scan considers costs its
@@ -576,17 +596,61 @@ pub(crate) fn matching(
         })
         .collect();
     let sql = format!(
-        "SELECT {SELECT} FROM (
+        "SELECT * FROM (
             {sealed}SELECT * FROM trail_recent WHERE true {s}
             UNION ALL {open})
-         WHERE true {window}
+         WHERE true {filter}
          QUALIFY row_number() OVER (
             PARTITION BY proto, zone, src4, src6, src_port, dst4, dst6, dst_port,
                          coalesce(start_ms, -end_ms)
-            ORDER BY flags & 1 DESC, flags & 8 DESC, flags & 4, hour DESC) = 1
-         ORDER BY {order}{limit_sql}"
+            ORDER BY flags & 1 DESC, flags & 8 DESC, flags & 4, hour DESC) = 1"
     );
-    let rows = run(conn, &sql, &cond.params(parts.len(), &tail))?;
+    Ok((sql, cov, parts.len()))
+}
+
+/// `order` (columns of `SELECT` by name, each with its modifiers, comma-separated) with each
+/// name replaced by its position in `SELECT`: DuckDB binds an ORDER BY on a name by printing
+/// it, which makes a CLI process build its keyword table (see `SELECT`); a position it does not
+/// print.
+fn order_by_position(order: &str) -> Result<String, QueryError> {
+    let columns: Vec<&str> = SELECT
+        .split(',')
+        .map(|c| c.rsplit(' ').next().unwrap_or(c).trim())
+        .collect();
+    let mut out = Vec::new();
+    for item in order.split(',') {
+        let item = item.trim();
+        let (name, modifiers) = item.split_once(' ').unwrap_or((item, ""));
+        let pos = columns
+            .iter()
+            .position(|c| *c == name)
+            .ok_or_else(|| QueryError::Invalid(format!("no flow column {name:?} to order by")))?;
+        out.push(format!("{} {modifiers}", pos + 1).trim_end().to_string());
+    }
+    Ok(out.join(", "))
+}
+
+/// Every flow matching `cond` whose interval meets `[lo_ms, hi_ms]` (either side open), one
+/// row per flow (its final slice, else its open record, else its newest interim slice, whose
+/// end is then looked up in the hours after), ordered by `order` (names of `SELECT`'s
+/// columns), at most `limit`.
+pub(crate) fn matching(
+    conn: &Connection,
+    cond: &Conditions,
+    lo_ms: Option<i64>,
+    hi_ms: Option<i64>,
+    order: &str,
+    limit: Option<usize>,
+) -> Result<Vec<FlowRow>, QueryError> {
+    let order = order_by_position(order)?;
+    let (window, mut tail) = window(lo_ms, hi_ms);
+    let limit_sql = if limit.is_some() { " LIMIT ?" } else { "" };
+    if let Some(n) = limit {
+        tail.push(Value::UBigInt(n as u64));
+    }
+    let (flows, cov, parts) = one_row_per_flow(conn, cond, &window)?;
+    let sql = format!("SELECT {SELECT} FROM ({flows}) ORDER BY {order}{limit_sql}");
+    let rows = run(conn, &sql, &cond.params(parts, &tail))?;
     let mut out = Vec::with_capacity(rows.len());
     for (flow, id) in rows {
         out.push(if id.interim {
@@ -868,4 +932,25 @@ pub fn flows(conn: &Connection, q: &FlowsQuery) -> Result<Vec<FlowRow>, QueryErr
             Some(q.limit),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_names_become_positions_in_select() {
+        assert_eq!(
+            order_by_position("start_ms NULLS FIRST, src_port, pub_port").unwrap(),
+            "14 NULLS FIRST, 7, 10"
+        );
+        assert_eq!(
+            order_by_position("hour DESC, dst_id").unwrap(),
+            "1 DESC, 22"
+        );
+        assert!(matches!(
+            order_by_position("start_ms, nonesuch"),
+            Err(QueryError::Invalid(m)) if m.contains("nonesuch")
+        ));
+    }
 }

@@ -198,7 +198,7 @@ impl FlowsRequest {
     }
 }
 
-/// `events`: raw conntrack events in order of receipt, with cursor paging.
+/// `events`: the starts and ends of flows in time order, with cursor paging.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsRequest {
