@@ -1,8 +1,8 @@
 //! A generated trail of 2 M flows over two days (the same generator as `cargo xtask
 //! gen-trail`, written through the agent's writer: 48 hourly partitions, an open-flow
 //! checkpoint every minute of its clock) answers every ground-truth lookup exactly: sampled
-//! flows, 12-hour flows at several instants, public ports reused within seconds, IPv6, and
-//! flows still open. Then the writer is dropped without a clean stop and reopened (the open
+//! flows, 12-hour flows at several instants, public ports reused within seconds, IPv6,
+//! flows still open, and flows of the last hour (not sealed yet). Then the writer is dropped without a clean stop and reopened (the open
 //! flows recovered from the checkpoint and the journal), and every case is asked again.
 
 #[path = "support/gen_trail.rs"]
@@ -48,6 +48,7 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
         CaseKind::ReusedBefore,
         CaseKind::ReusedAfter,
         CaseKind::V6,
+        CaseKind::Recent,
     ] {
         ensure!(
             kinds.get(k.name()).is_some_and(|n| *n > 0),

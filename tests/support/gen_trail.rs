@@ -74,6 +74,9 @@ pub enum CaseKind {
     V6,
     /// A flow still open when the trail ends.
     Open,
+    /// A flow of the trail's last hour, asked about in its middle: the hours not sealed
+    /// yet, which an operator asks about during an incident.
+    Recent,
 }
 
 impl CaseKind {
@@ -86,6 +89,7 @@ impl CaseKind {
             CaseKind::ReusedAfter => "reused-after",
             CaseKind::V6 => "v6",
             CaseKind::Open => "open",
+            CaseKind::Recent => "recent",
         }
     }
 }
@@ -210,8 +214,12 @@ pub fn generate(cfg: &GenConfig, writer: &mut Writer) -> Result<(GenStats, Vec<C
     let mut pending: BinaryHeap<Pending> = BinaryHeap::new();
     let mut stats = GenStats::default();
     let mut cases = Vec::new();
+    // Kept apart and appended at the end, so that the other cases are the same with or
+    // without them (the first `max_cases` run out long before the last hour).
+    let mut recent = Vec::new();
     let mut t = cfg.start_ns as f64;
     let end_of_trail = cfg.start_ns + span_ns;
+    let last_hour = end_of_trail.saturating_sub(3_600_000_000_000);
 
     for n in 0..cfg.flows {
         t += mean_gap * -(1.0 - rng.unit()).ln();
@@ -394,6 +402,17 @@ pub fn generate(cfg: &GenConfig, writer: &mut Writer) -> Result<(GenStats, Vec<C
                 });
             }
         };
+        // One flow in `case_every` whatever its family: IPv6 as often as in the traffic.
+        if n % every == 0 && start >= last_hour && recent.len() < (cfg.max_cases / 50).max(1) {
+            recent.push(Case {
+                kind: CaseKind::Recent,
+                proto,
+                public: (public, public_port),
+                at_ns: start + (end.min(end_of_trail) - start) / 2,
+                internal: (internal, internal_port),
+                end_ns: (end < end_of_trail).then_some(end),
+            });
+        }
         if end >= end_of_trail {
             if sample {
                 want(
@@ -452,6 +471,7 @@ pub fn generate(cfg: &GenConfig, writer: &mut Writer) -> Result<(GenStats, Vec<C
     }
     writer.commit_pending()?;
     stats.end_ns = end_of_trail;
+    cases.extend(recent);
     Ok((stats, cases))
 }
 
