@@ -2,8 +2,9 @@
 //! gen-trail`, written through the agent's writer: 48 hourly partitions, an open-flow
 //! checkpoint every minute of its clock) answers every ground-truth lookup exactly: sampled
 //! flows, 12-hour flows at several instants, public ports reused within seconds, IPv6,
-//! flows still open, and flows of the last hour (not sealed yet). Then the writer is dropped without a clean stop and reopened (the open
-//! flows recovered from the checkpoint and the journal), and every case is asked again.
+//! flows still open, and flows of the last hour (not sealed yet). Then the writer is dropped
+//! without a clean stop and reopened (the open flows recovered from the checkpoint and the
+//! journal), and every case is asked again.
 
 #[path = "support/gen_trail.rs"]
 mod gen_trail;
