@@ -130,7 +130,7 @@ fn check(
 fn events_of_a_window_are_the_views_events() -> Result<()> {
     use nattrail::pipeline::clock::rfc3339_us;
     use nattrail::pipeline::flow::{Addr, proto_name};
-    use nattrail::query::events::{EventsQuery, events};
+    use nattrail::query::events::{EventRow, EventsQuery, events};
 
     let dir = std::env::temp_dir().join(format!("nattrail-genevents-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -209,32 +209,37 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
         let sql =
             format!(
             "SELECT epoch_us(ts) AS t, kind, proto, orig_src, orig_sport, reply_dst, reply_dport,
-                    orig_dst, orig_dport, ct_id, inexact, orig_bytes, reply_bytes
+                    orig_dst, orig_dport, ct_id, inexact, orig_bytes, reply_bytes, ts_source
              FROM conntrack_events WHERE {} ORDER BY seq",
             if conds.is_empty() { "true".to_string() } else { conds.join(" AND ") }
         );
         let mut stmt = conn.prepare(&sql)?;
-        let want: Vec<String> = stmt
+        // The view's rows as `events` reports them, numbered in the view's order.
+        let mut want: Vec<EventRow> = stmt
             .query_map([], |r| {
                 let kind: u8 = r.get(1)?;
-                Ok(format!(
-                    "{} {} {} {}:{} {}:{} {}:{} {:?} {} {:?} {:?}",
-                    rfc3339_us(r.get(0)?),
-                    ["", "new", "destroy", "dump"][kind as usize],
-                    proto_name(r.get(2)?),
-                    Addr(r.get(3)?),
-                    r.get::<_, u16>(4)?,
-                    Addr(r.get(5)?),
-                    r.get::<_, u16>(6)?,
-                    Addr(r.get(7)?),
-                    r.get::<_, u16>(8)?,
-                    r.get::<_, Option<u32>>(9)?,
-                    r.get::<_, bool>(10)?,
-                    r.get::<_, Option<u64>>(11)?,
-                    r.get::<_, Option<u64>>(12)?,
-                ))
+                Ok(EventRow {
+                    seq: 0,
+                    ts: rfc3339_us(r.get(0)?),
+                    ts_source: ["kernel", "receive"][r.get::<_, u8>(13)? as usize].to_string(),
+                    kind: ["", "new", "destroy", "dump"][kind as usize].to_string(),
+                    proto: proto_name(r.get(2)?),
+                    internal_ip: Addr(r.get(3)?).to_string(),
+                    internal_port: r.get(4)?,
+                    public_ip: Addr(r.get(5)?).to_string(),
+                    public_port: r.get(6)?,
+                    dst_ip: Addr(r.get(7)?).to_string(),
+                    dst_port: r.get(8)?,
+                    conntrack_id: r.get(9)?,
+                    inexact: r.get(10)?,
+                    bytes_out: r.get(11)?,
+                    bytes_in: r.get(12)?,
+                })
             })?
             .collect::<Result<_, _>>()?;
+        for (i, e) in want.iter_mut().enumerate() {
+            e.seq = i as u64;
+        }
         // Paged in pages of 40, as a client with the cursor would (the first 400 events).
         let mut got = Vec::new();
         let mut cursor = None;
@@ -247,25 +252,7 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
                     ..q.clone()
                 },
             )?;
-            for e in &page.events {
-                ensure!(e.seq == got.len() as u64, "seq {} at {}", e.seq, got.len());
-                got.push(format!(
-                    "{} {} {} {}:{} {}:{} {}:{} {:?} {} {:?} {:?}",
-                    e.ts,
-                    e.kind,
-                    e.proto,
-                    e.internal_ip,
-                    e.internal_port,
-                    e.public_ip,
-                    e.public_port,
-                    e.dst_ip,
-                    e.dst_port,
-                    e.conntrack_id,
-                    e.inexact,
-                    e.bytes_out,
-                    e.bytes_in
-                ));
-            }
+            got.extend(page.events);
             match page.next_cursor {
                 Some(c) if got.len() < 400 => cursor = Some(c),
                 _ => break,

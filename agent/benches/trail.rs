@@ -112,7 +112,9 @@ fn ensure_trail(db: &Path) -> Result<()> {
     Ok(())
 }
 
-fn load_cases(db: &Path) -> Result<Vec<Case>> {
+/// The cases of `db`'s file: those of its last hour (not sealed yet, timed apart by
+/// `last_hour`) when `last_hour`, else all the others.
+fn load_cases(db: &Path, last_hour: bool) -> Result<Vec<Case>> {
     let text = std::fs::read_to_string(cases_path(db))?;
     text.lines()
         .map(|l| {
@@ -133,7 +135,12 @@ fn load_cases(db: &Path) -> Result<Vec<Case>> {
                 ),
             })
         })
-        .collect()
+        .collect::<Result<Vec<Case>>>()
+        .map(|all| {
+            all.into_iter()
+                .filter(|c| (c.kind == "recent") == last_hour)
+                .collect()
+        })
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -200,10 +207,7 @@ fn main() -> Result<()> {
     last_hour(&trails)?;
     if std::env::var_os("NATTRAIL_TRAIL_NO_BASELINES").is_none() {
         let db = &trails[0];
-        let cases: Vec<Case> = load_cases(db)?
-            .into_iter()
-            .filter(|c| c.kind != "recent")
-            .collect();
+        let cases = load_cases(db, false)?;
         let n = env_or("NATTRAIL_TRAIL_CASES", 20usize).min(cases.len());
         let step = (cases.len() / n.max(1)).max(1);
         // IPv4 only: the text export renders IPv6 as DuckDB's macro does, not as Rust does,
@@ -251,12 +255,11 @@ fn count_flows(conn: &duckdb::Connection) -> Result<u64> {
 }
 
 /// The cases a trail's lookups time: spread over its cases file (every kind but the last
-/// hour's, timed apart by `last_hour`).
+/// hour's: `load_cases`).
 fn picked(cases: &[Case]) -> Vec<Case> {
-    let cases: Vec<&Case> = cases.iter().filter(|c| c.kind != "recent").collect();
     let n = env_or("NATTRAIL_TRAIL_CASES", 20usize).min(cases.len());
     let step = (cases.len() / n.max(1)).max(1);
-    cases.into_iter().step_by(step).take(n).cloned().collect()
+    cases.iter().step_by(step).take(n).cloned().collect()
 }
 
 /// `who` on the trails' last hour, not sealed yet (`trail_recent` and the open flows, read
@@ -265,10 +268,7 @@ fn picked(cases: &[Case]) -> Vec<Case> {
 fn last_hour(trails: &[PathBuf]) -> Result<()> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_nattrail"));
     for db in trails {
-        let cases: Vec<Case> = load_cases(db)?
-            .into_iter()
-            .filter(|c| c.kind == "recent")
-            .collect();
+        let cases = load_cases(db, true)?;
         if cases.is_empty() {
             println!(
                 "{}: no case in the last hour (an older cases file)",
@@ -321,7 +321,7 @@ fn who_in_process(trails: &[PathBuf]) -> Result<Vec<Measured>> {
             conn,
             // As the agent's API keeps it: the file is open read-only, nothing writes it.
             kept: nattrail::query::coverage::KeptCoverage::read_only(),
-            cases: picked(&load_cases(db)?),
+            cases: picked(&load_cases(db, false)?),
             long: Vec::new(),
             short: Vec::new(),
             right: 0,
@@ -391,14 +391,10 @@ fn who_in_process(trails: &[PathBuf]) -> Result<Vec<Measured>> {
 /// client's flows over one hour in the middle of each trail; trails in turn, as in process.
 fn measure_outside(trails: &[PathBuf]) -> Result<()> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_nattrail"));
-    // The last hour's cases are timed apart (`last_hour`).
     let all = trails
         .iter()
-        .map(|db| {
-            let cases = load_cases(db)?;
-            Ok(cases.into_iter().filter(|c| c.kind != "recent").collect())
-        })
-        .collect::<Result<Vec<Vec<Case>>>>()?;
+        .map(|db| load_cases(db, false))
+        .collect::<Result<Vec<_>>>()?;
     let timed: Vec<Vec<Case>> = all.iter().map(|cases| picked(cases)).collect();
     let mut cli = vec![Vec::new(); trails.len()];
     // Every case timed in process: a p50 of 9 moved by 5-8 ms between runs of one binary

@@ -390,28 +390,25 @@ pub fn generate(cfg: &GenConfig, writer: &mut Writer) -> Result<(GenStats, Vec<C
             n % every == 0
         };
         let is_long = dur_s >= 43_200.0;
+        let case = |kind: CaseKind, at_ns: u64| Case {
+            kind,
+            proto,
+            public: (public, public_port),
+            at_ns,
+            internal: (internal, internal_port),
+            end_ns: (end < end_of_trail).then_some(end),
+        };
         let want = |k: CaseKind, at: u64, cases: &mut Vec<Case>| {
             if cases.len() < cfg.max_cases {
-                cases.push(Case {
-                    kind: k,
-                    proto,
-                    public: (public, public_port),
-                    at_ns: at,
-                    internal: (internal, internal_port),
-                    end_ns: (end < end_of_trail).then_some(end),
-                });
+                cases.push(case(k, at));
             }
         };
         // One flow in `case_every` whatever its family: IPv6 as often as in the traffic.
         if n % every == 0 && start >= last_hour && recent.len() < (cfg.max_cases / 50).max(1) {
-            recent.push(Case {
-                kind: CaseKind::Recent,
-                proto,
-                public: (public, public_port),
-                at_ns: start + (end.min(end_of_trail) - start) / 2,
-                internal: (internal, internal_port),
-                end_ns: (end < end_of_trail).then_some(end),
-            });
+            recent.push(case(
+                CaseKind::Recent,
+                start + (end.min(end_of_trail) - start) / 2,
+            ));
         }
         if end >= end_of_trail {
             if sample {

@@ -9,7 +9,7 @@ use duckdb::types::Value;
 use serde::{Deserialize, Serialize};
 
 use super::QueryError;
-use super::flows::{Conditions, one_row_per_flow};
+use super::flows::{Conditions, bounds, one_row_per_flow};
 use crate::pipeline::clock::rfc3339_us;
 use crate::pipeline::flow::{Addr, proto_name};
 
@@ -98,39 +98,17 @@ pub fn events(conn: &Connection, q: &EventsQuery) -> Result<EventsPage, QueryErr
     // a second of a busy hour dedups the thousand flows that started or ended in it, not the
     // hour's 1.7 M. A flow keeps its start in every slice, so a start in the window is kept
     // whichever slice is picked.
-    let mut tail: Vec<Value> = Vec::new();
-    let in_window = if lo.is_none() && hi.is_none() {
+    let bounded = |col| bounds(col, lo.map(Value::BigInt), hi.map(Value::BigInt));
+    let (start_in, mut tail) = bounded("start_ms");
+    let (end_in, end_params) = bounded("end_ms");
+    tail.extend(end_params);
+    let in_window = if tail.is_empty() {
         String::new()
     } else {
-        let bounded = |col: &str| {
-            let mut c = String::new();
-            if lo.is_some() {
-                c.push_str(&format!(" AND {col} >= ?"));
-            }
-            if hi.is_some() {
-                c.push_str(&format!(" AND {col} <= ?"));
-            }
-            c
-        };
-        // Parameters in the order written: the starts' bounds, then the ends'.
-        for _ in 0..2 {
-            tail.extend(lo.into_iter().chain(hi).map(Value::BigInt));
-        }
-        format!(
-            " AND ((start_ms IS NOT NULL{}) OR (flags & 1 = 1{}))",
-            bounded("start_ms"),
-            bounded("end_ms")
-        )
+        format!(" AND ((start_ms IS NOT NULL{start_in}) OR (flags & 1 = 1{end_in}))")
     };
-    let mut when = String::new();
-    if let Some(lo) = lo {
-        when.push_str(" AND t >= ?");
-        tail.push(Value::BigInt(lo));
-    }
-    if let Some(hi) = hi {
-        when.push_str(" AND t <= ?");
-        tail.push(Value::BigInt(hi));
-    }
+    let (mut when, t_params) = bounded("t");
+    tail.extend(t_params);
     if let Some(k) = q.kind {
         when.push_str(" AND kind = ?");
         tail.push(Value::UTinyInt(k));

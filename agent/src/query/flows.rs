@@ -318,15 +318,7 @@ impl Conditions {
     /// (see `slice_condition`).
     pub(crate) fn hours(&mut self, from: Option<i32>, to: Option<i32>) {
         self.span = (from, to);
-        let (mut sql, mut params) = (String::new(), Vec::new());
-        if let Some(h) = from {
-            sql.push_str(" AND hour >= ?");
-            params.push(Value::Int(h));
-        }
-        if let Some(h) = to {
-            sql.push_str(" AND hour <= ?");
-            params.push(Value::Int(h));
-        }
+        let (sql, params) = bounds("hour", from.map(Value::Int), to.map(Value::Int));
         self.slices.insert_str(0, &sql);
         self.slice_params.splice(0..0, params);
     }
@@ -343,6 +335,19 @@ impl Conditions {
         v.extend(tail.iter().cloned());
         v
     }
+}
+
+/// `col` between `lo` and `hi`, either side open: the conditions (each after " AND ") and
+/// their parameters.
+pub(crate) fn bounds(col: &str, lo: Option<Value>, hi: Option<Value>) -> (String, Vec<Value>) {
+    let mut sql = String::new();
+    if lo.is_some() {
+        sql.push_str(&format!(" AND {col} >= ?"));
+    }
+    if hi.is_some() {
+        sql.push_str(&format!(" AND {col} <= ?"));
+    }
+    (sql, lo.into_iter().chain(hi).collect())
 }
 
 /// Runs `sql` (cached on the connection) with `params`, reading flows.
