@@ -263,7 +263,7 @@ pub fn make_flow(spec: &FlowSpec) -> Result<FlowDone> {
             })
         }
         Transport::Udp => {
-            let u = UdpSocket::bind(SocketAddr::new(spec.client, spec.client_port))?;
+            let u = bind_udp(SocketAddr::new(spec.client, spec.client_port))?;
             u.connect(spec.server)?;
             u.set_read_timeout(Some(Duration::from_secs(1)))?;
             let mut buf = vec![0u8; 65536];
@@ -300,6 +300,25 @@ pub fn make_flow(spec: &FlowSpec) -> Result<FlowDone> {
 }
 
 /// A TCP connection from a chosen source address.
+/// A UDP socket bound to `addr`. A fixed port the previous flow just released can still be
+/// held for an instant: a process another test forks in that instant inherits the socket until
+/// it executes (CI failed once with EADDRINUSE on the twin flows' second bind). So a fixed
+/// port is tried again for up to a second.
+fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
+    let mut tries = 0;
+    loop {
+        match UdpSocket::bind(addr) {
+            Err(e)
+                if addr.port() != 0 && e.kind() == std::io::ErrorKind::AddrInUse && tries < 50 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r.with_context(|| format!("binding UDP {addr}")),
+        }
+    }
+}
+
 fn socket2_tcp(client: IpAddr, server: SocketAddr) -> Result<TcpStream> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
