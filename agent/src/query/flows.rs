@@ -367,7 +367,12 @@ fn run(
 
 /// The open flows (checkpoint and journal) matching `cond` in the slice layout: the view
 /// `open_slices` with the conditions on the tables' own columns, so that DuckDB's min/max
-/// per row group prune the checkpoint (sorted by public address and port).
+/// per row group prune the checkpoint (sorted by public address and port). A flow that ended
+/// since its record was written is left out: its final slice, in trail_recent with a sequence
+/// number from the checkpoint's on (every seal checkpoints first), says so, and a window or
+/// hours that leave that slice out would otherwise show the flow open. (The checkpoint's
+/// number is joined, not a scalar subquery: DuckDB plans one as an aggregate, whose name it
+/// prints, which makes a CLI process build its keyword table; see `SELECT`.)
 fn open_slices(cond: &str) -> String {
     format!(
         "SELECT NULL::INTEGER AS hour, (8 | CASE WHEN by_dump THEN 2 ELSE 0 END)::UTINYINT AS flags,
@@ -378,8 +383,14 @@ fn open_slices(cond: &str) -> String {
                 start_us // 1000 AS start_ms, NULL::BIGINT AS end_ms, NULL::BIGINT AS end_lo_ms,
                 NULL::UBIGINT AS packets_out, NULL::UBIGINT AS bytes_out,
                 NULL::UBIGINT AS packets_in, NULL::UBIGINT AS bytes_in, ct_id, NULL::UBIGINT AS seq
-         FROM (SELECT * FROM open_journal WHERE true {cond}
-               UNION ALL BY NAME SELECT * FROM open_flows WHERE true {cond})"
+         FROM (SELECT o.* FROM (SELECT * FROM open_journal WHERE true {cond}
+                                UNION ALL BY NAME SELECT * FROM open_flows WHERE true {cond}) o
+               ANTI JOIN (SELECT r.ct_id, r.start_ms, r.src_port FROM trail_recent r,
+                                 (SELECT next_seq FROM open_flows_checkpoint
+                                  ORDER BY 1 DESC LIMIT 1) c
+                          WHERE r.flags & 1 = 1 AND r.seq >= c.next_seq) f
+               ON f.ct_id = o.ct_id AND f.start_ms = o.start_us // 1000
+                  AND f.src_port = o.orig_sport)"
     )
 }
 
@@ -470,7 +481,12 @@ pub(crate) fn covering(
     // Sealed hours hold a slice of every flow alive in them (an interim one for a flow open
     // across their end), unless marked.
     if cov.recent_reaches(last) {
-        let (c, p) = slice_condition(first, last, ep.ip, ep.port);
+        // The later hours and every end too: the checkpoint in open_flows (and the journal)
+        // still holds a flow that ended since, and its final slice, written after them, is
+        // here whatever its hour and end (every seal checkpoints first). Read only to `last`
+        // and from `lo_ms`, a flow asked about before it ended came back open, from that
+        // stale record. trail_recent holds an hour or two: the wider hours cost nothing.
+        let (c, p) = slice_condition(first, i32::MAX, ep.ip, ep.port);
         parts.push(format!("SELECT {SELECT} FROM trail_recent WHERE {c}"));
         params.extend(p);
         for table in ["open_flows", "open_journal"] {
@@ -484,8 +500,16 @@ pub(crate) fn covering(
         return Ok(Vec::new());
     }
     let mut rows = run(conn, &parts.join(" UNION ALL "), &params)?;
+    // An open record (checkpoint or journal) of a flow that has ended since is stale: the
+    // flow's final slice from trail_recent (destination inline, unlike a sealed one's) says so.
+    let ended: Vec<Identity> = rows
+        .iter()
+        .filter(|(_, id)| id.flags & 1 == 1 && id.dst_id.is_none())
+        .map(|(_, id)| *id)
+        .collect();
     rows.retain(|(_, id)| {
-        ep.proto.is_none_or(|p| p.numbers().contains(&id.proto)) && id.meets(lo_ms, hi_ms)
+        let stale = id.flags & 8 == 8 && ended.iter().any(|e| e.same_start(id, true));
+        !stale && ep.proto.is_none_or(|p| p.numbers().contains(&id.proto)) && id.meets(lo_ms, hi_ms)
     });
     // A sealed slice's destination costs a statement (a table scan, about 1 ms here). An
     // interim slice's is needed only to tell its flow from another that shares all but the

@@ -682,6 +682,83 @@ mod tests {
     }
 
     #[test]
+    fn a_flow_ended_after_its_hours_sweep_is_found_there_before_the_seal() {
+        use EventKind::{Destroy, New};
+        // T0 is 800 s into its hour. Flow 1 lives from 100 s before the hour's end to 30 s
+        // after: the sweep at the hour's end writes its interim slice (no end) to
+        // trail_recent, its DESTROY a final slice of the next hour; the seal, two minutes
+        // past the hour, has not run. A lookup in the first hour finds it only by that
+        // interim slice, which the pruning on the ends of trail_recent must keep.
+        let end = T0 + 2_800 * SEC;
+        let (start, stop) = (end - 100 * SEC, end + 30 * SEC);
+        let db = Db::batches(
+            "swept-unsealed",
+            vec![
+                vec![flow(ev(New, 1, "10.77.2.1", 7001, 42001, start, None))],
+                vec![flow(ev(
+                    New,
+                    2,
+                    "10.77.2.2",
+                    7002,
+                    42002,
+                    end + 5 * SEC,
+                    None,
+                ))],
+                vec![flow(ev(
+                    Destroy,
+                    1,
+                    "10.77.2.1",
+                    7001,
+                    42001,
+                    start,
+                    Some(stop),
+                ))],
+            ],
+        );
+        let conn = crate::store::schema::open_ro(&db.path).unwrap();
+        let hour = (end / SEC / 3_600) as i32 - 1;
+        let slices: Vec<(i32, u8)> = conn
+            .prepare("SELECT hour, flags & 1 FROM trail_recent WHERE pub_port = 42001 ORDER BY 1")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            slices,
+            vec![(hour, 0), (hour + 1, 1)],
+            "interim, then final"
+        );
+        let a = db.who(42001, end - 50 * SEC, 0);
+        assert_eq!(a.status, WhoStatus::Found, "{a:?}");
+        assert_eq!(a.matches[0].flow.internal_port, 7001);
+        assert_eq!(a.matches[0].flow.end_us, Some((stop / 1_000) as i64));
+        assert_eq!(db.who(42001, stop + 10 * SEC, 0).status, WhoStatus::None);
+        // `flows` the same way: a window before the hour's end shows the flow's end, one after
+        // its end shows only flow 2 (the checkpoint still lists flow 1 as open).
+        let ts = |ns: u64| Some(DateTime::from_timestamp_nanos(ns as i64));
+        let list = |since: u64, until: u64| -> Vec<(u16, Option<i64>)> {
+            crate::query::flows::flows(
+                &conn,
+                &crate::query::flows::FlowsQuery {
+                    public_ip: Some("198.51.100.1".parse().unwrap()),
+                    since: ts(since),
+                    until: ts(until),
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.internal_port, f.end_us))
+            .collect()
+        };
+        let stop_us = Some((stop / 1_000) as i64);
+        assert_eq!(list(end - 60 * SEC, end - 40 * SEC), [(7001, stop_us)]);
+        assert_eq!(list(stop + 10 * SEC, stop + 20 * SEC), [(7002, None)]);
+    }
+
+    #[test]
     fn flows_and_lookups_across_midnight_read_both_days_tables() {
         use crate::query::flows::{FlowsQuery, flows};
         use EventKind::{Destroy, New};
