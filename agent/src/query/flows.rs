@@ -435,6 +435,14 @@ pub(crate) struct Endpoint {
 /// `hour` column's only (a cold CLI lookup's first statement: 8.5 ms against 12.2 ms,
 /// medians of 25).
 fn slice_condition(first: i32, last: i32, ip: IpAddr, port: u16) -> (String, Vec<Value>) {
+    let (c, p) = endpoint_condition(ip, port);
+    let mut params = vec![Value::Int(first), Value::Int(last)];
+    params.extend(p);
+    (format!("hour BETWEEN ? AND ? AND {c}"), params)
+}
+
+/// The condition on a slice table's public address and port, and its parameters.
+fn endpoint_condition(ip: IpAddr, port: u16) -> (String, Vec<Value>) {
     let a = Addr::from(ip);
     let (col, v) = if a.is_v4() {
         ("pub4", Value::UInt(a.0 as u32))
@@ -442,13 +450,8 @@ fn slice_condition(first: i32, last: i32, ip: IpAddr, port: u16) -> (String, Vec
         ("pub6", Value::UHugeInt(a.0))
     };
     (
-        format!("hour BETWEEN ? AND ? AND {col} = ? AND pub_port = ?"),
-        vec![
-            Value::Int(first),
-            Value::Int(last),
-            v,
-            Value::USmallInt(port),
-        ],
+        format!("{col} = ? AND pub_port = ?"),
+        vec![v, Value::USmallInt(port)],
     )
 }
 
@@ -481,12 +484,13 @@ pub(crate) fn covering(
     // Sealed hours hold a slice of every flow alive in them (an interim one for a flow open
     // across their end), unless marked.
     if cov.recent_reaches(last) {
-        // The later hours and every end too: the checkpoint in open_flows (and the journal)
-        // still holds a flow that ended since, and its final slice, written after them, is
-        // here whatever its hour and end (every seal checkpoints first). Read only to `last`
-        // and from `lo_ms`, a flow asked about before it ended came back open, from that
-        // stale record. trail_recent holds an hour or two: the wider hours cost nothing.
-        let (c, p) = slice_condition(first, i32::MAX, ep.ip, ep.port);
+        // Every hour and end: the checkpoint in open_flows (and the journal) still holds a
+        // flow that ended since, and its final slice, written after them, is here whatever
+        // its hour and end (every seal checkpoints first). Read only to `last` and from
+        // `lo_ms`, a flow asked about before it ended, or in the next hour after it ended
+        // before the next checkpoint, came back open, from that stale record. trail_recent
+        // holds an hour or two (and a sealed hour's late slices): no hour bound costs nothing.
+        let (c, p) = endpoint_condition(ep.ip, ep.port);
         parts.push(format!("SELECT {SELECT} FROM trail_recent WHERE {c}"));
         params.extend(p);
         for table in ["open_flows", "open_journal"] {

@@ -682,7 +682,7 @@ mod tests {
     }
 
     #[test]
-    fn a_flow_ended_after_its_hours_sweep_is_found_there_before_the_seal() {
+    fn flows_ended_since_the_checkpoint_are_not_shown_open() {
         use EventKind::{Destroy, New};
         // T0 is 800 s into its hour. Flow 1 lives from 100 s before the hour's end to 30 s
         // after: the sweep at the hour's end writes its interim slice (no end) to
@@ -737,9 +737,9 @@ mod tests {
         // `flows` the same way: a window before the hour's end shows the flow's end, one after
         // its end shows only flow 2 (the checkpoint still lists flow 1 as open).
         let ts = |ns: u64| Some(DateTime::from_timestamp_nanos(ns as i64));
-        let list = |since: u64, until: u64| -> Vec<(u16, Option<i64>)> {
+        let list = |conn: &Connection, since: u64, until: u64| -> Vec<(u16, Option<i64>)> {
             crate::query::flows::flows(
-                &conn,
+                conn,
                 &crate::query::flows::FlowsQuery {
                     public_ip: Some("198.51.100.1".parse().unwrap()),
                     since: ts(since),
@@ -754,8 +754,56 @@ mod tests {
             .collect()
         };
         let stop_us = Some((stop / 1_000) as i64);
-        assert_eq!(list(end - 60 * SEC, end - 40 * SEC), [(7001, stop_us)]);
-        assert_eq!(list(stop + 10 * SEC, stop + 20 * SEC), [(7002, None)]);
+        assert_eq!(
+            list(&conn, end - 60 * SEC, end - 40 * SEC),
+            [(7001, stop_us)]
+        );
+        assert_eq!(
+            list(&conn, stop + 10 * SEC, stop + 20 * SEC),
+            [(7002, None)]
+        );
+        drop(conn);
+
+        // Ended 50 s before the hour's end, its DESTROY received after a checkpoint made past
+        // that end (the second commit, a minute after the first by the events' clock), and
+        // asked about just after the hour's end: its final slice is in the hour before the
+        // one asked, its stale record in the checkpoint.
+        let db = Db::batches(
+            "ended-before-hour-asked",
+            vec![
+                vec![flow(ev(New, 1, "10.77.2.1", 7001, 42001, start, None))],
+                vec![flow(ev(
+                    New,
+                    2,
+                    "10.77.2.2",
+                    7002,
+                    42002,
+                    end + 5 * SEC,
+                    None,
+                ))],
+                vec![flow(ev(
+                    Destroy,
+                    1,
+                    "10.77.2.1",
+                    7001,
+                    42001,
+                    start,
+                    Some(end - 50 * SEC),
+                ))],
+            ],
+        );
+        let conn = crate::store::schema::open_ro(&db.path).unwrap();
+        let listed: u64 = conn
+            .query_row(
+                "SELECT count(*) FROM open_flows WHERE reply_dport = 42001",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(listed, 1, "the checkpoint still lists flow 1");
+        assert_eq!(db.who(42001, end + 2 * SEC, 0).status, WhoStatus::None);
+        assert_eq!(db.who(42001, end - 60 * SEC, 0).status, WhoStatus::Found);
+        assert_eq!(list(&conn, end + SEC, end + 3 * SEC), []);
     }
 
     #[test]
