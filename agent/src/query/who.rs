@@ -684,38 +684,71 @@ mod tests {
     #[test]
     fn flows_ended_since_the_checkpoint_are_not_shown_open() {
         use EventKind::{Destroy, New};
-        // T0 is 800 s into its hour. Flow 1 lives from 100 s before the hour's end to 30 s
-        // after: the sweep at the hour's end writes its interim slice (no end) to
-        // trail_recent, its DESTROY a final slice of the next hour; the seal, two minutes
-        // past the hour, has not run. A lookup in the first hour finds it only by that
-        // interim slice, which the pruning on the ends of trail_recent must keep.
+        // T0 is 800 s into its hour. Flow 1 opens 100 s before the hour's end; flow 2 opens 5 s
+        // after it, which sweeps the hour (flow 1's interim slice there, no end) and, a minute
+        // after the first commit by the events' clock, checkpoints flow 1 as open; then flow
+        // 1's DESTROY writes its final slice to trail_recent. The seal, two minutes past the
+        // hour, has not run: the checkpoint's record of flow 1 is stale.
         let end = T0 + 2_800 * SEC;
-        let (start, stop) = (end - 100 * SEC, end + 30 * SEC);
-        let db = Db::batches(
-            "swept-unsealed",
-            vec![
-                vec![flow(ev(New, 1, "10.77.2.1", 7001, 42001, start, None))],
-                vec![flow(ev(
-                    New,
-                    2,
-                    "10.77.2.2",
-                    7002,
-                    42002,
-                    end + 5 * SEC,
-                    None,
-                ))],
-                vec![flow(ev(
-                    Destroy,
-                    1,
-                    "10.77.2.1",
-                    7001,
-                    42001,
-                    start,
-                    Some(stop),
-                ))],
-            ],
-        );
-        let conn = crate::store::schema::open_ro(&db.path).unwrap();
+        let start = end - 100 * SEC;
+        let trail = |name: &str, stop: u64| {
+            let db = Db::batches(
+                name,
+                vec![
+                    vec![flow(ev(New, 1, "10.77.2.1", 7001, 42001, start, None))],
+                    vec![flow(ev(
+                        New,
+                        2,
+                        "10.77.2.2",
+                        7002,
+                        42002,
+                        end + 5 * SEC,
+                        None,
+                    ))],
+                    vec![flow(ev(
+                        Destroy,
+                        1,
+                        "10.77.2.1",
+                        7001,
+                        42001,
+                        start,
+                        Some(stop),
+                    ))],
+                ],
+            );
+            let conn = crate::store::schema::open_ro(&db.path).unwrap();
+            let stale: u64 = conn
+                .query_row(
+                    "SELECT count(*) FROM open_flows WHERE reply_dport = 42001",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(stale, 1, "the checkpoint still lists flow 1");
+            (db, conn)
+        };
+        let ts = |ns: u64| Some(DateTime::from_timestamp_nanos(ns as i64));
+        let list = |conn: &Connection, since: u64, until: u64| -> Vec<(u16, Option<i64>)> {
+            crate::query::flows::flows(
+                conn,
+                &crate::query::flows::FlowsQuery {
+                    public_ip: Some("198.51.100.1".parse().unwrap()),
+                    since: ts(since),
+                    until: ts(until),
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.internal_port, f.end_us))
+            .collect()
+        };
+
+        // Ended 30 s after the hour's end: asked about in the hour before, it is found by its
+        // interim slice and comes with its end; asked about after its end, it is gone.
+        let stop = end + 30 * SEC;
+        let (db, conn) = trail("ended-in-next-hour", stop);
         let hour = (end / SEC / 3_600) as i32 - 1;
         let slices: Vec<(i32, u8)> = conn
             .prepare("SELECT hour, flags & 1 FROM trail_recent WHERE pub_port = 42001 ORDER BY 1")
@@ -734,25 +767,6 @@ mod tests {
         assert_eq!(a.matches[0].flow.internal_port, 7001);
         assert_eq!(a.matches[0].flow.end_us, Some((stop / 1_000) as i64));
         assert_eq!(db.who(42001, stop + 10 * SEC, 0).status, WhoStatus::None);
-        // `flows` the same way: a window before the hour's end shows the flow's end, one after
-        // its end shows only flow 2 (the checkpoint still lists flow 1 as open).
-        let ts = |ns: u64| Some(DateTime::from_timestamp_nanos(ns as i64));
-        let list = |conn: &Connection, since: u64, until: u64| -> Vec<(u16, Option<i64>)> {
-            crate::query::flows::flows(
-                conn,
-                &crate::query::flows::FlowsQuery {
-                    public_ip: Some("198.51.100.1".parse().unwrap()),
-                    since: ts(since),
-                    until: ts(until),
-                    limit: 100,
-                    ..Default::default()
-                },
-            )
-            .unwrap()
-            .into_iter()
-            .map(|f| (f.internal_port, f.end_us))
-            .collect()
-        };
         let stop_us = Some((stop / 1_000) as i64);
         assert_eq!(
             list(&conn, end - 60 * SEC, end - 40 * SEC),
@@ -764,43 +778,9 @@ mod tests {
         );
         drop(conn);
 
-        // Ended 50 s before the hour's end, its DESTROY received after a checkpoint made past
-        // that end (the second commit, a minute after the first by the events' clock), and
-        // asked about just after the hour's end: its final slice is in the hour before the
-        // one asked, its stale record in the checkpoint.
-        let db = Db::batches(
-            "ended-before-hour-asked",
-            vec![
-                vec![flow(ev(New, 1, "10.77.2.1", 7001, 42001, start, None))],
-                vec![flow(ev(
-                    New,
-                    2,
-                    "10.77.2.2",
-                    7002,
-                    42002,
-                    end + 5 * SEC,
-                    None,
-                ))],
-                vec![flow(ev(
-                    Destroy,
-                    1,
-                    "10.77.2.1",
-                    7001,
-                    42001,
-                    start,
-                    Some(end - 50 * SEC),
-                ))],
-            ],
-        );
-        let conn = crate::store::schema::open_ro(&db.path).unwrap();
-        let listed: u64 = conn
-            .query_row(
-                "SELECT count(*) FROM open_flows WHERE reply_dport = 42001",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(listed, 1, "the checkpoint still lists flow 1");
+        // Ended 50 s before the hour's end (its DESTROY received late) and asked about just
+        // after it: its final slice is in the hour before the one asked.
+        let (db, conn) = trail("ended-before-hour-asked", end - 50 * SEC);
         assert_eq!(db.who(42001, end + 2 * SEC, 0).status, WhoStatus::None);
         assert_eq!(db.who(42001, end - 60 * SEC, 0).status, WhoStatus::Found);
         assert_eq!(list(&conn, end + SEC, end + 3 * SEC), []);
