@@ -353,6 +353,22 @@ mod tests {
         )
     }
 
+    /// `flows` of the public address 198.51.100.1 alive in `[since, until]` (ns).
+    fn flows_between(conn: &Connection, since: u64, until: u64) -> Vec<FlowRow> {
+        let ts = |ns: u64| Some(DateTime::from_timestamp_nanos(ns as i64));
+        crate::query::flows::flows(
+            conn,
+            &crate::query::flows::FlowsQuery {
+                public_ip: Some("198.51.100.1".parse().unwrap()),
+                since: ts(since),
+                until: ts(until),
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
     /// The hours' mark of missing slices, as a lookup reads it.
     fn late_hour(db: &Db) -> Option<i32> {
         let conn = crate::store::schema::open_ro(&db.path).unwrap();
@@ -727,22 +743,11 @@ mod tests {
             assert_eq!(stale, 1, "the checkpoint still lists flow 1");
             (db, conn)
         };
-        let ts = |ns: u64| Some(DateTime::from_timestamp_nanos(ns as i64));
         let list = |conn: &Connection, since: u64, until: u64| -> Vec<(u16, Option<i64>)> {
-            crate::query::flows::flows(
-                conn,
-                &crate::query::flows::FlowsQuery {
-                    public_ip: Some("198.51.100.1".parse().unwrap()),
-                    since: ts(since),
-                    until: ts(until),
-                    limit: 100,
-                    ..Default::default()
-                },
-            )
-            .unwrap()
-            .into_iter()
-            .map(|f| (f.internal_port, f.end_us))
-            .collect()
+            flows_between(conn, since, until)
+                .into_iter()
+                .map(|f| (f.internal_port, f.end_us))
+                .collect()
         };
 
         // Ended 30 s after the hour's end: asked about in the hour before, it is found by its
@@ -788,7 +793,6 @@ mod tests {
 
     #[test]
     fn flows_and_lookups_across_midnight_read_both_days_tables() {
-        use crate::query::flows::{FlowsQuery, flows};
         use EventKind::{Destroy, New};
         // T0 is 22:13:20 UTC on 14 November 2023: midnight comes 6,400 s later.
         let midnight = T0 + 6_400 * SEC;
@@ -815,22 +819,11 @@ mod tests {
         );
         let conn = crate::store::schema::open_ro(&db.path).unwrap();
         assert_eq!(crate::store::days::list(&conn).unwrap(), [19_675, 19_676]);
-        let ts = |ns: u64| DateTime::from_timestamp_nanos(ns as i64);
         let list = |since: u64, until: u64| -> Vec<(u16, Option<i64>, Option<i64>)> {
-            flows(
-                &conn,
-                &FlowsQuery {
-                    public_ip: Some("198.51.100.1".parse().unwrap()),
-                    since: Some(ts(since)),
-                    until: Some(ts(until)),
-                    limit: 100,
-                    ..FlowsQuery::default()
-                },
-            )
-            .unwrap()
-            .into_iter()
-            .map(|f| (f.internal_port, f.start_us, f.end_us))
-            .collect()
+            flows_between(&conn, since, until)
+                .into_iter()
+                .map(|f| (f.internal_port, f.start_us, f.end_us))
+                .collect()
         };
         let us = |ns: u64| Some((ns / 1_000) as i64);
         let (fa, fb, fc) = (
