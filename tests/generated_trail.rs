@@ -139,6 +139,8 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
         days: 1,
         publics: 1,
         ports: (10_000, 11_999),
+        // Ends as a running agent's trail: flows ended since the last checkpoint.
+        live_tail_s: 600,
         ..Default::default()
     };
     let db = dir.join("t.duckdb");
@@ -157,6 +159,11 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
         },
         EventsQuery {
             since: Some(at(23, 3000)),
+            ..Default::default()
+        },
+        EventsQuery {
+            since: Some(at(23, 3300)),
+            until: Some(at(23, 3570)),
             ..Default::default()
         },
         EventsQuery {
@@ -273,4 +280,289 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
     drop(writer);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `who` against its definition: for a crowd of probes (public `ip:port`, instant, tolerance),
+/// the flows `who` lists are exactly the flows of the view `flows` (which reads the whole
+/// trail, every table, one row per flow) whose interval meets the window, and its status
+/// follows from their number. The probes sit where the storage has seams: a millisecond
+/// before, at and after each sampled flow's start and end and each hour's end it outlived
+/// (interim slices, sealed and unsealed hours), in the trail's last minutes (final slices
+/// written after the last open-flow checkpoint, which still lists those flows as open), at
+/// instants drawn at random, with tolerances from none to 30 s (ports reused within
+/// seconds make several flows fit). Asked as written and again after a restart without a
+/// clean stop (the open flows recovered from the checkpoint and the journal).
+#[test]
+fn who_answers_as_the_flows_view_defines() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("nattrail-genoracle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = GenConfig {
+        flows: 300_000,
+        days: 2,
+        publics: 1,
+        ports: (10_000, 11_999),
+        case_every: 1_000_000,
+        max_cases: 10,
+        seed: 7,
+        live_tail_s: 600,
+        ..Default::default()
+    };
+    let db = dir.join("t.duckdb");
+    let (writer, stats, _) = gen_trail::write_trail(&db, &cfg)?;
+    let conn = writer.database().connect()?;
+    gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
+    let span_ms = (
+        (cfg.start_ns / 1_000_000) as i64,
+        (stats.end_ns / 1_000_000) as i64,
+    );
+    // The state the probes of the last minutes are for: flows whose final slice came after
+    // the checkpoint that lists them open.
+    let stale: i64 = conn.query_row(
+        "SELECT count(*) FROM open_flows o JOIN trail_recent r
+           ON r.ct_id = o.ct_id AND r.start_ms = o.start_us // 1000 AND r.src_port = o.orig_sport
+         WHERE r.flags & 1 = 1",
+        [],
+        |r| r.get(0),
+    )?;
+    ensure!(stale > 0, "no flow ended since the last checkpoint");
+    let truth = oracle::Truth::read(&conn)?;
+    let probes = oracle::probes(&truth, span_ms);
+    let kept = KeptCoverage::of(writer.database());
+    let first = oracle::check(&conn, &kept, &truth, &probes, "as written")?;
+    drop(conn);
+    drop(writer);
+    let writer = Writer::open(
+        &gen_trail::writer_config(&db),
+        Arc::new(WriterStats::default()),
+    )?;
+    let conn = writer.database().connect()?;
+    let after = oracle::Truth::read(&conn)?;
+    ensure!(
+        after.rows == truth.rows,
+        "the view lists {} flows after the restart against {} before",
+        after.rows.len(),
+        truth.rows.len()
+    );
+    let second = oracle::check(
+        &conn,
+        &KeptCoverage::of(writer.database()),
+        &truth,
+        &probes,
+        "after a restart without a clean stop",
+    )?;
+    ensure!(
+        first == second,
+        "{first:?} before the restart, {second:?} after"
+    );
+    println!("{stats:?}; {stale} flows ended since the checkpoint; probes by status {first:?}");
+    drop(conn);
+    drop(writer);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The view `flows` as the definition of `who`'s answer, and probes of it.
+mod oracle {
+    use std::collections::{BTreeMap, HashMap};
+    use std::net::IpAddr;
+
+    use anyhow::{Result, ensure};
+    use chrono::TimeZone;
+    use nattrail::query::coverage::KeptCoverage;
+    use nattrail::query::who::{WhoQuery, WhoStatus, who_kept};
+
+    /// A flow as the view lists it: internal endpoint, start and end in ms (end `None` while
+    /// open).
+    pub type Flow = (IpAddr, u16, Option<i64>, Option<i64>);
+
+    /// Every flow of the view, by public endpoint.
+    pub struct Truth {
+        /// Sorted, for comparing two readings.
+        pub rows: Vec<((IpAddr, u16), Flow)>,
+        by_public: HashMap<(IpAddr, u16), Vec<Flow>>,
+    }
+
+    impl Truth {
+        pub fn read(conn: &duckdb::Connection) -> Result<Truth> {
+            let mut st = conn.prepare(
+                "SELECT public_ip, public_port, internal_ip, internal_port, start_ms,
+                        epoch_ms(\"end\") AS end_ms, open
+                 FROM flows",
+            )?;
+            // The view writes IPv6 as DuckDB's macro does (zeros not compressed): compared
+            // as addresses.
+            let ip = |r: &duckdb::Row<'_>, i: usize| {
+                r.get::<_, String>(i)?.parse::<IpAddr>().map_err(|e| {
+                    duckdb::Error::FromSqlConversionFailure(i, duckdb::types::Type::Text, e.into())
+                })
+            };
+            let mut rows = Vec::new();
+            let mut neither = 0;
+            for r in st.query_map([], |r| {
+                Ok((
+                    (ip(r, 0)?, r.get::<_, u16>(1)?),
+                    (
+                        ip(r, 2)?,
+                        r.get::<_, u16>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                        r.get::<_, Option<i64>>(5)?,
+                    ),
+                    r.get::<_, bool>(6)?,
+                ))
+            })? {
+                let (public, flow, open) = r?;
+                // A generated flow has ended or is open; a row that is neither (only
+                // interim slices) would leave the definition of its end to this test.
+                neither += usize::from(flow.3.is_none() && !open);
+                rows.push((public, flow));
+            }
+            ensure!(neither == 0, "{neither} flows neither ended nor open");
+            rows.sort();
+            let mut by_public: HashMap<(IpAddr, u16), Vec<Flow>> = HashMap::new();
+            for (p, f) in &rows {
+                by_public.entry(*p).or_default().push(*f);
+            }
+            Ok(Truth { rows, by_public })
+        }
+
+        /// The flows whose interval meets `[lo, hi]` (ms): started (or, start unseen,
+        /// ended) by `hi`, and not ended before `lo`.
+        fn meeting(&self, public: &(IpAddr, u16), lo: i64, hi: i64) -> Vec<Flow> {
+            let mut v: Vec<Flow> = self
+                .by_public
+                .get(public)
+                .into_iter()
+                .flatten()
+                .filter(|f| f.2.or(f.3).is_some_and(|s| s <= hi) && f.3.is_none_or(|e| e >= lo))
+                .copied()
+                .collect();
+            v.sort();
+            v
+        }
+    }
+
+    /// A public endpoint, an instant and a tolerance, in ms.
+    pub type Probe = ((IpAddr, u16), i64, i64);
+
+    /// SplitMix64, for probes that are the same on every run.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    /// Probes at the seams of one flow in 400, of every flow of the trail's last 10 minutes,
+    /// and at random instants of the trail's span.
+    pub fn probes(truth: &Truth, (first, last): (i64, i64)) -> Vec<Probe> {
+        const HOUR: i64 = 3_600_000;
+        let mut rng = Rng(11);
+        let tol = |rng: &mut Rng| [0, 0, 1_000, 30_000][(rng.next() % 4) as usize];
+        let mut out = Vec::new();
+        for (i, (public, f)) in truth.rows.iter().enumerate() {
+            let recent = f.3.is_none_or(|e| e >= last - 600_000);
+            if i % 400 != 0 && !recent {
+                continue;
+            }
+            let Some(s) = f.2 else { continue };
+            let mut at = vec![s - 1, s, s + 1];
+            match f.3 {
+                Some(e) => {
+                    at.extend([(s + e) / 2, e - 1, e, e + 1]);
+                    // The first and last hour ends it outlived: interim slices.
+                    let h = (s / HOUR + 1) * HOUR;
+                    if h < e {
+                        at.extend([h - 1, h, h + 1]);
+                        let l = (e - 1) / HOUR * HOUR;
+                        at.extend([l - 1, l, l + 1]);
+                    }
+                }
+                None => at.extend([(s + last) / 2, last]),
+            }
+            for t in at.into_iter().filter(|t| (first..=last).contains(t)) {
+                out.push((*public, t, tol(&mut rng)));
+            }
+        }
+        let mut publics: Vec<&(IpAddr, u16)> = truth.by_public.keys().collect();
+        publics.sort();
+        for _ in 0..2_000 {
+            let p = publics[(rng.next() % publics.len() as u64) as usize];
+            let t = first + (rng.next() % (last - first + 1) as u64) as i64;
+            out.push((*p, t, tol(&mut rng)));
+        }
+        out
+    }
+
+    /// Asks every probe; fails listing the first wrong answers. Returns the count of each
+    /// status.
+    pub fn check(
+        conn: &duckdb::Connection,
+        kept: &KeptCoverage,
+        truth: &Truth,
+        probes: &[Probe],
+        when: &str,
+    ) -> Result<BTreeMap<String, usize>> {
+        let mut wrong = Vec::new();
+        let mut statuses = BTreeMap::new();
+        for (public, at, tol) in probes {
+            let q = WhoQuery {
+                ip: public.0,
+                port: public.1,
+                at: chrono::Utc.timestamp_nanos(at * 1_000_000),
+                tolerance: std::time::Duration::from_millis(*tol as u64),
+                proto: None,
+                dst_ip: None,
+                dst_port: None,
+                live: false,
+            };
+            let a = who_kept(conn, &q, kept)?;
+            let mut got: Vec<Flow> = a
+                .matches
+                .iter()
+                .map(|m| {
+                    Ok((
+                        m.flow.internal_ip.parse()?,
+                        m.flow.internal_port,
+                        m.flow.start_us.map(|u| u / 1_000),
+                        m.flow.end_us.map(|u| u / 1_000),
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            got.sort();
+            let want = truth.meeting(public, at - tol, at + tol);
+            let status = match want.len() {
+                0 => WhoStatus::None,
+                1 => WhoStatus::Found,
+                _ => WhoStatus::Ambiguous,
+            };
+            *statuses.entry(format!("{status:?}")).or_insert(0) += 1;
+            if a.status != status || got != want {
+                wrong.push(format!(
+                    "{public:?} at {at} ± {tol} ms: {:?} {got:?}, want {status:?} {want:?}",
+                    a.status
+                ));
+            }
+        }
+        println!(
+            "{when}: {} probes, {} wrong{}",
+            probes.len(),
+            wrong.len(),
+            wrong
+                .iter()
+                .take(20)
+                .map(|w| format!("\n  {w}"))
+                .collect::<String>()
+        );
+        ensure!(
+            wrong.is_empty(),
+            "{when}: {} of {} probes wrong",
+            wrong.len(),
+            probes.len()
+        );
+        Ok(statuses)
+    }
 }

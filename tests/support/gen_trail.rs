@@ -41,6 +41,12 @@ pub struct GenConfig {
     pub case_every: u64,
     /// Cases at most.
     pub max_cases: usize,
+    /// Over the trail's last `live_tail_s` seconds, a commit every second of its clock, as
+    /// the agent's writer makes with live traffic: the trail then ends as a running agent's
+    /// does, with flows ended since the last open-flow checkpoint (every minute) still listed
+    /// there as open. Otherwise (0) commits come every `batch_rows` rows, and the last one
+    /// checkpoints.
+    pub live_tail_s: u64,
 }
 
 impl Default for GenConfig {
@@ -55,6 +61,7 @@ impl Default for GenConfig {
             seed: 1,
             case_every: 2_000,
             max_cases: 2_000,
+            live_tail_s: 0,
         }
     }
 }
@@ -220,12 +227,21 @@ pub fn generate(cfg: &GenConfig, writer: &mut Writer) -> Result<(GenStats, Vec<C
     let mut t = cfg.start_ns as f64;
     let end_of_trail = cfg.start_ns + span_ns;
     let last_hour = end_of_trail.saturating_sub(3_600_000_000_000);
+    let mut next_commit = end_of_trail.saturating_sub(cfg.live_tail_s * SEC as u64);
+    let mut live_commit = |writer: &mut Writer, at: u64| -> Result<(), StoreError> {
+        if cfg.live_tail_s > 0 && at >= next_commit {
+            writer.commit_pending()?;
+            next_commit = (at / SEC as u64 + 1) * SEC as u64;
+        }
+        Ok(())
+    };
 
     for n in 0..cfg.flows {
         t += mean_gap * -(1.0 - rng.unit()).ln();
         let start = (t as u64).min(end_of_trail - 1);
         while pending.peek().is_some_and(|p| p.end_ns <= start) {
             let p = pending.pop().expect("peeked");
+            live_commit(writer, p.end_ns)?;
             // One message at a time, committed every `batch_rows` rows: the agent's writer.
             writer.write(WriterMsg::Flow {
                 ev: p.ev,
@@ -430,6 +446,7 @@ pub fn generate(cfg: &GenConfig, writer: &mut Writer) -> Result<(GenStats, Vec<C
             let kind = if v6 { CaseKind::V6 } else { CaseKind::Sampled };
             want(kind, start + (end - start) / 2, &mut cases);
         }
+        live_commit(writer, start)?;
         writer.write(WriterMsg::Flow {
             ev: ev.clone(),
             received_ns: start,
@@ -460,6 +477,7 @@ pub fn generate(cfg: &GenConfig, writer: &mut Writer) -> Result<(GenStats, Vec<C
             stats.open_at_end += 1;
             continue;
         }
+        live_commit(writer, p.end_ns)?;
         writer.write(WriterMsg::Flow {
             ev: p.ev,
             received_ns: p.end_ns,
