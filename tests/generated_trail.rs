@@ -282,7 +282,7 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
     Ok(())
 }
 
-/// `who` against its definition: for a crowd of probes (public `ip:port`, instant, tolerance),
+/// `who` and `flows` against their definition. For a crowd of probes (public `ip:port`, instant, tolerance),
 /// the flows `who` lists are exactly the flows of the view `flows` (which reads the whole
 /// trail, every table, one row per flow) whose interval meets the window, and its status
 /// follows from their number. The probes sit where the storage has seams: a millisecond
@@ -290,10 +290,12 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
 /// (interim slices, sealed and unsealed hours), in the trail's last minutes (final slices
 /// written after the last open-flow checkpoint, which still lists those flows as open), at
 /// instants drawn at random, with tolerances from none to 30 s (ports reused within
-/// seconds make several flows fit). Asked as written and again after a restart without a
-/// clean stop (the open flows recovered from the checkpoint and the journal).
+/// seconds make several flows fit). `flows` by internal address, and by public address and
+/// port, over windows at the same seams, lists exactly the view's flows that meet the
+/// window. Asked as written and again after a restart without a clean stop (the open flows
+/// recovered from the checkpoint and the journal).
 #[test]
-fn who_answers_as_the_flows_view_defines() -> Result<()> {
+fn who_and_flows_answer_as_the_flows_view_defines() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("nattrail-genoracle-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = GenConfig {
@@ -329,6 +331,8 @@ fn who_answers_as_the_flows_view_defines() -> Result<()> {
     let probes = oracle::probes(&truth, span_ms);
     let kept = KeptCoverage::of(writer.database());
     let first = oracle::check(&conn, &kept, &truth, &probes, "as written")?;
+    let listings = oracle::listings(&truth, span_ms);
+    let listed = oracle::check_flows(&conn, &truth, &listings, "as written")?;
     drop(conn);
     drop(writer);
     let writer = Writer::open(
@@ -354,7 +358,21 @@ fn who_answers_as_the_flows_view_defines() -> Result<()> {
         first == second,
         "{first:?} before the restart, {second:?} after"
     );
-    println!("{stats:?}; {stale} flows ended since the checkpoint; probes by status {first:?}");
+    let relisted = oracle::check_flows(
+        &conn,
+        &truth,
+        &listings,
+        "after a restart without a clean stop",
+    )?;
+    ensure!(
+        listed == relisted,
+        "{listed} flows listed before the restart, {relisted} after"
+    );
+    println!(
+        "{stats:?}; {stale} flows ended since the checkpoint; probes by status {first:?}; \
+         {} listings, {listed} flows listed",
+        listings.len()
+    );
     drop(conn);
     drop(writer);
     let _ = std::fs::remove_dir_all(&dir);
@@ -369,6 +387,7 @@ mod oracle {
     use anyhow::{Result, ensure};
     use chrono::TimeZone;
     use nattrail::query::coverage::KeptCoverage;
+    use nattrail::query::flows::{FlowsQuery, flows};
     use nattrail::query::who::{WhoQuery, WhoStatus, who_kept};
 
     /// A flow as the view lists it: internal endpoint, start and end in ms (end `None` while
@@ -564,5 +583,127 @@ mod oracle {
             probes.len()
         );
         Ok(statuses)
+    }
+    /// A `flows` listing: by internal address (else by public address and port) over
+    /// `[since, until]` in ms, either bound open.
+    #[derive(Debug, Clone)]
+    pub struct Listing {
+        internal: Option<IpAddr>,
+        public: Option<(IpAddr, u16)>,
+        since: Option<i64>,
+        until: Option<i64>,
+    }
+
+    /// Listings around one flow in 3,000 and every 50th flow of the trail's last 10 minutes:
+    /// windows of a millisecond at its start and end, of two minutes around its start, across
+    /// the first hour end after its start, and open on either side.
+    pub fn listings(truth: &Truth, (first, last): (i64, i64)) -> Vec<Listing> {
+        const HOUR: i64 = 3_600_000;
+        let mut out = Vec::new();
+        for (i, (public, f)) in truth.rows.iter().enumerate() {
+            let recent = f.3.is_none_or(|e| e >= last - 600_000);
+            if i % 3_000 != 0 && !(recent && i % 50 == 0) {
+                continue;
+            }
+            let Some(s) = f.2 else { continue };
+            let e = f.3.unwrap_or(last);
+            let h = (s / HOUR + 1) * HOUR;
+            let mut windows = vec![
+                (Some(s), Some(s)),
+                (Some(e), Some(e)),
+                (Some(e + 1), Some(e + 1)),
+                (Some(s - 60_000), Some(s + 60_000)),
+                (Some(h - 1), Some(h + 1)),
+                (Some(e - 1), None),
+                (None, Some(s)),
+            ];
+            windows.retain(|(a, b)| {
+                a.is_none_or(|a| (first..=last).contains(&a))
+                    && b.is_none_or(|b| (first..=last).contains(&b))
+            });
+            for (k, (since, until)) in windows.into_iter().enumerate() {
+                // Alternately by the client and by the public endpoint; a window open on
+                // either side by the client, whose flows are few.
+                let by_client = k % 2 == 0 || since.is_none() || until.is_none();
+                out.push(Listing {
+                    internal: by_client.then_some(f.0),
+                    public: (!by_client).then_some(*public),
+                    since,
+                    until,
+                });
+            }
+        }
+        out
+    }
+
+    /// Runs every listing; fails listing the first wrong ones. Returns the flows listed.
+    pub fn check_flows(
+        conn: &duckdb::Connection,
+        truth: &Truth,
+        listings: &[Listing],
+        when: &str,
+    ) -> Result<usize> {
+        let at = |ms: i64| chrono::Utc.timestamp_nanos(ms * 1_000_000);
+        let mut wrong = Vec::new();
+        let mut listed = 0;
+        for l in listings {
+            let q = FlowsQuery {
+                internal_ip: l.internal,
+                public_ip: l.public.map(|p| p.0),
+                public_port: l.public.map(|p| p.1),
+                since: l.since.map(at),
+                until: l.until.map(at),
+                limit: 1_000_000,
+                ..Default::default()
+            };
+            let mut got = flows(conn, &q)?
+                .into_iter()
+                .map(|f| {
+                    Ok((
+                        (f.public_ip.parse()?, f.public_port),
+                        (
+                            f.internal_ip.parse()?,
+                            f.internal_port,
+                            f.start_us.map(|u| u / 1_000),
+                            f.end_us.map(|u| u / 1_000),
+                        ),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            got.sort();
+            let (lo, hi) = (l.since.unwrap_or(i64::MIN), l.until.unwrap_or(i64::MAX));
+            let want: Vec<((IpAddr, u16), Flow)> = truth
+                .rows
+                .iter()
+                .filter(|(p, f)| {
+                    l.internal.is_none_or(|ip| f.0 == ip)
+                        && l.public.is_none_or(|q| *p == q)
+                        && f.2.or(f.3).is_some_and(|s| s <= hi)
+                        && f.3.is_none_or(|e| e >= lo)
+                })
+                .copied()
+                .collect();
+            listed += got.len();
+            if got != want {
+                wrong.push(format!("{l:?}: {got:?}, want {want:?}"));
+            }
+        }
+        println!(
+            "{when}: {} listings, {listed} flows, {} wrong{}",
+            listings.len(),
+            wrong.len(),
+            wrong
+                .iter()
+                .take(10)
+                .map(|w| format!("\n  {w}"))
+                .collect::<String>()
+        );
+        ensure!(
+            wrong.is_empty(),
+            "{when}: {} of {} listings wrong",
+            wrong.len(),
+            listings.len()
+        );
+        Ok(listed)
     }
 }
