@@ -388,11 +388,20 @@ mod oracle {
     use chrono::TimeZone;
     use nattrail::query::coverage::KeptCoverage;
     use nattrail::query::flows::{FlowsQuery, flows};
+    use nattrail::query::proto::Proto;
     use nattrail::query::who::{WhoQuery, WhoStatus, who_kept};
 
     /// A flow as the view lists it: internal endpoint, start and end in ms (end `None` while
-    /// open).
-    pub type Flow = (IpAddr, u16, Option<i64>, Option<i64>);
+    /// open), protocol number, destination.
+    pub type Flow = (
+        IpAddr,
+        u16,
+        Option<i64>,
+        Option<i64>,
+        u8,
+        IpAddr,
+        Option<u16>,
+    );
 
     /// Every flow of the view, by public endpoint.
     pub struct Truth {
@@ -405,7 +414,7 @@ mod oracle {
         pub fn read(conn: &duckdb::Connection) -> Result<Truth> {
             let mut st = conn.prepare(
                 "SELECT public_ip, public_port, internal_ip, internal_port, start_ms,
-                        epoch_ms(\"end\") AS end_ms, open
+                        epoch_ms(\"end\") AS end_ms, open, proto_num, dst_ip, dst_port
                  FROM flows",
             )?;
             // The view writes IPv6 as DuckDB's macro does (zeros not compressed): compared
@@ -425,6 +434,9 @@ mod oracle {
                         r.get::<_, u16>(3)?,
                         r.get::<_, Option<i64>>(4)?,
                         r.get::<_, Option<i64>>(5)?,
+                        r.get::<_, u8>(7)?,
+                        ip(r, 8)?,
+                        r.get::<_, Option<u16>>(9)?,
                     ),
                     r.get::<_, bool>(6)?,
                 ))
@@ -445,23 +457,31 @@ mod oracle {
         }
 
         /// The flows whose interval meets `[lo, hi]` (ms): started (or, start unseen,
-        /// ended) by `hi`, and not ended before `lo`.
-        fn meeting(&self, public: &(IpAddr, u16), lo: i64, hi: i64) -> Vec<Flow> {
+        /// ended) by `hi`, and not ended before `lo`; those `filter` keeps.
+        fn meeting(&self, public: &(IpAddr, u16), lo: i64, hi: i64, filter: &Filter) -> Vec<Flow> {
             let mut v: Vec<Flow> = self
                 .by_public
                 .get(public)
                 .into_iter()
                 .flatten()
                 .filter(|f| f.2.or(f.3).is_some_and(|s| s <= hi) && f.3.is_none_or(|e| e >= lo))
-                .copied()
+                .filter(|f| {
+                    filter.0.is_none_or(|p| p.numbers().contains(&f.4))
+                        && filter.1.is_none_or(|ip| ip == f.5)
+                        && filter.2.is_none_or(|port| Some(port) == f.6)
+                })
+                .map(shown)
                 .collect();
             v.sort();
             v
         }
     }
 
-    /// A public endpoint, an instant and a tolerance, in ms.
-    pub type Probe = ((IpAddr, u16), i64, i64);
+    /// `who`'s filters: protocol, destination address, destination port.
+    pub type Filter = (Option<Proto>, Option<IpAddr>, Option<u16>);
+
+    /// A public endpoint, an instant and a tolerance in ms, and filters.
+    pub type Probe = ((IpAddr, u16), i64, i64, Filter);
 
     /// SplitMix64, for probes that are the same on every run.
     struct Rng(u64);
@@ -476,11 +496,26 @@ mod oracle {
     }
 
     /// Probes at the seams of one flow in 400, of every flow of the trail's last 10 minutes,
-    /// and at random instants of the trail's span.
+    /// and at random instants of the trail's span. One in four filters on the flow's
+    /// protocol, one in four on its destination (address, port or both; a sealed slice's
+    /// destination is read from its hour's dictionary).
     pub fn probes(truth: &Truth, (first, last): (i64, i64)) -> Vec<Probe> {
         const HOUR: i64 = 3_600_000;
         let mut rng = Rng(11);
         let tol = |rng: &mut Rng| [0, 0, 1_000, 30_000][(rng.next() % 4) as usize];
+        let filter = |rng: &mut Rng, f: &Flow| -> Filter {
+            let proto = match f.4 {
+                6 => Proto::Tcp,
+                17 => Proto::Udp,
+                _ => Proto::Icmp,
+            };
+            match rng.next() % 8 {
+                0 | 1 => (Some(proto), None, None),
+                2 => (None, Some(f.5), None),
+                3 => (None, f.6.is_some().then_some(f.5), f.6),
+                _ => (None, None, None),
+            }
+        };
         let mut out = Vec::new();
         for (i, (public, f)) in truth.rows.iter().enumerate() {
             let recent = f.3.is_none_or(|e| e >= last - 600_000);
@@ -503,7 +538,8 @@ mod oracle {
                 None => at.extend([(s + last) / 2, last]),
             }
             for t in at.into_iter().filter(|t| (first..=last).contains(t)) {
-                out.push((*public, t, tol(&mut rng)));
+                let (tol, filter) = (tol(&mut rng), filter(&mut rng, f));
+                out.push((*public, t, tol, filter));
             }
         }
         let mut publics: Vec<&(IpAddr, u16)> = truth.by_public.keys().collect();
@@ -511,7 +547,7 @@ mod oracle {
         for _ in 0..2_000 {
             let p = publics[(rng.next() % publics.len() as u64) as usize];
             let t = first + (rng.next() % (last - first + 1) as u64) as i64;
-            out.push((*p, t, tol(&mut rng)));
+            out.push((*p, t, tol(&mut rng), (None, None, None)));
         }
         out
     }
@@ -527,15 +563,15 @@ mod oracle {
     ) -> Result<BTreeMap<String, usize>> {
         let mut wrong = Vec::new();
         let mut statuses = BTreeMap::new();
-        for (public, at, tol) in probes {
+        for (public, at, tol, filter) in probes {
             let q = WhoQuery {
                 ip: public.0,
                 port: public.1,
                 at: chrono::Utc.timestamp_nanos(at * 1_000_000),
                 tolerance: std::time::Duration::from_millis(*tol as u64),
-                proto: None,
-                dst_ip: None,
-                dst_port: None,
+                proto: filter.0,
+                dst_ip: filter.1,
+                dst_port: filter.2,
                 live: false,
             };
             let a = who_kept(conn, &q, kept)?;
@@ -548,11 +584,14 @@ mod oracle {
                         m.flow.internal_port,
                         m.flow.start_us.map(|u| u / 1_000),
                         m.flow.end_us.map(|u| u / 1_000),
+                        proto_number(&m.flow.proto)?,
+                        m.flow.dst_ip.parse()?,
+                        m.flow.dst_port,
                     ))
                 })
                 .collect::<Result<_>>()?;
             got.sort();
-            let want = truth.meeting(public, at - tol, at + tol);
+            let want = truth.meeting(public, at - tol, at + tol, filter);
             let status = match want.len() {
                 0 => WhoStatus::None,
                 1 => WhoStatus::Found,
@@ -561,7 +600,7 @@ mod oracle {
             *statuses.entry(format!("{status:?}")).or_insert(0) += 1;
             if a.status != status || got != want {
                 wrong.push(format!(
-                    "{public:?} at {at} ± {tol} ms: {:?} {got:?}, want {status:?} {want:?}",
+                    "{public:?} at {at} ± {tol} ms {filter:?}: {:?} {got:?}, want {status:?} {want:?}",
                     a.status
                 ));
             }
@@ -666,6 +705,9 @@ mod oracle {
                             f.internal_port,
                             f.start_us.map(|u| u / 1_000),
                             f.end_us.map(|u| u / 1_000),
+                            proto_number(&f.proto)?,
+                            f.dst_ip.parse()?,
+                            f.dst_port,
                         ),
                     ))
                 })
@@ -681,7 +723,7 @@ mod oracle {
                         && f.2.or(f.3).is_some_and(|s| s <= hi)
                         && f.3.is_none_or(|e| e >= lo)
                 })
-                .copied()
+                .map(|(p, f)| (*p, shown(f)))
                 .collect();
             listed += got.len();
             if got != want {
@@ -705,5 +747,25 @@ mod oracle {
             listings.len()
         );
         Ok(listed)
+    }
+
+    /// The number of a protocol as a `FlowRow` names it.
+    fn proto_number(name: &str) -> Result<u8> {
+        Ok(match name {
+            "tcp" => 6,
+            "udp" => 17,
+            "icmp" => 1,
+            "icmpv6" => 58,
+            other => anyhow::bail!("protocol {other:?} not generated"),
+        })
+    }
+
+    /// A flow as a `FlowRow` shows it: ICMP's stored destination port (0) is no port.
+    fn shown(f: &Flow) -> Flow {
+        let mut f = *f;
+        if matches!(f.4, 1 | 58) {
+            f.6 = None;
+        }
+        f
     }
 }
