@@ -10,6 +10,7 @@
 mod gen_trail;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,8 +22,6 @@ use nattrail::store::writer::{Writer, WriterStats};
 
 #[test]
 fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("nattrail-gentrail-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     // One public address with an 8,000-port block: crowded, so ports are reused within
     // seconds, as on a CGNAT.
     let cfg = GenConfig {
@@ -34,10 +33,8 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
         max_cases: 1_000,
         ..Default::default()
     };
-    let db = dir.join("t.duckdb");
-    let (writer, stats, cases) = gen_trail::write_trail(&db, &cfg)?;
+    let (dir, db, writer, stats, cases) = generated("gentrail", &cfg)?;
     let conn = writer.database().connect()?;
-    gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
     for c in &cases {
         *kinds.entry(c.kind.name()).or_default() += 1;
@@ -74,10 +71,7 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
     // A crash: no clean stop, no last checkpoint. The open flows come back from the
     // checkpoint and the journal written since.
     drop(writer);
-    let writer = Writer::open(
-        &gen_trail::writer_config(&db),
-        Arc::new(WriterStats::default()),
-    )?;
+    let writer = reopen(&db)?;
     let conn = writer.database().connect()?;
     check(
         &conn,
@@ -89,6 +83,35 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
     drop(writer);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// A trail generated with `cfg` in a new directory named after `name`, its capture session
+/// covering the generated span: the directory, the file, its writer, what it wrote, the cases.
+fn generated(
+    name: &str,
+    cfg: &GenConfig,
+) -> Result<(
+    PathBuf,
+    PathBuf,
+    Writer,
+    gen_trail::GenStats,
+    Vec<gen_trail::Case>,
+)> {
+    let dir = std::env::temp_dir().join(format!("nattrail-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let db = dir.join("t.duckdb");
+    let (writer, stats, cases) = gen_trail::write_trail(&db, cfg)?;
+    let conn = writer.database().connect()?;
+    gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
+    Ok((dir, db, writer, stats, cases))
+}
+
+/// The writer of `db` started again, as after a crash of the one before.
+fn reopen(db: &Path) -> Result<Writer> {
+    Ok(Writer::open(
+        &gen_trail::writer_config(db),
+        Arc::new(WriterStats::default()),
+    )?)
 }
 
 /// Asks every case; fails listing the wrong answers.
@@ -296,8 +319,6 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
 /// recovered from the checkpoint and the journal).
 #[test]
 fn who_and_flows_answer_as_the_flows_view_defines() -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("nattrail-genoracle-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let cfg = GenConfig {
         flows: 300_000,
         days: 2,
@@ -309,10 +330,8 @@ fn who_and_flows_answer_as_the_flows_view_defines() -> Result<()> {
         live_tail_s: 600,
         ..Default::default()
     };
-    let db = dir.join("t.duckdb");
-    let (writer, stats, _) = gen_trail::write_trail(&db, &cfg)?;
+    let (dir, db, writer, stats, _) = generated("genoracle", &cfg)?;
     let conn = writer.database().connect()?;
-    gen_trail::cover_span(&conn, writer.session_id(), cfg.start_ns, stats.end_ns)?;
     let span_ms = (
         (cfg.start_ns / 1_000_000) as i64,
         (stats.end_ns / 1_000_000) as i64,
@@ -335,10 +354,7 @@ fn who_and_flows_answer_as_the_flows_view_defines() -> Result<()> {
     let listed = oracle::check_flows(&conn, &truth, &listings, "as written")?;
     drop(conn);
     drop(writer);
-    let writer = Writer::open(
-        &gen_trail::writer_config(&db),
-        Arc::new(WriterStats::default()),
-    )?;
+    let writer = reopen(&db)?;
     let conn = writer.database().connect()?;
     let after = oracle::Truth::read(&conn)?;
     ensure!(
@@ -387,6 +403,8 @@ mod oracle {
     use anyhow::{Result, ensure};
     use chrono::TimeZone;
     use nattrail::query::coverage::KeptCoverage;
+
+    use super::gen_trail::Rng;
     use nattrail::query::flows::{FlowsQuery, flows};
     use nattrail::query::proto::Proto;
     use nattrail::query::who::{WhoQuery, WhoStatus, who_kept};
@@ -483,18 +501,6 @@ mod oracle {
     /// A public endpoint, an instant and a tolerance in ms, and filters.
     pub type Probe = ((IpAddr, u16), i64, i64, Filter);
 
-    /// SplitMix64, for probes that are the same on every run.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-    }
-
     /// Probes at the seams of one flow in 400, of every flow of the trail's last 10 minutes,
     /// and at random instants of the trail's span. One in four filters on the flow's
     /// protocol, one in four on its destination (address, port or both; a sealed slice's
@@ -502,14 +508,14 @@ mod oracle {
     pub fn probes(truth: &Truth, (first, last): (i64, i64)) -> Vec<Probe> {
         const HOUR: i64 = 3_600_000;
         let mut rng = Rng(11);
-        let tol = |rng: &mut Rng| [0, 0, 1_000, 30_000][(rng.next() % 4) as usize];
+        let tol = |rng: &mut Rng| [0, 0, 1_000, 30_000][rng.below(4) as usize];
         let filter = |rng: &mut Rng, f: &Flow| -> Filter {
             let proto = match f.4 {
                 6 => Proto::Tcp,
                 17 => Proto::Udp,
                 _ => Proto::Icmp,
             };
-            match rng.next() % 8 {
+            match rng.below(8) {
                 0 | 1 => (Some(proto), None, None),
                 2 => (None, Some(f.5), None),
                 3 => (None, f.6.is_some().then_some(f.5), f.6),
@@ -545,8 +551,8 @@ mod oracle {
         let mut publics: Vec<&(IpAddr, u16)> = truth.by_public.keys().collect();
         publics.sort();
         for _ in 0..2_000 {
-            let p = publics[(rng.next() % publics.len() as u64) as usize];
-            let t = first + (rng.next() % (last - first + 1) as u64) as i64;
+            let p = publics[rng.below(publics.len() as u64) as usize];
+            let t = first + rng.below((last - first + 1) as u64) as i64;
             out.push((*p, t, tol(&mut rng), (None, None, None)));
         }
         out
@@ -605,22 +611,7 @@ mod oracle {
                 ));
             }
         }
-        println!(
-            "{when}: {} probes, {} wrong{}",
-            probes.len(),
-            wrong.len(),
-            wrong
-                .iter()
-                .take(20)
-                .map(|w| format!("\n  {w}"))
-                .collect::<String>()
-        );
-        ensure!(
-            wrong.is_empty(),
-            "{when}: {} of {} probes wrong",
-            wrong.len(),
-            probes.len()
-        );
+        verdict(when, "probes", probes.len(), &wrong)?;
         Ok(statuses)
     }
     /// A `flows` listing: by internal address (else by public address and port) over
@@ -730,23 +721,28 @@ mod oracle {
                 wrong.push(format!("{l:?}: {got:?}, want {want:?}"));
             }
         }
+        println!("{when}: {listed} flows listed");
+        verdict(when, "listings", listings.len(), &wrong)?;
+        Ok(listed)
+    }
+
+    /// Prints how many of `asked` were `wrong`, and the first 20; fails if any was.
+    fn verdict(when: &str, what: &str, asked: usize, wrong: &[String]) -> Result<()> {
         println!(
-            "{when}: {} listings, {listed} flows, {} wrong{}",
-            listings.len(),
+            "{when}: {asked} {what}, {} wrong{}",
             wrong.len(),
             wrong
                 .iter()
-                .take(10)
+                .take(20)
                 .map(|w| format!("\n  {w}"))
                 .collect::<String>()
         );
         ensure!(
             wrong.is_empty(),
-            "{when}: {} of {} listings wrong",
-            wrong.len(),
-            listings.len()
+            "{when}: {} of {asked} {what} wrong",
+            wrong.len()
         );
-        Ok(listed)
+        Ok(())
     }
 
     /// The number of a protocol as a `FlowRow` names it.
