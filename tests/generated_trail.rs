@@ -305,18 +305,15 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
     Ok(())
 }
 
-/// `who` and `flows` against their definition. For a crowd of probes (public `ip:port`, instant, tolerance),
-/// the flows `who` lists are exactly the flows of the view `flows` (which reads the whole
-/// trail, every table, one row per flow) whose interval meets the window, and its status
-/// follows from their number. The probes sit where the storage has seams: a millisecond
-/// before, at and after each sampled flow's start and end and each hour's end it outlived
-/// (interim slices, sealed and unsealed hours), in the trail's last minutes (final slices
-/// written after the last open-flow checkpoint, which still lists those flows as open), at
-/// instants drawn at random, with tolerances from none to 30 s (ports reused within
-/// seconds make several flows fit). `flows` by internal address, and by public address and
-/// port, over windows at the same seams, lists exactly the view's flows that meet the
-/// window. Asked as written and again after a restart without a clean stop (the open flows
-/// recovered from the checkpoint and the journal).
+/// `who` and `flows` against their definition, the view `flows` (every table, one row per
+/// flow). For each probe (public `ip:port`, instant, tolerance, filters), `who` lists
+/// exactly the view's flows whose interval meets the window, and its status follows from
+/// their number; for each listing, `flows` lists exactly the view's flows meeting its
+/// window. Probes and windows sit where the storage has seams: a millisecond before, at and
+/// after flows' starts, ends and the hour ends they outlived (interim slices, sealed and
+/// unsealed hours), and the trail's last minutes, where final slices came after the
+/// open-flow checkpoint that still lists those flows open. Tolerances up to 30 s make
+/// several flows fit. Asked as written and again after a restart without a clean stop.
 #[test]
 fn who_and_flows_answer_as_the_flows_view_defines() -> Result<()> {
     let cfg = GenConfig {
@@ -363,27 +360,21 @@ fn who_and_flows_answer_as_the_flows_view_defines() -> Result<()> {
         after.rows.len(),
         truth.rows.len()
     );
-    let second = oracle::check(
+    // The statuses and counts follow from the view, equal to the one before: only the
+    // answers can differ.
+    oracle::check(
         &conn,
         &KeptCoverage::of(writer.database()),
         &truth,
         &probes,
         "after a restart without a clean stop",
     )?;
-    ensure!(
-        first == second,
-        "{first:?} before the restart, {second:?} after"
-    );
-    let relisted = oracle::check_flows(
+    oracle::check_flows(
         &conn,
         &truth,
         &listings,
         "after a restart without a clean stop",
     )?;
-    ensure!(
-        listed == relisted,
-        "{listed} flows listed before the restart, {relisted} after"
-    );
     println!(
         "{stats:?}; {stale} flows ended since the checkpoint; probes by status {first:?}; \
          {} listings, {listed} flows listed",
