@@ -19,6 +19,7 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", dir.join(f).display());
     }
+    duckdb_config_shim();
     println!("cargo:rerun-if-env-changed=NATTRAIL_CLANG");
     let clang = std::env::var("NATTRAIL_CLANG").unwrap_or_else(|_| "clang".into());
     // Two objects, so that a kernel refusing one (socket storage, cgroup attach) keeps the
@@ -52,4 +53,28 @@ fn main() {
             });
         assert!(status.success(), "{clang} failed on {}", src.display());
     }
+}
+
+/// Compiles `src/store/duckdb_config.cpp` against the headers of the bundled DuckDB, which
+/// libduckdb-sys publishes (its `links = "duckdb"`) as DEP_DUCKDB_INCLUDE.
+fn duckdb_config_shim() {
+    let shim = "src/store/duckdb_config.cpp";
+    println!("cargo:rerun-if-changed={shim}");
+    let include = std::env::var("DEP_DUCKDB_INCLUDE")
+        .expect("libduckdb-sys (bundled) publishes the include directory of its DuckDB");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .file(shim)
+        .include(include)
+        .warnings(false)
+        .flag_if_supported("-w");
+    // The choice libduckdb-sys makes for the library: a header may lay out a struct
+    // differently under DEBUG.
+    match std::env::var("DEBUG").as_deref() {
+        Ok("false" | "0") | Err(_) => build.define("NDEBUG", None),
+        Ok(_) => build.define("DEBUG", None),
+    };
+    build.compile("nattrail_duckdb_config");
 }

@@ -13,6 +13,7 @@ use chrono::DateTime;
 use nattrail::query::attribution::{OwnerStatus, attribute};
 use nattrail::query::flows::{FlowRow, FlowsQuery, flows};
 use nattrail::query::who::{WhoQuery, who};
+use nattrail::store::database::{Database, OpenOptions};
 use nattrail::store::schema::open_ro;
 use nattrail_lab::agent::AgentProcess;
 use nattrail_lab::scratch::Scratch;
@@ -264,6 +265,15 @@ fn flows_are_attributed_to_their_process_and_container() -> Result<()> {
     server.stop()?;
 
     let conn = open_ro(&db)?;
+    // `who` asked as the CLI asks it: read-only, DuckDB's built-in functions only.
+    let cli = Database::open(
+        &db,
+        OpenOptions {
+            builtin_only: true,
+            ..OpenOptions::query(Some(1))
+        },
+    )?
+    .connect()?;
     let gaps: i64 = conn.query_row(
         "SELECT count(*) FROM capture_gaps WHERE source = 'ebpf'",
         [],
@@ -297,7 +307,7 @@ fn flows_are_attributed_to_their_process_and_container() -> Result<()> {
             } else {
                 (&b, "shop-b")
             };
-            let who = who_owns(&conn, f)?;
+            let who = who_owns(&cli, f)?;
             assert_eq!(
                 (
                     who.status,
@@ -348,7 +358,7 @@ fn flows_are_attributed_to_their_process_and_container() -> Result<()> {
             "host flow left as {}",
             f.public_ip
         );
-        let who = who_owns(&conn, f)?;
+        let who = who_owns(&cli, f)?;
         assert_eq!(
             (who.status, who.exe.as_deref(), who.container.as_deref()),
             (

@@ -4,7 +4,8 @@
 //! flows, 12-hour flows at several instants, public ports reused within seconds, IPv6,
 //! flows still open, and flows of the last hour (not sealed yet). Then the writer is dropped
 //! without a clean stop and reopened (the open flows recovered from the checkpoint and the
-//! journal), and every case is asked again.
+//! journal), and every case is asked again; and once more read as the CLI reads the file
+//! (read-only, DuckDB's built-in functions only).
 
 #[path = "support/gen_trail.rs"]
 mod gen_trail;
@@ -81,8 +82,25 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
     )?;
     drop(conn);
     drop(writer);
+    check(
+        &open_as_cli(&db)?,
+        &KeptCoverage::default(),
+        &cases,
+        "read as the CLI reads it",
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// A connection to `db` as the CLI's `who` opens one: read-only, one thread, DuckDB's
+/// built-in functions only.
+fn open_as_cli(db: &Path) -> Result<duckdb::Connection> {
+    use nattrail::store::database::{Database, OpenOptions};
+    let opts = OpenOptions {
+        builtin_only: true,
+        ..OpenOptions::query(Some(1))
+    };
+    Ok(Database::open(db, opts)?.connect()?)
 }
 
 /// A trail generated with `cfg` in a new directory named after `name`, its capture session
@@ -313,7 +331,8 @@ fn events_of_a_window_are_the_views_events() -> Result<()> {
 /// after flows' starts, ends and the hour ends they outlived (interim slices, sealed and
 /// unsealed hours), and the trail's last minutes, where final slices came after the
 /// open-flow checkpoint that still lists those flows open. Tolerances up to 30 s make
-/// several flows fit. Asked as written and again after a restart without a clean stop.
+/// several flows fit. Asked as written, again after a restart without a clean stop, and
+/// `who` once more as the CLI reads the file.
 #[test]
 fn who_and_flows_answer_as_the_flows_view_defines() -> Result<()> {
     let cfg = GenConfig {
@@ -382,6 +401,13 @@ fn who_and_flows_answer_as_the_flows_view_defines() -> Result<()> {
     );
     drop(conn);
     drop(writer);
+    oracle::check(
+        &open_as_cli(&db)?,
+        &KeptCoverage::default(),
+        &truth,
+        &probes,
+        "read as the CLI reads it",
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -7,6 +7,7 @@ use super::output::{Format, outln, pick, print_csv, print_json, print_table};
 use crate::config::Config;
 use crate::query::events::{EventRow, EventsPage, events};
 use crate::query::request::EventsRequest;
+use crate::store::database::OpenOptions;
 
 /// Arguments of `events`.
 #[derive(Debug, Args)]
@@ -87,7 +88,7 @@ pub fn run(cfg: &Config, a: &EventsArgs) -> Result<()> {
     let page: EventsPage = match super::remote::agent(cfg)? {
         Some(api) => api.get_json("/api/v1/events", &req)?,
         None => events(
-            &super::open_for_query(cfg, None)?.connect()?,
+            &super::open_for_query(cfg, OpenOptions::query(None))?.connect()?,
             &req.to_query()?,
         )?,
     };

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::query::attribution::{SINCE_SCHEMA, attribute};
 use crate::query::flows::{FlowRow, flows};
 use crate::query::request::FlowsRequest;
+use crate::store::database::OpenOptions;
 
 /// Arguments of `flows`.
 #[derive(Debug, Args)]
@@ -68,7 +69,7 @@ pub fn run(cfg: &Config, a: &FlowsArgs) -> Result<()> {
         Some(api) => api.get_json("/api/v1/flows", &req)?,
         None => {
             let q = req.to_query()?;
-            let db = super::open_for_query(cfg, None)?;
+            let db = super::open_for_query(cfg, OpenOptions::query(None))?;
             let conn = db.connect()?;
             let mut rows = flows(&conn, &q)?;
             if db.schema_version() >= SINCE_SCHEMA {

@@ -134,16 +134,16 @@ static QUERY_DB: std::sync::OnceLock<crate::store::database::Database> = std::sy
 /// Opens the trail for a query command, explaining the lock held by a running agent. The
 /// database lives in a static, never dropped: it is read-only, so there is nothing to flush,
 /// and DuckDB's teardown (4-5 ms) would only delay the exit that follows the answer.
-/// `threads` sets DuckDB's worker threads (None: one per core).
+/// `opts` are the DuckDB settings of the command (`OpenOptions::query`).
 fn open_for_query(
     cfg: &Config,
-    threads: Option<u32>,
+    opts: crate::store::database::OpenOptions,
 ) -> Result<&'static crate::store::database::Database> {
     if let Some(db) = QUERY_DB.get() {
         return Ok(db);
     }
     heap::prepare_for_query();
-    let db = match crate::store::database::Database::open_ro_threads(&cfg.db_path, threads) {
+    let db = match crate::store::database::Database::open(&cfg.db_path, opts) {
         Ok(c) => c,
         Err(e @ crate::store::schema::StoreError::Locked { .. }) => {
             return Err(anyhow::anyhow!(

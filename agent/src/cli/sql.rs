@@ -9,6 +9,7 @@ use super::output::{Format, outln, pick, print_csv, print_json, print_table};
 use crate::config::Config;
 use crate::query::request::SqlRequest;
 use crate::query::sql::{SqlLimits, SqlResult, run_sql};
+use crate::store::database::OpenOptions;
 
 /// Arguments of `sql`.
 #[derive(Debug, Args)]
@@ -45,7 +46,7 @@ pub fn run(cfg: &Config, a: &SqlArgs) -> Result<()> {
     let res: SqlResult = match super::remote::agent(cfg)? {
         Some(api) => api.post_json("/api/v1/sql", &req)?,
         None => run_sql(
-            super::open_for_query(cfg, None)?,
+            super::open_for_query(cfg, OpenOptions::query(None))?,
             &req.sql,
             &SqlLimits {
                 max_rows: limit,

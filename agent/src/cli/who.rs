@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::query::attribution::{Attribution, OwnerStatus, SINCE_SCHEMA, attribute};
 use crate::query::request::WhoRequest;
 use crate::query::who::{WhoAnswer, WhoStatus, who};
+use crate::store::database::OpenOptions;
 
 /// Arguments of `who`.
 #[derive(Debug, Args)]
@@ -62,8 +63,15 @@ pub fn run(cfg: &Config, a: &WhoArgs) -> Result<()> {
             let q = req.to_query(false)?;
             // A lookup reads a row group or two: a second DuckDB thread only adds its start
             // and the hand-offs (one thread: 60.7-70.0 ms a lookup against 67.0-71.9 ms on
-            // two, alternating, 1-day trail).
-            let db = super::open_for_query(cfg, Some(1))?;
+            // two, alternating, 1-day trail). Its statements use DuckDB's built-in functions
+            // only, so the linked extensions stay unloaded.
+            let db = super::open_for_query(
+                cfg,
+                OpenOptions {
+                    builtin_only: true,
+                    ..OpenOptions::query(Some(1))
+                },
+            )?;
             let conn = db.connect()?;
             let mut ans = who(&conn, &q)?;
             // A trail older than the socket rows is read as it is (the CLI does not migrate).

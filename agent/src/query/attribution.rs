@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::QueryError;
 use super::flows::FlowRow;
 use crate::store::sockets::wide;
+use crate::store::timestamp::Micros;
 
 /// How far a socket's first packet may lie from the flow's start, either side. Both are
 /// stamped by the kernel as the same packet passes; the slack covers a SYN retransmitted
@@ -170,37 +171,56 @@ fn attribute_as<'a>(
         return Ok(());
     }
     // The tuples are numbers this process parsed and formats itself: no text from a caller
-    // reaches the statement.
+    // reaches the statement. Instants are TIMESTAMP literals and compared as timestamps:
+    // `epoch_us`, `make_timestamp` and `abs` are core functions, and ordering by an interval
+    // calls one (the CLI leaves them unloaded, see `OpenOptions::builtin_only`).
+    let ts = |us: i64| -> Result<String, QueryError> {
+        chrono::DateTime::from_timestamp_micros(us)
+            .map(|t| t.format("TIMESTAMP '%Y-%m-%d %H:%M:%S%.6f'").to_string())
+            .ok_or_else(|| QueryError::Invalid(format!("flow start {us} µs is out of range")))
+    };
     let values = keys
         .iter()
         .map(|(i, k)| {
-            format!(
-                "({i}, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {})",
-                k.proto, k.src.0, k.src.1, k.public.0, k.public.1, k.dst.0, k.dst.1, k.start_us
-            )
+            Ok(format!(
+                "({i}, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {}, {}, {})",
+                k.proto,
+                k.src.0,
+                k.src.1,
+                k.public.0,
+                k.public.1,
+                k.dst.0,
+                k.dst.1,
+                ts(k.start_us)?,
+                ts(k.start_us - WINDOW_US)?,
+                ts(k.start_us + WINDOW_US)?
+            ))
         })
-        .collect::<Vec<_>>()
+        .collect::<Result<Vec<_>, QueryError>>()?
         .join(", ");
     let sql = format!(
-        "WITH f(i, proto, src, sport, pub, pport, dst, dport, t) AS (VALUES {values}),
+        "WITH f(i, proto, src, sport, pub, pport, dst, dport, t, lo, hi) AS (VALUES {values}),
          -- A container's socket sends from its own namespace, before the host translates the
          -- packet; a host process's socket passes egress after this host's own source NAT.
-         tuples AS (SELECT i, proto, src, sport, dst, dport, t FROM f
-                    UNION ALL SELECT i, proto, pub, pport, dst, dport, t FROM f),
+         tuples AS (SELECT i, proto, src, sport, dst, dport, t, lo, hi FROM f
+                    UNION ALL SELECT i, proto, pub, pport, dst, dport, t, lo, hi FROM f),
          owned AS (
             SELECT f.i, s.pid, s.comm, s.uid, s.netns,
                    (SELECT p.filename FROM process_events p
                     WHERE p.pid = s.pid AND p.kind IN (0, 1) AND p.filename IS NOT NULL
-                      AND abs(epoch_us(p.start_ts) - epoch_us(s.start_ts)) < 50000
+                      AND p.start_ts > s.start_ts - INTERVAL '50 milliseconds'
+                      AND p.start_ts < s.start_ts + INTERVAL '50 milliseconds'
                       AND p.ts <= s.ts
                     ORDER BY p.ts DESC LIMIT 1) AS exe,
                    c.id AS cid, c.name, c.workload, c.image,
+                   -- Nearest to t first: an instant before t mirrored to as far after it.
                    row_number() OVER (PARTITION BY f.i
-                       ORDER BY abs(epoch_us(s.ts) - f.t), c.cgroup_id IS NULL) AS rank
+                       ORDER BY CASE WHEN s.ts >= f.t THEN s.ts ELSE f.t + (f.t - s.ts) END,
+                                c.cgroup_id IS NULL) AS rank
             FROM tuples f JOIN socket_events s
               ON s.proto = f.proto AND s.src = f.src AND s.src_port = f.sport
              AND s.dst = f.dst AND s.dst_port = f.dport
-             AND s.ts BETWEEN make_timestamp(f.t - {WINDOW_US}) AND make_timestamp(f.t + {WINDOW_US})
+             AND s.ts BETWEEN f.lo AND f.hi
             LEFT JOIN containers c
               ON (c.cgroup_id = s.cgroup_id OR (c.cgroup_id IS NULL AND c.netns = s.netns))
              AND s.ts >= c.started AND (c.ended IS NULL OR s.ts <= c.ended))
@@ -274,24 +294,24 @@ impl Watch {
     fn read(conn: &Connection, from_us: i64, to_us: i64) -> Result<Self, QueryError> {
         let rows = conn
             .prepare_cached(
-                "SELECT 0 AS kind, epoch_us(e.sockets_from) AS from_us, epoch_us(cs.stopped) AS to_us
+                "SELECT 0 AS kind, e.sockets_from AS from_ts, cs.stopped AS to_ts
                  FROM ebpf_coverage e JOIN capture_sessions cs ON cs.id = e.session_id
-                 WHERE e.sockets_from <= make_timestamp(?)
+                 WHERE e.sockets_from <= ?
                  UNION ALL
-                 SELECT 1 AS kind, epoch_us(start) AS from_us, epoch_us(\"end\") AS to_us
+                 SELECT 1 AS kind, start AS from_ts, \"end\" AS to_ts
                  FROM capture_gaps
-                 WHERE source = 'ebpf' AND start <= make_timestamp(?)
-                   AND \"end\" >= make_timestamp(?)
+                 WHERE source = 'ebpf' AND start <= ? AND \"end\" >= ?
                  UNION ALL
-                 (SELECT 2 AS kind, NULL AS from_us, NULL AS to_us FROM socket_events
-                     WHERE ts BETWEEN make_timestamp(?) AND make_timestamp(?) LIMIT 1)",
+                 (SELECT 2 AS kind, NULL::TIMESTAMP AS from_ts, NULL::TIMESTAMP AS to_ts
+                     FROM socket_events WHERE ts BETWEEN ? AND ? LIMIT 1)",
             )
             .and_then(|mut st| {
-                st.query_map([to_us, to_us, from_us, from_us, to_us], |r| {
+                let (from, to) = (Micros(from_us), Micros(to_us));
+                st.query_map([to, to, from, from, to], |r| {
                     Ok((
                         r.get::<_, i32>(0)?,
-                        r.get::<_, Option<i64>>(1)?,
-                        r.get::<_, Option<i64>>(2)?,
+                        r.get::<_, Option<Micros>>(1)?.map(|t| t.0),
+                        r.get::<_, Option<Micros>>(2)?.map(|t| t.0),
                     ))
                 })?
                 .collect::<Result<Vec<_>, _>>()
@@ -385,18 +405,28 @@ mod tests {
         .unwrap();
     }
 
-    /// A fresh database in a scratch folder named after `name`, filled by `fixture`.
-    fn fixture_db(name: &str) -> (std::path::PathBuf, Database) {
+    /// Runs `check` on a fresh database filled by `fixture` (in a scratch folder named after
+    /// `name`), opened as the agent does (read-write, every function), then as the CLI does
+    /// (read-only, DuckDB's built-in functions only).
+    fn on_fixture(name: &str, check: impl Fn(&Connection)) {
         let dir = std::env::temp_dir().join(format!("nattrail-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let db = Database::open(&dir.join("t.duckdb"), OpenOptions::default()).unwrap();
+        let path = dir.join("t.duckdb");
+        let db = Database::open(&path, OpenOptions::default()).unwrap();
         fixture(&db.connect().unwrap());
-        (dir, db)
+        check(&db.connect().unwrap());
+        drop(db);
+        let cli = OpenOptions {
+            builtin_only: true,
+            ..OpenOptions::query(Some(1))
+        };
+        check(&Database::open(&path, cli).unwrap().connect().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A session watched from T0 + 10 s, an eBPF gap at 100-101 s, three containers and
-    /// sockets at 20, 33, 60 and 80 s.
+    /// sockets at 20, 25, 26.5, 33, 60 and 80 s, executions of two of their processes.
     fn fixture(conn: &Connection) {
         let s = |us: i64| format!("make_timestamp({us})");
         conn.execute_batch(&format!(
@@ -445,12 +475,46 @@ mod tests {
         );
         // The third container's socket: cgroup 1 is the root, shared by every such task.
         socket(conn, "172.18.0.2", 40002, T0 + 80_000_000, owner(404, 1, 9));
+        // Two sockets of one tuple 1.5 s apart, both within the window of a flow between them.
+        socket(
+            conn,
+            "172.17.0.3",
+            40003,
+            T0 + 25_000_000,
+            owner(505, 11, 7),
+        );
+        socket(
+            conn,
+            "172.17.0.3",
+            40003,
+            T0 + 26_500_000,
+            owner(606, 11, 7),
+        );
+        // Executions: a process is the one a socket names when their starts lie less than
+        // 50 ms apart (the socket rows say T0). Pid 202's is another process of that pid.
+        for (pid, exe, start) in [
+            (101, "/usr/bin/curl", 49_999),
+            (202, "/usr/bin/wget", 50_000),
+        ] {
+            conn.execute(
+                &format!(
+                    "INSERT INTO process_events VALUES ({}, 1, {pid}, {pid}, 1, 0, 'curl', '{exe}',
+                     false, ['{exe}'], false, {}, 11, 7, 8, NULL)",
+                    s(T0 + 15_000_000),
+                    s(T0 + start)
+                ),
+                [],
+            )
+            .unwrap();
+        }
     }
 
     #[test]
     fn flows_are_named_by_tuple_time_and_cgroup_and_the_rest_says_why_not() {
-        let (dir, db) = fixture_db("attr");
-        let conn = db.connect().unwrap();
+        on_fixture("attr", flows_are_named);
+    }
+
+    fn flows_are_named(conn: &Connection) {
         let mut flows = [
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 20_000_500),
             flow("172.17.0.2", 40000, "192.0.2.9", 443, T0 + 60_000_100),
@@ -458,45 +522,56 @@ mod tests {
             flow("10.0.0.5", 50000, "192.0.2.9", 443, T0 + 100_500_000),
             flow("10.0.0.5", 50001, "192.0.2.9", 443, T0 + 5_000_000),
             flow("172.18.0.2", 40002, "192.0.2.9", 443, T0 + 80_000_200),
+            flow("172.17.0.3", 40003, "192.0.2.9", 443, T0 + 26_000_000),
+            flow("172.17.0.3", 40003, "192.0.2.9", 443, T0 + 25_600_000),
         ];
-        attribute(&conn, flows.iter_mut()).unwrap();
-        let got: Vec<(OwnerStatus, Option<u32>, Option<String>)> = flows
+        attribute(conn, flows.iter_mut()).unwrap();
+        // Status, pid, exe, container.
+        type Named<'a> = (OwnerStatus, Option<u32>, Option<&'a str>, Option<&'a str>);
+        let got: Vec<Named> = flows
             .iter()
             .map(|f| {
                 let a = f.attribution.as_ref().unwrap();
-                (a.status, a.pid, a.container.clone())
+                (a.status, a.pid, a.exe.as_deref(), a.container.as_deref())
             })
             .collect();
         assert_eq!(
             got,
             [
-                (OwnerStatus::Local, Some(101), Some("first".into())),
-                (OwnerStatus::Local, Some(202), Some("second".into())),
+                (
+                    OwnerStatus::Local,
+                    Some(101),
+                    Some("/usr/bin/curl"),
+                    Some("first")
+                ),
+                (OwnerStatus::Local, Some(202), None, Some("second")),
                 // Watched, no socket within the window: not from this host.
-                (OwnerStatus::None, None, None),
+                (OwnerStatus::None, None, None, None),
                 // In an eBPF gap: unknown, never a guess.
-                (OwnerStatus::Unknown, None, None),
+                (OwnerStatus::Unknown, None, None, None),
                 // Before the socket programs ran.
-                (OwnerStatus::Unknown, None, None),
+                (OwnerStatus::Unknown, None, None, None),
                 // No cgroup of its own: its network namespace, within its run.
-                (OwnerStatus::Local, Some(404), Some("third".into())),
+                (OwnerStatus::Local, Some(404), None, Some("third")),
+                // The nearer socket, after the flow's start or before it.
+                (OwnerStatus::Local, Some(606), None, Some("first")),
+                (OwnerStatus::Local, Some(505), None, Some("first")),
             ]
         );
-        drop(conn);
-        drop(db);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn without_socket_rows_near_the_flows_the_coverage_alone_answers_the_same() {
-        let (dir, db) = fixture_db("attr-fast");
-        let conn = db.connect().unwrap();
+        on_fixture("attr-fast", coverage_alone_answers);
+    }
+
+    fn coverage_alone_answers(conn: &Connection) {
         let statuses = |at: &[i64], joined: bool| -> Vec<OwnerStatus> {
             let mut flows: Vec<FlowRow> = at
                 .iter()
                 .map(|t| flow("10.0.0.5", 50000, "192.0.2.9", 443, T0 + t))
                 .collect();
-            attribute_as(&conn, flows.iter_mut(), joined).unwrap();
+            attribute_as(conn, flows.iter_mut(), joined).unwrap();
             flows
                 .iter()
                 .map(|f| f.attribution.as_ref().unwrap().status)
@@ -519,12 +594,9 @@ mod tests {
         ] {
             let first = T0 + at[0] - WINDOW_US;
             let last = T0 + at[at.len() - 1] + WINDOW_US;
-            assert!(!Watch::read(&conn, first, last).unwrap().sockets, "{at:?}");
+            assert!(!Watch::read(conn, first, last).unwrap().sockets, "{at:?}");
             assert_eq!(statuses(&at, false), want, "{at:?}");
             assert_eq!(statuses(&at, true), want, "{at:?}");
         }
-        drop(conn);
-        drop(db);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -10,6 +10,7 @@ use super::QueryError;
 use crate::pipeline::clock::rfc3339_us;
 use crate::store::database::Database;
 use crate::store::gaps::GapRecord;
+use crate::store::timestamp::Micros;
 
 /// A reader keeps the recorded gaps with the rest of the coverage while there are at most
 /// this many; beyond, each lookup reads those of its window.
@@ -121,8 +122,8 @@ impl Coverage {
             .prepare_cached(
                 // By name: a trail older than schema 11 (read as it is, the CLI does not
                 // migrate) has no late_hour, and its lookups then read every table.
-                "SELECT id, epoch_us(started) AS started,
-                        epoch_us(coalesce(stopped, last_seen)) AS ended, stopped IS NULL AS open
+                "SELECT id, started, coalesce(stopped, last_seen) AS ended,
+                        stopped IS NULL AS open
                  FROM capture_sessions
                  UNION ALL BY NAME
                  SELECT * FROM trail_state",
@@ -130,8 +131,8 @@ impl Coverage {
             .map_err(QueryError::db("preparing the session query"))?;
         type Row = (
             Option<u64>,
-            Option<i64>,
-            Option<i64>,
+            Option<Micros>,
+            Option<Micros>,
             Option<bool>,
             Option<i32>,
             Option<i64>,
@@ -176,7 +177,7 @@ impl Coverage {
             match r.0 {
                 Some(id) => {
                     if let (Some(start), Some(end), Some(open)) = (r.1, r.2, r.3) {
-                        sessions.push((id, (start, end, open)));
+                        sessions.push((id, (start.0, end.0, open)));
                     }
                 }
                 None => {

@@ -695,6 +695,11 @@ pub(crate) fn matching(
     Ok(out)
 }
 
+/// The condition that a slice is its flow's final one (flag 1, `columns::FINAL`). Not
+/// `flags & 1`: `&` is a core function, which the CLI's `who` leaves unloaded (see
+/// `OpenOptions::builtin_only`).
+const FINAL_ONLY: &str = " AND flags % 2 = 1";
+
 /// How far after an interim slice its flow's final slice is looked for.
 const RESOLVE_HOURS: i32 = 24 * 7;
 
@@ -749,7 +754,7 @@ fn resolve(
                     from: i32,
                     to: i32|
      -> Result<Option<FlowRow>, QueryError> {
-        let (sql, params) = sealed_parts(&cov.partitions(from, to), ip, port, " AND flags & 1 = 1");
+        let (sql, params) = sealed_parts(&cov.partitions(from, to), ip, port, FINAL_ONLY);
         if sql.is_empty() {
             return Ok(None);
         }
@@ -765,19 +770,14 @@ fn resolve(
         Some(table) if hour < sealed_to => {
             let (mut sql, mut params) =
                 if id.start_ms.map(crate::store::trail::hour_of) == Some(hour) {
-                    sealed_parts(
-                        &cov.partitions(hour + 1, hour + 1),
-                        ip,
-                        port,
-                        " AND flags & 1 = 1",
-                    )
+                    sealed_parts(&cov.partitions(hour + 1, hour + 1), ip, port, FINAL_ONLY)
                 } else {
                     (Vec::new(), Vec::new())
                 };
             if let (Some(table), Some(start)) = (table, id.start_ms) {
                 let (c, p) = slice_condition(hour + 1, sealed_to, ip, port);
                 sql.push(format!(
-                    "SELECT {SELECT} FROM {table} WHERE {c} AND start_ms = ? AND flags & 1 = 1"
+                    "SELECT {SELECT} FROM {table} WHERE {c} AND start_ms = ?{FINAL_ONLY}"
                 ));
                 params.extend(p);
                 params.push(Value::BigInt(start));
@@ -807,7 +807,7 @@ fn resolve(
     if cov.recent_reaches(hour + RESOLVE_HOURS) {
         let (c, p) = slice_condition(hour + 1, hour + RESOLVE_HOURS, ip, port);
         parts.push(format!(
-            "SELECT {SELECT} FROM trail_recent WHERE {c} AND flags & 1 = 1"
+            "SELECT {SELECT} FROM trail_recent WHERE {c}{FINAL_ONLY}"
         ));
         params.extend(p);
     }

@@ -275,8 +275,14 @@ mod tests {
             Db { dir, path }
         }
 
+        /// Asks as the CLI does: read-only, DuckDB's built-in functions only.
         fn who(&self, port: u16, at_ns: u64, tol_s: u64) -> WhoAnswer {
-            let conn = crate::store::schema::open_ro(&self.path).unwrap();
+            use crate::store::database::{Database, OpenOptions};
+            let opts = OpenOptions {
+                builtin_only: true,
+                ..OpenOptions::query(Some(1))
+            };
+            let conn = Database::open(&self.path, opts).unwrap().connect().unwrap();
             who(
                 &conn,
                 &WhoQuery {

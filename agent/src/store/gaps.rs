@@ -7,6 +7,7 @@ use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::schema::{StoreError, db_err};
+use super::timestamp::Micros;
 use crate::pipeline::clock::rfc3339_us;
 
 /// How many recent gaps the writer keeps in memory for status snapshots.
@@ -47,14 +48,14 @@ impl GapRecord {
     }
 }
 
-/// A row of (source, start µs, end µs, lost, reason).
+/// A row of (source, start, end, lost, reason).
 fn gap_of(r: &duckdb::Row<'_>) -> duckdb::Result<GapRecord> {
     let source: String = r.get(0)?;
     let reason: String = r.get(4)?;
     Ok(GapRecord::new(
         &source,
-        r.get(1)?,
-        r.get(2)?,
+        r.get::<_, Micros>(1)?.0,
+        r.get::<_, Micros>(2)?.0,
         r.get(3)?,
         &reason,
     ))
@@ -66,11 +67,10 @@ fn gap_of(r: &duckdb::Row<'_>) -> duckdb::Result<GapRecord> {
 /// its grammar, 5-7 ms).
 pub fn overlapping(conn: &Connection, lo_us: i64, hi_us: i64) -> duckdb::Result<Vec<GapRecord>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT source, epoch_us(start) AS start_us, epoch_us(\"end\") AS end_us, lost, reason
-         FROM capture_gaps
-         WHERE epoch_us(start) <= ? AND epoch_us(\"end\") >= ? ORDER BY 2",
+        "SELECT source, start, \"end\", lost, reason FROM capture_gaps
+         WHERE start <= ? AND \"end\" >= ? ORDER BY 2",
     )?;
-    let rows = stmt.query_map([hi_us, lo_us], gap_of)?;
+    let rows = stmt.query_map([Micros(hi_us), Micros(lo_us)], gap_of)?;
     rows.collect()
 }
 
@@ -78,9 +78,7 @@ pub fn overlapping(conn: &Connection, lo_us: i64, hi_us: i64) -> duckdb::Result<
 /// connection): for a reader that keeps them while they are few.
 pub fn first(conn: &Connection, n: usize) -> duckdb::Result<Vec<GapRecord>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT source, epoch_us(start) AS start_us, epoch_us(\"end\") AS end_us, lost, reason
-         FROM capture_gaps
-         LIMIT {n}"
+        "SELECT source, start, \"end\", lost, reason FROM capture_gaps LIMIT {n}"
     ))?;
     let rows = stmt.query_map([], gap_of)?;
     rows.collect()

@@ -19,5 +19,6 @@ pub mod schema;
 pub mod secrets;
 pub mod sessions;
 pub mod sockets;
+pub mod timestamp;
 pub mod trail;
 pub mod writer;

@@ -91,6 +91,7 @@ impl WriterConfig {
             read_only: false,
             memory_limit_mb: Some(self.memory_limit_mb),
             threads: Some(self.threads),
+            builtin_only: false,
         }
     }
 
