@@ -266,14 +266,7 @@ fn flows_are_attributed_to_their_process_and_container() -> Result<()> {
 
     let conn = open_ro(&db)?;
     // `who` asked as the CLI asks it: read-only, DuckDB's built-in functions only.
-    let cli = Database::open(
-        &db,
-        OpenOptions {
-            builtin_only: true,
-            ..OpenOptions::query(Some(1))
-        },
-    )?
-    .connect()?;
+    let cli = Database::open(&db, OpenOptions::lookup())?.connect()?;
     let gaps: i64 = conn.query_row(
         "SELECT count(*) FROM capture_gaps WHERE source = 'ebpf'",
         [],

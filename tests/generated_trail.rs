@@ -96,11 +96,7 @@ fn every_ground_truth_case_is_answered_exactly() -> Result<()> {
 /// built-in functions only.
 fn open_as_cli(db: &Path) -> Result<duckdb::Connection> {
     use nattrail::store::database::{Database, OpenOptions};
-    let opts = OpenOptions {
-        builtin_only: true,
-        ..OpenOptions::query(Some(1))
-    };
-    Ok(Database::open(db, opts)?.connect()?)
+    Ok(Database::open(db, OpenOptions::lookup())?.connect()?)
 }
 
 /// A trail generated with `cfg` in a new directory named after `name`, its capture session

@@ -61,17 +61,7 @@ pub fn run(cfg: &Config, a: &WhoArgs) -> Result<()> {
         None => {
             // The CLI reads the database itself only when no agent holds it.
             let q = req.to_query(false)?;
-            // A lookup reads a row group or two: a second DuckDB thread only adds its start
-            // and the hand-offs (one thread: 60.7-70.0 ms a lookup against 67.0-71.9 ms on
-            // two, alternating, 1-day trail). Its statements use DuckDB's built-in functions
-            // only, so the linked extensions stay unloaded.
-            let db = super::open_for_query(
-                cfg,
-                OpenOptions {
-                    builtin_only: true,
-                    ..OpenOptions::query(Some(1))
-                },
-            )?;
+            let db = super::open_for_query(cfg, OpenOptions::lookup())?;
             let conn = db.connect()?;
             let mut ans = who(&conn, &q)?;
             // A trail older than the socket rows is read as it is (the CLI does not migrate).

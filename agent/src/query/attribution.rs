@@ -417,11 +417,12 @@ mod tests {
         fixture(&db.connect().unwrap());
         check(&db.connect().unwrap());
         drop(db);
-        let cli = OpenOptions {
-            builtin_only: true,
-            ..OpenOptions::query(Some(1))
-        };
-        check(&Database::open(&path, cli).unwrap().connect().unwrap());
+        check(
+            &Database::open(&path, OpenOptions::lookup())
+                .unwrap()
+                .connect()
+                .unwrap(),
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

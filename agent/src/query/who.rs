@@ -278,10 +278,7 @@ mod tests {
         /// Asks as the CLI does: read-only, DuckDB's built-in functions only.
         fn who(&self, port: u16, at_ns: u64, tol_s: u64) -> WhoAnswer {
             use crate::store::database::{Database, OpenOptions};
-            let opts = OpenOptions {
-                builtin_only: true,
-                ..OpenOptions::query(Some(1))
-            };
+            let opts = OpenOptions::lookup();
             let conn = Database::open(&self.path, opts).unwrap().connect().unwrap();
             who(
                 &conn,
