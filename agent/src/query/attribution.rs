@@ -183,7 +183,7 @@ fn attribute_as<'a>(
         .iter()
         .map(|(i, k)| {
             Ok(format!(
-                "({i}, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {}, {}, {})",
+                "({i}, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {}::UHUGEINT, {}, {})",
                 k.proto,
                 k.src.0,
                 k.src.1,
@@ -191,19 +191,17 @@ fn attribute_as<'a>(
                 k.public.1,
                 k.dst.0,
                 k.dst.1,
-                ts(k.start_us)?,
-                ts(k.start_us - WINDOW_US)?,
-                ts(k.start_us + WINDOW_US)?
+                ts(k.start_us)?
             ))
         })
         .collect::<Result<Vec<_>, QueryError>>()?
         .join(", ");
     let sql = format!(
-        "WITH f(i, proto, src, sport, pub, pport, dst, dport, t, lo, hi) AS (VALUES {values}),
+        "WITH f(i, proto, src, sport, pub, pport, dst, dport, t) AS (VALUES {values}),
          -- A container's socket sends from its own namespace, before the host translates the
          -- packet; a host process's socket passes egress after this host's own source NAT.
-         tuples AS (SELECT i, proto, src, sport, dst, dport, t, lo, hi FROM f
-                    UNION ALL SELECT i, proto, pub, pport, dst, dport, t, lo, hi FROM f),
+         tuples AS (SELECT i, proto, src, sport, dst, dport, t FROM f
+                    UNION ALL SELECT i, proto, pub, pport, dst, dport, t FROM f),
          owned AS (
             SELECT f.i, s.pid, s.comm, s.uid, s.netns,
                    (SELECT p.filename FROM process_events p
@@ -220,7 +218,8 @@ fn attribute_as<'a>(
             FROM tuples f JOIN socket_events s
               ON s.proto = f.proto AND s.src = f.src AND s.src_port = f.sport
              AND s.dst = f.dst AND s.dst_port = f.dport
-             AND s.ts BETWEEN f.lo AND f.hi
+             AND s.ts BETWEEN f.t - INTERVAL '{WINDOW_US} microseconds'
+                          AND f.t + INTERVAL '{WINDOW_US} microseconds'
             LEFT JOIN containers c
               ON (c.cgroup_id = s.cgroup_id OR (c.cgroup_id IS NULL AND c.netns = s.netns))
              AND s.ts >= c.started AND (c.ended IS NULL OR s.ts <= c.ended))
